@@ -1,0 +1,139 @@
+"""One checkpointing layer for every strategy.
+
+A checkpoint is a single ``ckpt-<epoch>.npz`` file holding the model's variables (weights and
+RNG state), the optimizer's variables and the run's history as plain arrays, so one written
+under any strategy or device count loads under any other. Files are written under a temporary
+name and committed by a rename, so a crash never leaves a "latest" checkpoint that cannot be
+loaded. Storage goes through fsspec: any URL fsspec knows works (``memory://`` in tests).
+
+Every worker calls ``save``; only the chief writes. Values are read locally (each worker holds
+a full replica), so no worker waits on another.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import uuid
+import warnings
+from dataclasses import dataclass, field
+
+import fsspec
+import numpy as np
+
+from launcher.errors import UserError
+
+_NAME = re.compile(r"ckpt-(\d{6})\.npz$")
+
+
+@dataclass
+class TrainingState:
+    """Everything needed to continue a run after ``epoch`` epochs."""
+
+    epoch: int
+    model_variables: list[np.ndarray]
+    optimizer_variables: list[np.ndarray]
+    history: list[dict] = field(default_factory=list)
+    variable_paths: list[str] = field(default_factory=list)
+
+    def to_bytes(self) -> bytes:
+        meta = {"epoch": self.epoch, "history": self.history, "variable_paths": self.variable_paths,
+                "format": 1}
+        arrays = {f"model_{i:05d}": v for i, v in enumerate(self.model_variables)}
+        arrays |= {f"optimizer_{i:05d}": v for i, v in enumerate(self.optimizer_variables)}
+        arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+        buffer = io.BytesIO()
+        np.savez(buffer, **arrays)
+        return buffer.getvalue()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> TrainingState:
+        with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+            meta = json.loads(npz["meta"].tobytes())
+            model = [npz[k] for k in sorted(k for k in npz.files if k.startswith("model_"))]
+            optimizer = [npz[k] for k in sorted(k for k in npz.files if k.startswith("optimizer_"))]
+        return cls(meta["epoch"], model, optimizer, meta["history"], meta["variable_paths"])
+
+
+def keep_latest(epochs: list[int], keep: int) -> list[int]:
+    """Retention policy: the epochs to delete so that only the newest ``keep`` remain."""
+    return sorted(epochs)[:-keep] if keep else []
+
+
+class CheckpointStore:
+    """The ``checkpoints/`` folder of a run, local or behind any fsspec URL."""
+
+    def __init__(self, url: str, *, keep: int = 3, is_chief: bool = True):
+        self.fs, self.path = fsspec.core.url_to_fs(url)
+        self.url = url
+        self.keep = keep
+        self.is_chief = is_chief
+
+    def epochs(self) -> list[int]:
+        if not self.fs.exists(self.path):
+            return []
+        names = (os.path.basename(p) for p in self.fs.ls(self.path, detail=False))
+        return sorted(int(m.group(1)) for m in map(_NAME.match, names) if m)
+
+    def file_for(self, epoch: int) -> str:
+        return f"{self.path.rstrip('/')}/ckpt-{epoch:06d}.npz"
+
+    def save(self, state: TrainingState) -> None:
+        if not self.is_chief:
+            return
+        self.fs.makedirs(self.path, exist_ok=True)
+        final = self.file_for(state.epoch)
+        temporary = f"{self.path.rstrip('/')}/.tmp-{uuid.uuid4().hex}.npz"
+        with self.fs.open(temporary, "wb") as f:
+            f.write(state.to_bytes())
+            _sync(f)
+        self.fs.mv(temporary, final)
+        for epoch in keep_latest(self.epochs(), self.keep):
+            self.fs.rm(self.file_for(epoch))
+        for stale in self.fs.glob(f"{self.path.rstrip('/')}/.tmp-*"):
+            if stale != temporary:
+                self.fs.rm(stale)  # left by a crash during an earlier save
+
+    def load_latest(self) -> TrainingState | None:
+        """The newest checkpoint that loads; a damaged one is skipped with a warning."""
+        for epoch in reversed(self.epochs()):
+            try:
+                return self.load(self.file_for(epoch))
+            except (OSError, ValueError, KeyError) as err:
+                warnings.warn(f"skipping unreadable checkpoint {self.file_for(epoch)}: {err}")
+        return None
+
+    def load(self, path: str) -> TrainingState:
+        with self.fs.open(path, "rb") as f:
+            return TrainingState.from_bytes(f.read())
+
+
+def load_checkpoint_url(url: str) -> TrainingState:
+    """Load ``checkpoint.resume: <path>``: a checkpoint file, or a folder whose newest one is used."""
+    fs, path = fsspec.core.url_to_fs(url)
+    if not fs.exists(path):
+        raise UserError(f"checkpoint '{url}' does not exist", where="checkpoint.resume",
+                        hint="point it at a ckpt-NNNNNN.npz file or a checkpoints/ folder, "
+                             "or use auto")
+    if fs.isdir(path):
+        state = CheckpointStore(url).load_latest()
+        if state is None:
+            raise UserError(f"folder '{url}' holds no checkpoint", where="checkpoint.resume",
+                            hint="point it at a ckpt-NNNNNN.npz file, or use auto")
+        return state
+    try:
+        with fs.open(path, "rb") as f:
+            return TrainingState.from_bytes(f.read())
+    except (OSError, ValueError, KeyError) as err:
+        raise UserError(f"'{url}' is not a readable ktrain checkpoint: {err}",
+                        where="checkpoint.resume") from None
+
+
+def _sync(f) -> None:
+    try:
+        f.flush()
+        os.fsync(f.fileno())
+    except (AttributeError, OSError, io.UnsupportedOperation):
+        pass  # not a local file: the store commits on close

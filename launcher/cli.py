@@ -1,0 +1,127 @@
+"""``ktrain``: run, validate, init, env. User errors exit with 2 and one message, no traceback."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.resources
+import os
+import sys
+import traceback
+from pathlib import Path
+
+from launcher import __version__, console
+from launcher.errors import UserError
+
+INTERRUPTED = 130
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    console.set_verbosity(console.QUIET if args.quiet else
+                          console.VERBOSE if args.verbose else console.NORMAL)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2" if not args.verbose else "0")
+    try:
+        return args.command(args) or 0
+    except UserError as err:
+        if args.debug:
+            traceback.print_exc()
+        console.error(err.render())
+        return err.exit_code
+    except KeyboardInterrupt:
+        console.error("interrupted. Every completed checkpoint is intact: run the same command "
+                      "again to resume from the newest one.")
+        return INTERRUPTED
+
+
+def _parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-q", "--quiet", action="store_true", help="print errors only")
+    common.add_argument("-v", "--verbose", action="store_true",
+                        help="show Keras' progress bar and TensorFlow's own log")
+    common.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+
+    parser = argparse.ArgumentParser(
+        prog="ktrain",
+        description="Train an ordinary Keras 3 model under the strategy a YAML config names.")
+    parser.add_argument("--version", action="version", version=f"ktrain {__version__}")
+    commands = parser.add_subparsers(title="commands", required=True, metavar="COMMAND")
+
+    run = commands.add_parser("run", parents=[common], help="train a model from a config",
+                              description="Train the model a config describes. Re-running the "
+                                          "same command resumes from the newest checkpoint.")
+    run.add_argument("config", help="path to the YAML config")
+    run.add_argument("overrides", nargs="*", metavar="key.path=value",
+                     help="override config fields, e.g. train.epochs=1 strategy.devices=2")
+    run.set_defaults(command=_run)
+
+    validate = commands.add_parser("validate", parents=[common],
+                                   help="check a config and print it resolved",
+                                   description="Load and check a config (with overrides), print "
+                                               "the resolved config; exit 0 if valid, 2 if not.")
+    validate.add_argument("config", help="path to the YAML config")
+    validate.add_argument("overrides", nargs="*", metavar="key.path=value")
+    validate.set_defaults(command=_validate)
+
+    init = commands.add_parser("init", parents=[common], help="write a working starter project",
+                               description="Write the quickstart model file and config into DIR.")
+    init.add_argument("dir", nargs="?", default=".", help="folder to write into (default: .)")
+    init.set_defaults(command=_init)
+
+    env = commands.add_parser("env", parents=[common],
+                              help="show versions, devices and the detected cluster environment",
+                              description="Print versions of Python, TensorFlow, Keras and the "
+                                          "optional engines, the devices TensorFlow sees, and "
+                                          "where ktrain thinks it runs.")
+    env.set_defaults(command=_env)
+    return parser
+
+
+def _run(args) -> int:
+    import strategies
+    from launcher.config import load_config
+
+    config = load_config(args.config, args.overrides)
+    strategy = strategies.create(config.strategy)
+    strategy.prepare(config)
+    summary = strategy.launch(config).summary
+    metrics = "  ".join(f"{k} {v:.4f}" for k, v in summary["final_metrics"].items())
+    console.info(f"done: {summary['epochs_completed']} epochs on {summary['num_replicas']} "
+                 f"replica(s), {summary['samples_per_second']:.0f} samples/s  {metrics}")
+    console.info(f"model: {summary['model_path']}")
+    return 0
+
+
+def _validate(args) -> int:
+    from launcher.config import load_config
+
+    config = load_config(args.config, args.overrides)
+    print(config.dump_yaml(), end="")
+    return 0
+
+
+def _init(args) -> int:
+    target = Path(args.dir)
+    files = {"digits.py": "digits.py", "config.yaml": "quickstart.yaml"}
+    existing = [name for name in files if (target / name).exists()]
+    if existing:
+        raise UserError(f"{', '.join(existing)} already exist(s) in '{target}'", where="ktrain init",
+                        hint="choose an empty folder: `ktrain init my-project`")
+    target.mkdir(parents=True, exist_ok=True)
+    source = importlib.resources.files("configs")
+    for name, template in files.items():
+        (target / name).write_text(source.joinpath(template).read_text())
+    console.info(f"wrote {target / 'digits.py'} and {target / 'config.yaml'}\n"
+                 f"train it with:  ktrain run {target / 'config.yaml'}")
+    return 0
+
+
+def _env(args) -> int:
+    from launcher.environment import describe
+
+    print(describe())
+    return 0
+
+
+def entry() -> None:
+    sys.exit(main())

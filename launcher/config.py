@@ -1,0 +1,271 @@
+"""The run configuration: read once from YAML plus ``key.path=value`` overrides, validated once.
+
+Everything after ``load_config`` works with the typed ``RunConfig`` and trusts it.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import (ConfigDict, Field, NonNegativeFloat, NonNegativeInt, PositiveFloat,
+                      PositiveInt, ValidationError, field_validator)
+
+from launcher.errors import UserError
+from launcher.schema import Section
+from strategies import REGISTRY
+
+OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop", "adagrad", "adadelta", "adamax", "nadam",
+              "ftrl", "lion", "lamb", "adafactor")
+
+
+class FnSpec(Section):
+    fn: str
+    """``path/to/file.py:function`` or ``package.module:function``."""
+    kwargs: dict[str, Any] = {}
+
+    @field_validator("fn")
+    @classmethod
+    def _has_function_part(cls, value: str) -> str:
+        where, _, name = value.rpartition(":")
+        if not where or not name.isidentifier():
+            raise ValueError(
+                f"'{value}' is not of the form 'file.py:function' or 'package.module:function'")
+        return value
+
+
+class OptimizerSpec(Section):
+    """Used when the model fn returns an uncompiled model; other keys go to the Keras optimizer."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+    name: Literal[OPTIMIZERS] = "adam"  # type: ignore[valid-type]
+    learning_rate: PositiveFloat = 0.001
+
+
+class EarlyStoppingSpec(Section):
+    monitor: str = "val_loss"
+    patience: NonNegativeInt = 3
+    min_delta: NonNegativeFloat = 0.0
+    restore_best_weights: bool = False
+
+
+class TrainSpec(Section):
+    epochs: PositiveInt
+    global_batch_size: PositiveInt
+    shuffle: bool = True
+    shuffle_buffer: PositiveInt = 10_000
+    seed: int = 0
+    optimizer: OptimizerSpec = OptimizerSpec()
+    loss: str | None = None
+    metrics: list[str] = []
+    validation_split: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
+    validation_freq: PositiveInt = 1
+    early_stopping: EarlyStoppingSpec | None = None
+    precision: Literal["float32", "mixed_float16", "mixed_bfloat16"] = "float32"
+    jit_compile: Literal["auto"] | bool = "auto"
+    tensorboard: bool = False
+
+
+class CheckpointSpec(Section):
+    every_epochs: PositiveInt = 1
+    keep: PositiveInt = 3
+    resume: str = "auto"
+    """``auto`` (newest checkpoint in output_dir, if any), ``never``, or a checkpoint path."""
+
+
+def _strategy_union():
+    types = tuple(cls.config_type for cls in REGISTRY.values())
+    if len(types) == 1:
+        return types[0]
+    return Annotated[Union[types], Field(discriminator="name")]  # type: ignore[valid-type]
+
+
+class RunConfig(Section):
+    model: FnSpec
+    data: FnSpec
+    train: TrainSpec
+    strategy: _strategy_union() = Field(default_factory=lambda: next(iter(REGISTRY.values())).config_type())  # type: ignore[valid-type]
+    checkpoint: CheckpointSpec = CheckpointSpec()
+    output_dir: str = ""
+    base_dir: str = Field(default=".", exclude=True)
+    """The config file's folder: relative paths resolve against it."""
+
+    def dump_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+# ---------------------------------------------------------------------------- loading
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
+    """Read, override, validate and resolve a config file; raise UserError on any problem."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise UserError(f"config file '{path}' does not exist",
+                        hint="check the path, or create a starter config with `ktrain init`") from None
+    except OSError as err:
+        raise UserError(f"cannot read config file '{path}': {err.strerror}") from None
+    raw, lines = _parse_yaml(text, str(path))
+    override_paths = {}
+    for item in overrides:
+        keys = _apply_override(raw, item)
+        override_paths[keys] = item
+    base_dir = path.resolve().parent
+    raw.setdefault("output_dir", f"runs/{path.stem}")
+    try:
+        config = RunConfig.model_validate({**raw, "base_dir": str(base_dir)})
+    except ValidationError as err:
+        raise _explain(err.errors()[0], raw, str(path), lines, override_paths) from None
+    return _resolve_paths(config, base_dir)
+
+
+def _parse_yaml(text: str, filename: str) -> tuple[dict, dict[tuple, int]]:
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{filename}:{mark.line + 1}" if mark else filename
+        problem = getattr(err, "problem", None) or str(err)
+        raise UserError(f"malformed YAML: {problem}", where=where,
+                        hint="check indentation and that every 'key: value' has a space "
+                             "after the colon") from None
+    if raw is None:
+        raise UserError("the config file is empty", where=filename,
+                        hint="start from `ktrain init`, which writes a working config")
+    if not isinstance(raw, dict):
+        raise UserError(f"the config must be a mapping of sections, got a {type(raw).__name__}",
+                        where=filename, hint="see configs/quickstart.yaml for the layout")
+    lines: dict[tuple, int] = {}
+    _index_lines(node, (), lines, filename)
+    return raw, lines
+
+
+def _index_lines(node, path: tuple, lines: dict, filename: str) -> None:
+    """Map each key path to the line it is on, and reject duplicate keys (YAML keeps the last)."""
+    lines[path] = node.start_mark.line + 1
+    if isinstance(node, yaml.MappingNode):
+        seen = set()
+        for key_node, value_node in node.value:
+            key = key_node.value
+            if key in seen:
+                raise UserError(f"key '{'.'.join(map(str, path + (key,)))}' appears twice",
+                                where=f"{filename}:{key_node.start_mark.line + 1}",
+                                hint="remove one of them")
+            seen.add(key)
+            _index_lines(value_node, path + (key,), lines, filename)
+            lines[path + (key,)] = key_node.start_mark.line + 1
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _index_lines(item, path + (i,), lines, filename)
+
+
+def _apply_override(raw: dict, item: str) -> tuple:
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+        raise UserError(f"override '{item}' is not of the form key.path=value",
+                        hint="e.g. train.epochs=1 strategy.devices=2")
+    try:
+        parsed = yaml.safe_load(value) if value else ""
+    except yaml.YAMLError:
+        parsed = value
+    keys = tuple(key.split("."))
+    target = raw
+    for part in keys[:-1]:
+        child = target.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise UserError(f"override '{item}': '{part}' is not a section",
+                            hint=f"'{part}' holds a value, not keys")
+        target = child
+    target[keys[-1]] = parsed
+    return keys
+
+
+def _explain(error: dict, raw: dict, filename: str, lines: dict, overrides: dict) -> UserError:
+    """Turn pydantic's first error into what, where (file:line or override), and how to fix."""
+    loc = _user_path(error["loc"], raw)
+    dotted = ".".join(map(str, loc))
+    kind = error["type"]
+    override = next((item for keys, item in overrides.items() if loc[:len(keys)] == keys), None)
+    if override:
+        where = f"override '{override}'"
+    else:
+        known = next(loc[:n] for n in range(len(loc), -1, -1) if loc[:n] in lines)
+        where = f"{filename}:{lines[known]}" if known else filename
+
+    if kind == "extra_forbidden":
+        allowed = _allowed_keys(loc[:-1], raw)
+        guess = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
+        hint = (f"did you mean '{guess[0]}'?" if guess else "") + \
+               f" Allowed keys here: {', '.join(allowed)}"
+        return UserError(f"unknown key '{dotted}'", where=where, hint=hint.strip())
+    if kind == "missing":
+        section = ".".join(map(str, loc[:-1])) or "the top level"
+        return UserError(f"missing required key '{dotted}'", where=where,
+                         hint=f"add '{loc[-1]}:' under {section}")
+    received = error.get("input")
+    message = error["msg"]
+    if kind == "literal_error":
+        expected = error.get("ctx", {}).get("expected", "")
+        message = f"must be one of {expected}"
+    elif kind == "union_tag_invalid":
+        message = f"must be one of {error['ctx']['expected_tags']}"
+        dotted = f"{dotted}.name" if not dotted.endswith("name") else dotted
+    return UserError(f"invalid value {received!r} for '{dotted}': {message}", where=where,
+                     hint=f"fix '{dotted}' in the config or pass {dotted}=VALUE on the command line")
+
+
+def _user_path(loc: tuple, raw: Any) -> tuple:
+    """Drop the union tags pydantic inserts into error locations (e.g. strategy.mirrored.devices)."""
+    path, node = [], raw
+    for i, part in enumerate(loc):
+        last = i == len(loc) - 1
+        if isinstance(node, dict) and part not in node and not last:
+            continue
+        path.append(part)
+        node = node.get(part) if isinstance(node, dict) else (
+            node[part] if isinstance(node, list) and isinstance(part, int) and part < len(node)
+            else None)
+    return tuple(path)
+
+
+def _allowed_keys(section: tuple, raw: dict) -> list[str]:
+    model: Any = RunConfig
+    for part in section:
+        field = model.model_fields.get(part) if hasattr(model, "model_fields") else None
+        if field is None:
+            return []
+        model = _section_type(field.annotation, part, raw)
+    return [name for name in model.model_fields if name != "base_dir"]
+
+
+def _section_type(annotation, part, raw: dict):
+    if part == "strategy":
+        name = (raw.get("strategy") or {}).get("name")
+        return REGISTRY.get(name, next(iter(REGISTRY.values()))).config_type
+    for candidate in getattr(annotation, "__args__", (annotation,)):
+        if isinstance(candidate, type) and issubclass(candidate, Section):
+            return candidate
+    return annotation
+
+
+def _resolve_paths(config: RunConfig, base: Path) -> RunConfig:
+    def fn(spec: FnSpec) -> FnSpec:
+        target, _, name = spec.fn.rpartition(":")
+        if target.endswith(".py") or "/" in target:
+            target = str((base / target).resolve())
+        return spec.model_copy(update={"fn": f"{target}:{name}"})
+
+    def local(value: str) -> str:
+        return value if "://" in value else str((base / value).resolve())
+
+    checkpoint = config.checkpoint
+    if checkpoint.resume not in ("auto", "never"):
+        checkpoint = checkpoint.model_copy(update={"resume": local(checkpoint.resume)})
+    return config.model_copy(update={
+        "model": fn(config.model), "data": fn(config.data), "checkpoint": checkpoint,
+        "output_dir": local(config.output_dir)})

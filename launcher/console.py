@@ -1,0 +1,31 @@
+"""What the user sees on the terminal. Verbosity travels to worker processes in the environment."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+QUIET, NORMAL, VERBOSE = 0, 1, 2
+_ENV = "KTRAIN_VERBOSITY"
+
+
+def set_verbosity(level: int) -> None:
+    os.environ[_ENV] = str(level)
+
+
+def verbosity() -> int:
+    return int(os.environ.get(_ENV, NORMAL))
+
+
+def info(message: str) -> None:
+    if verbosity() >= NORMAL:
+        print(message, flush=True)
+
+
+def debug(message: str) -> None:
+    if verbosity() >= VERBOSE:
+        print(message, flush=True)
+
+
+def error(message: str) -> None:
+    print(f"ktrain: error: {message}", file=sys.stderr, flush=True)

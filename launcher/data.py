@@ -1,0 +1,133 @@
+"""Turn whatever the user's data fn returns into the batched pipelines every worker trains on.
+
+The order of examples is a pure function of (seed, epoch): a resumed run, or a run on N
+workers, sees exactly the global batches an uninterrupted single-worker run would see.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+
+from launcher.errors import UserError
+
+_EXPECTED = ("(x, y), {'train': (x, y), 'validation': (x, y)}, an unbatched tf.data.Dataset "
+             "of (features, label), or a dict of such datasets")
+
+
+@dataclass(frozen=True)
+class Split:
+    dataset: tf.data.Dataset  # unbatched (features, label) elements
+    size: int
+
+
+@dataclass(frozen=True)
+class Splits:
+    train: Split
+    validation: Split | None
+
+
+def to_splits(result: Any, validation_split: float, key: str = "data.fn") -> Splits:
+    """Validate the data fn's result and wrap it as datasets with known sizes."""
+    if isinstance(result, dict):
+        unknown = set(result) - {"train", "validation"}
+        if "train" not in result or unknown:
+            raise UserError(
+                f"the data fn returned a dict with keys {sorted(result)}; it needs 'train' "
+                f"and optionally 'validation'", where=key, hint=f"return {_EXPECTED}")
+        train = _to_split(result["train"], key)
+        validation = _to_split(result["validation"], key) if result.get("validation") is not None else None
+        return Splits(train, validation)
+    train = _to_split(result, key)
+    if validation_split and train.size:
+        n_val = int(train.size * validation_split)
+        n_train = train.size - n_val
+        # The last fraction is held out, as Keras' own validation_split does.
+        return Splits(Split(train.dataset.take(n_train), n_train),
+                      Split(train.dataset.skip(n_train), n_val))
+    return Splits(train, None)
+
+
+def _to_split(value: Any, key: str) -> Split:
+    if isinstance(value, tf.data.Dataset):
+        return _dataset_split(value, key)
+    if isinstance(value, (tuple, list)) and len(value) == 2:
+        x, y = value
+        n = _length(y, "y", key)
+        for name, array in (x.items() if isinstance(x, dict) else [("x", x)]):
+            if _length(array, name, key) != n:
+                raise UserError(f"the data fn returned {name} with {_length(array, name, key)} "
+                                f"rows but y with {n}", where=key,
+                                hint="features and labels need the same number of rows")
+        return Split(tf.data.Dataset.from_tensor_slices((x, y)), n)
+    raise UserError(f"the data fn returned a {type(value).__name__}", where=key,
+                    hint=f"return {_EXPECTED}")
+
+
+def _length(array: Any, name: str, key: str) -> int:
+    try:
+        return len(array)
+    except TypeError:
+        raise UserError(f"the data fn returned {name} as a {type(array).__name__}, which has no "
+                        f"length", where=key, hint="use NumPy arrays (or a dict of them for "
+                                                   "multi-input models)") from None
+
+
+def _dataset_split(dataset: tf.data.Dataset, key: str) -> Split:
+    spec = dataset.element_spec
+    if not (isinstance(spec, tuple) and len(spec) == 2):
+        raise UserError(f"the data fn returned a tf.data.Dataset whose elements are {spec}",
+                        where=key, hint="make each element a (features, label) pair")
+    first = tf.nest.flatten(spec)[0]
+    if first.shape.rank and first.shape[0] is None:
+        raise UserError("the data fn returned a batched tf.data.Dataset", where=key,
+                        hint="return it unbatched (remove .batch()); ktrain batches to "
+                             "train.global_batch_size")
+    size = int(dataset.cardinality())
+    if size == tf.data.INFINITE_CARDINALITY:
+        raise UserError("the data fn returned an infinite tf.data.Dataset", where=key,
+                        hint="remove .repeat(); ktrain repeats the data once per epoch")
+    if size == tf.data.UNKNOWN_CARDINALITY:
+        size = int(dataset.reduce(np.int64(0), lambda count, _: count + 1))
+        dataset = dataset.apply(tf.data.experimental.assert_cardinality(size))
+    return Split(dataset, size)
+
+
+def training_batches(split: Split, *, global_batch_size: int, rank: int, world_size: int,
+                     shuffle: bool, shuffle_buffer: int, seed: int,
+                     first_epoch: int, epochs: int) -> tuple[tf.data.Dataset, int]:
+    """Every remaining epoch of this worker's batches, in one dataset; and steps per epoch.
+
+    Each epoch is shuffled with a seed derived from (seed, epoch), then sharded interleaved
+    (worker r takes elements r, r+N, ...), so the union of the workers' batches is the same
+    global batch a single worker would take.
+    """
+    steps = split.size // global_batch_size
+    if steps == 0:
+        raise UserError(f"the training data has {split.size} examples, fewer than "
+                        f"train.global_batch_size {global_batch_size}",
+                        where="train.global_batch_size", hint="lower the global batch size")
+    local_batch = global_batch_size // world_size
+    buffer = min(shuffle_buffer, split.size)
+    base = split.dataset
+
+    def one_epoch(epoch):
+        data = base
+        if shuffle:
+            data = data.shuffle(buffer, seed=epoch * 1_000_003 + seed,
+                                reshuffle_each_iteration=False)
+        if world_size > 1:
+            data = data.shard(world_size, rank)
+        return data.batch(local_batch, drop_remainder=True).take(steps)
+
+    epochs_left = tf.data.Dataset.range(first_epoch, epochs)
+    return epochs_left.flat_map(one_epoch).prefetch(tf.data.AUTOTUNE), steps
+
+
+def evaluation_batches(split: Split, *, global_batch_size: int, rank: int,
+                       world_size: int) -> tf.data.Dataset:
+    data = split.dataset.shard(world_size, rank) if world_size > 1 else split.dataset
+    return data.batch(global_batch_size // world_size).prefetch(tf.data.AUTOTUNE)

@@ -1,0 +1,77 @@
+"""The run's ``output_dir``: config, metrics, summary, final model and logs, through fsspec.
+
+Nothing is written here until the config, the user's functions and the data have all been
+checked, so a bad input never touches an existing output folder.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import tempfile
+
+import fsspec
+
+
+class RunOutput:
+    def __init__(self, url: str, *, is_chief: bool = True, rank: int = 0):
+        self.url = url.rstrip("/")
+        self.fs, self.path = fsspec.core.url_to_fs(self.url)
+        self.is_chief = is_chief
+        self.rank = rank
+        self._log_lines: list[str] = []
+
+    @property
+    def checkpoints_url(self) -> str:
+        return f"{self.url}/checkpoints"
+
+    def _write(self, name: str, data: str | bytes) -> None:
+        target = f"{self.path}/{name}"
+        self.fs.makedirs(os.path.dirname(target), exist_ok=True)
+        mode = "wb" if isinstance(data, bytes) else "w"
+        with self.fs.open(target, mode) as f:
+            f.write(data)
+
+    def write_config(self, text: str) -> None:
+        if self.is_chief:
+            self._write("config.yaml", text)
+
+    def write_metrics(self, history: list[dict]) -> None:
+        if not self.is_chief or not history:
+            return
+        columns = list(dict.fromkeys(k for row in history for k in row))
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(history)
+        self._write("metrics.csv", buffer.getvalue())
+
+    def write_summary(self, summary: dict) -> None:
+        if self.is_chief:
+            self._write("summary.json", json.dumps(summary, indent=2) + "\n")
+
+    def save_model(self, model) -> str:
+        """Save ``model.keras`` (Keras writes local files only, so stage it locally first)."""
+        target = f"{self.url}/model.keras"
+        if self.is_chief:
+            with tempfile.TemporaryDirectory() as tmp:
+                local = os.path.join(tmp, "model.keras")
+                model.save(local)
+                self.fs.makedirs(self.path, exist_ok=True)
+                self.fs.put_file(local, f"{self.path}/model.keras")
+        return target
+
+    def log(self, line: str) -> None:
+        """Keep a line for ``logs/rank-<r>.log``; ``flush_log`` appends it to the file."""
+        self._log_lines.append(line)
+
+    def flush_log(self) -> None:
+        if not self._log_lines:
+            return
+        target = f"{self.path}/logs/rank-{self.rank}.log"
+        self.fs.makedirs(os.path.dirname(target), exist_ok=True)
+        with self.fs.open(target, "a") as f:
+            f.write("\n".join(self._log_lines) + "\n")
+        self._log_lines.clear()

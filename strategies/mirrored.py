@@ -1,0 +1,86 @@
+"""In-process data parallelism over the devices of one machine (``tf.distribute.MirroredStrategy``)."""
+
+from __future__ import annotations
+
+import os
+from typing import Literal
+
+from pydantic import PositiveInt
+
+from launcher.errors import UserError
+from strategies.base import Session, Strategy, StrategyConfig
+
+
+class MirroredConfig(StrategyConfig):
+    name: Literal["mirrored"] = "mirrored"
+    devices: Literal["auto"] | PositiveInt = "auto"
+    """``auto``: every GPU, else one CPU. ``N``: N GPUs, or N logical CPU devices when there is no GPU."""
+
+
+class MirroredStrategy(Strategy):
+    name = "mirrored"
+    config_type = MirroredConfig
+
+    def prepare(self, run) -> None:
+        self._devices = self._configure_devices(run.train.global_batch_size)
+
+    def launch(self, run):
+        from launcher.worker import run_worker
+
+        return run_worker(run, self)
+
+    def open_session(self) -> Session:
+        import tensorflow as tf
+
+        devices = self._devices
+        # One device: Keras' default (no) strategy is the plain, fastest path.
+        distribution = tf.distribute.MirroredStrategy(list(devices)) if len(devices) > 1 else None
+        return Session(rank=0, world_size=1, num_replicas=len(devices),
+                       distribution=distribution, devices=devices)
+
+    def _configure_devices(self, global_batch_size: int) -> tuple[str, ...]:
+        import tensorflow as tf
+
+        gpus = tf.config.list_physical_devices("GPU")
+        wanted = self.config.devices
+        if gpus:
+            count = len(gpus) if wanted == "auto" else wanted
+            if count > len(gpus):
+                raise UserError(
+                    f"strategy.devices is {count} but this machine has {len(gpus)} GPU(s)",
+                    where="strategy.devices",
+                    hint=f"set strategy.devices to at most {len(gpus)}, or to auto")
+            devices = tuple(f"/gpu:{i}" for i in range(count))
+        else:
+            count = 1 if wanted == "auto" else wanted
+            cores = os.cpu_count() or 1
+            if count > cores:
+                raise UserError(
+                    f"strategy.devices is {count} but this machine has no GPU and only "
+                    f"{cores} CPU core(s) to split into logical devices",
+                    where="strategy.devices",
+                    hint=f"set strategy.devices to at most {cores}, or to auto")
+            if count > 1:
+                _split_cpu(tf, count)
+            devices = tuple(f"/cpu:{i}" for i in range(count))
+        if global_batch_size % len(devices):
+            raise UserError(
+                f"train.global_batch_size {global_batch_size} cannot be split evenly over "
+                f"{len(devices)} devices",
+                where="train.global_batch_size",
+                hint=f"use a multiple of {len(devices)}, e.g. "
+                     f"{(global_batch_size // len(devices) + 1) * len(devices)}")
+        return devices
+
+
+def _split_cpu(tf, count: int) -> None:
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    try:
+        tf.config.set_logical_device_configuration(
+            cpu, [tf.config.LogicalDeviceConfiguration()] * count)
+    except RuntimeError:
+        existing = len(tf.config.list_logical_devices("CPU"))
+        if existing != count:
+            raise RuntimeError(
+                f"TensorFlow was initialised with {existing} CPU device(s) before ktrain could "
+                f"split the CPU into {count}; run in a fresh process") from None
