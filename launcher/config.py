@@ -119,7 +119,7 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
     try:
         config = RunConfig.model_validate({**raw, "base_dir": str(base_dir)})
     except ValidationError as err:
-        raise _explain(err.errors()[0], raw, str(path), lines, override_paths) from None
+        raise _explain(err.errors(), raw, str(path), lines, override_paths) from None
     return _resolve_paths(config, base_dir)
 
 
@@ -185,8 +185,13 @@ def _apply_override(raw: dict, item: str) -> tuple:
     return keys
 
 
-def _explain(error: dict, raw: dict, filename: str, lines: dict, overrides: dict) -> UserError:
-    """Turn pydantic's first error into what, where (file:line or override), and how to fix."""
+def _explain(errors: list[dict], raw: dict, filename: str, lines: dict,
+             overrides: dict) -> UserError:
+    """Turn pydantic's errors into one: what, where (file:line or override), and how to fix.
+
+    An unknown key is reported first: a typo there is usually why a key is "missing".
+    """
+    error = min(errors, key=lambda e: e["type"] != "extra_forbidden")
     loc = _user_path(error["loc"], raw)
     dotted = ".".join(map(str, loc))
     kind = error["type"]
@@ -208,15 +213,20 @@ def _explain(error: dict, raw: dict, filename: str, lines: dict, overrides: dict
         return UserError(f"missing required key '{dotted}'", where=where,
                          hint=f"add '{loc[-1]}:' under {section}")
     received = error.get("input")
-    message = error["msg"]
-    if kind == "literal_error":
-        expected = error.get("ctx", {}).get("expected", "")
-        message = f"must be one of {expected}"
-    elif kind == "union_tag_invalid":
+    # A value may fail several members of a union (e.g. 'auto' or an int): say all of them.
+    message = " or ".join(dict.fromkeys(
+        _expectation(e) for e in errors if _user_path(e["loc"], raw) == loc))
+    if kind == "union_tag_invalid":
         message = f"must be one of {error['ctx']['expected_tags']}"
         dotted = f"{dotted}.name" if not dotted.endswith("name") else dotted
     return UserError(f"invalid value {received!r} for '{dotted}': {message}", where=where,
                      hint=f"fix '{dotted}' in the config or pass {dotted}=VALUE on the command line")
+
+
+def _expectation(error: dict) -> str:
+    if error["type"] == "literal_error":
+        return f"must be {error['ctx']['expected']}"
+    return error["msg"][0].lower() + error["msg"][1:]
 
 
 def _user_path(loc: tuple, raw: Any) -> tuple:
@@ -226,6 +236,8 @@ def _user_path(loc: tuple, raw: Any) -> tuple:
         last = i == len(loc) - 1
         if isinstance(node, dict) and part not in node and not last:
             continue
+        if path and not isinstance(node, (dict, list)):
+            break  # the rest names the union member that was tried
         path.append(part)
         node = node.get(part) if isinstance(node, dict) else (
             node[part] if isinstance(node, list) and isinstance(part, int) and part < len(node)

@@ -1,0 +1,85 @@
+"""Test helpers: write a config for the fixture models, run the real CLI in a subprocess."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+FIXTURES = REPO / "tests" / "fixtures" / "user_models.py"
+
+
+def base_config(output_dir: Path, **sections) -> dict:
+    """A small, fast, deterministic run on the digits data; sections override whole keys."""
+    config = {
+        "model": {"fn": f"{FIXTURES}:mlp", "kwargs": {"hidden": 32}},
+        "data": {"fn": f"{FIXTURES}:digits_split", "kwargs": {}},
+        "train": {"epochs": 3, "global_batch_size": 64, "shuffle": False, "seed": 1,
+                  "optimizer": {"name": "sgd", "learning_rate": 0.1},
+                  "loss": "sparse_categorical_crossentropy", "metrics": ["accuracy"]},
+        "strategy": {"name": "mirrored", "devices": 1},
+        "checkpoint": {"every_epochs": 1, "keep": 3, "resume": "auto"},
+        "output_dir": str(output_dir),
+    }
+    for key, value in sections.items():
+        if isinstance(value, dict) and isinstance(config.get(key), dict):
+            config[key] = {**config[key], **value}
+        else:
+            config[key] = value
+    return config
+
+
+def write_config(path: Path, config: dict) -> Path:
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def _env() -> dict:
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONUNBUFFERED="1")
+    env.pop("KTRAIN_VERBOSITY", None)
+    return env
+
+
+def run_cli(*args: str, timeout: float = 240, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """Run ``ktrain ARGS`` to completion in a fresh process (TF device setup needs one)."""
+    with subprocess.Popen([sys.executable, "-m", "launcher", *map(str, args)], cwd=cwd or REPO,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          env=_env()) as process:
+        try:
+            out, err = process.communicate(timeout=timeout)
+        finally:
+            process.kill()
+    return subprocess.CompletedProcess(process.args, process.returncode, out, err)
+
+
+class Background:
+    """A ``ktrain`` process the test can signal; always reaped when the test ends."""
+
+    def __init__(self, *args: str):
+        self.process = subprocess.Popen([sys.executable, "-m", "launcher", *map(str, args)],
+                                        cwd=REPO, stdout=subprocess.PIPE,
+                                        stderr=subprocess.STDOUT, text=True, env=_env())
+
+    def wait_for(self, condition, timeout: float = 120, interval: float = 0.01) -> None:
+        deadline = time.monotonic() + timeout
+        while not condition():
+            if self.process.poll() is not None:
+                raise AssertionError(f"ktrain exited early:\n{self.process.stdout.read()}")
+            if time.monotonic() > deadline:
+                raise AssertionError("timed out waiting for the condition")
+            time.sleep(interval)
+
+    def signal(self, sig: int) -> str:
+        self.process.send_signal(sig)
+        out, _ = self.process.communicate(timeout=60)
+        return out
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.communicate()

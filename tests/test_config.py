@@ -1,0 +1,119 @@
+"""The config contract: strict keys, typed values, overrides, and errors that say what/where/how."""
+
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from launcher.config import load_config
+from launcher.errors import UserError
+
+GOOD = """\
+model:
+  fn: models.py:build_model
+  kwargs: {hidden: 64}
+data:
+  fn: models.py:load_data
+train:
+  epochs: 5
+  global_batch_size: 128
+  optimizer: {name: sgd, learning_rate: 0.01, momentum: 0.9}
+  loss: sparse_categorical_crossentropy
+strategy:
+  name: mirrored
+  devices: 2
+output_dir: runs/example
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "config.yaml"
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def error_for(tmp_path, text, *overrides) -> str:
+    with pytest.raises(UserError) as caught:
+        load_config(write(tmp_path, text), list(overrides))
+    return caught.value.render()
+
+
+def test_good_config_is_typed_and_paths_resolve_against_its_folder(tmp_path):
+    config = load_config(write(tmp_path, GOOD))
+    assert config.train.epochs == 5 and config.strategy.devices == 2
+    assert config.train.shuffle is True  # default
+    assert config.model.fn == f"{tmp_path / 'models.py'}:build_model"
+    assert config.output_dir == str(tmp_path / "runs" / "example")
+    assert config.train.optimizer.model_dump()["momentum"] == 0.9
+
+
+def test_overrides_are_parsed_as_yaml_scalars(tmp_path):
+    config = load_config(write(tmp_path, GOOD), ["train.epochs=1", "train.shuffle=false",
+                                                 "strategy.devices=auto"])
+    assert (config.train.epochs, config.train.shuffle, config.strategy.devices) == (1, False, "auto")
+
+
+def test_unknown_key_names_line_and_suggests(tmp_path):
+    message = error_for(tmp_path, GOOD.replace("  epochs: 5", "  epoch: 5"))
+    assert "config.yaml:7: unknown key 'train.epoch'" in message
+    assert "did you mean 'epochs'?" in message
+
+
+def test_missing_required_key(tmp_path):
+    message = error_for(tmp_path, GOOD.replace("  global_batch_size: 128\n", ""))
+    assert "missing required key 'train.global_batch_size'" in message
+    assert "config.yaml:6:" in message
+
+
+def test_wrong_type_says_what_was_received(tmp_path):
+    message = error_for(tmp_path, GOOD.replace("epochs: 5", "epochs: five"))
+    assert "config.yaml:7: invalid value 'five' for 'train.epochs'" in message
+
+
+def test_wrong_choice_lists_allowed_values(tmp_path):
+    message = error_for(tmp_path, GOOD.replace("devices: 2", "devices: many"))
+    assert "'strategy.devices'" in message and "'auto'" in message and "config.yaml:13" in message
+    message = error_for(tmp_path, GOOD.replace("name: sgd", "name: sgdd"))
+    assert "'train.optimizer.name'" in message and "'adam'" in message and "'sgd'" in message
+
+
+def test_unknown_strategy_lists_the_available_ones(tmp_path):
+    message = error_for(tmp_path, GOOD.replace("name: mirrored", "name: mirored"))
+    assert "strategy.name" in message and "'mirrored'" in message
+
+
+def test_malformed_yaml_reports_the_line(tmp_path):
+    message = error_for(tmp_path, GOOD.replace("  loss: sparse", "  loss: [sparse"))
+    assert message.startswith(f"{tmp_path / 'config.yaml'}:")
+    assert "malformed YAML" in message
+
+
+def test_duplicate_keys_are_rejected(tmp_path):
+    message = error_for(tmp_path, GOOD.replace("  epochs: 5", "  epochs: 5\n  epochs: 6"))
+    assert "'train.epochs' appears twice" in message and "config.yaml:8" in message
+
+
+def test_bad_override_is_blamed_on_the_override(tmp_path):
+    message = error_for(tmp_path, GOOD, "train.epochs=-1")
+    assert "override 'train.epochs=-1'" in message and "greater than 0" in message
+    message = error_for(tmp_path, GOOD, "train.epocs=1")
+    assert "unknown key 'train.epocs'" in message and "did you mean 'epochs'?" in message
+    message = error_for(tmp_path, GOOD, "epochs")
+    assert "not of the form key.path=value" in message
+
+
+def test_fn_reference_must_name_a_function(tmp_path):
+    message = error_for(tmp_path, GOOD.replace("models.py:build_model", "models.py"))
+    assert "'model.fn'" in message and "file.py:function" in message
+
+
+def test_missing_file_and_empty_file(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    assert "empty" in error_for(tmp_path, "")
+
+
+def test_dump_round_trips(tmp_path):
+    config = load_config(write(tmp_path, GOOD), ["train.epochs=2"])
+    again = write(tmp_path, config.dump_yaml())
+    assert load_config(again) == config
