@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import sys
 
 QUIET, NORMAL, VERBOSE = 0, 1, 2
@@ -27,5 +28,8 @@ def debug(message: str) -> None:
         print(message, flush=True)
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
 def error(message: str) -> None:
-    print(f"ktrain: error: {message}", file=sys.stderr, flush=True)
+    print(f"ktrain: error: {_ANSI.sub('', message)}", file=sys.stderr, flush=True)

@@ -55,7 +55,6 @@ def run_worker(run: RunConfig, strategy: Strategy) -> RunResult:
     state = _starting_state(run, store)
     if state is not None:
         _restore(model, state)
-    output.write_config(run.dump_yaml())
     return _fit(run, session, model, splits, output, store, state)
 
 
@@ -176,6 +175,7 @@ class _RunRecorder(keras.callbacks.Callback):
         self.first_step_done: float | None = None
         self.steps = 0
         self._epoch_started = 0.0
+        self._config_written = False
 
     def on_train_batch_end(self, batch, logs=None):
         self.steps += 1
@@ -189,6 +189,9 @@ class _RunRecorder(keras.callbacks.Callback):
         done = epoch + 1
         row = {"epoch": done, **{k: float(v) for k, v in (logs or {}).items()}}
         self.history.append(row)
+        if not self._config_written:  # only once training works: a failing run changes nothing
+            self.output.write_config(self.run.dump_yaml())
+            self._config_written = True
         seconds = time.perf_counter() - self._epoch_started
         metrics = "  ".join(f"{k} {v:.4f}" for k, v in row.items() if k != "epoch")
         line = f"epoch {done}/{self.run.train.epochs}  {metrics}  ({seconds:.1f}s)"
