@@ -7,7 +7,8 @@ name and committed by a rename, so a crash never leaves a "latest" checkpoint th
 loaded. Storage goes through fsspec: any URL fsspec knows works (``memory://`` in tests).
 
 Every worker calls ``save``; only the chief writes. Values are read locally (each worker holds
-a full replica), so no worker waits on another.
+a full replica), so no worker waits on another. Writing can happen in the background while
+training goes on (``background=True``); ``wait`` joins it.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import io
 import json
 import os
 import re
+import threading
 import uuid
 import warnings
 from dataclasses import dataclass, field
@@ -70,6 +72,8 @@ class CheckpointStore:
         self.url = url
         self.keep = keep
         self.is_chief = is_chief
+        self._writer: threading.Thread | None = None
+        self._write_error: BaseException | None = None
 
     def epochs(self) -> list[int]:
         if not self.fs.exists(self.path):
@@ -80,9 +84,38 @@ class CheckpointStore:
     def file_for(self, epoch: int) -> str:
         return f"{self.path.rstrip('/')}/ckpt-{epoch:06d}.npz"
 
-    def save(self, state: TrainingState) -> None:
+    def save(self, state: TrainingState, *, background: bool = False) -> None:
+        """Commit ``state``; with ``background``, return at once and write in a thread."""
         if not self.is_chief:
             return
+        self.wait()  # one write at a time, in epoch order
+        if not background:
+            self._write(state)
+            return
+        self._writer = threading.Thread(target=self._write_catching, args=(state,),
+                                        name="ktrain-checkpoint-writer")
+        self._writer.start()
+
+    def wait(self) -> None:
+        """Block until a background write is committed; re-raise its error if it failed."""
+        if self._writer is not None:
+            self._writer.join()
+            self._writer = None
+        if self._write_error is not None:
+            error, self._write_error = self._write_error, None
+            raise error
+
+    def _write_catching(self, state: TrainingState) -> None:
+        try:
+            self._write(state)
+        except OSError as err:  # surfaced to the training thread by wait()
+            self._write_error = UserError(
+                f"cannot write the checkpoint after epoch {state.epoch} to '{self.url}': {err}",
+                where="output_dir", hint="check that output_dir is writable and has free space")
+        except BaseException as err:
+            self._write_error = err
+
+    def _write(self, state: TrainingState) -> None:
         self.fs.makedirs(self.path, exist_ok=True)
         final = self.file_for(state.epoch)
         temporary = f"{self.path.rstrip('/')}/.tmp-{uuid.uuid4().hex}.npz"

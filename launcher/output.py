@@ -14,6 +14,8 @@ import tempfile
 
 import fsspec
 
+from launcher.errors import UserError
+
 
 class RunOutput:
     def __init__(self, url: str, *, is_chief: bool = True, rank: int = 0):
@@ -26,6 +28,17 @@ class RunOutput:
     @property
     def checkpoints_url(self) -> str:
         return f"{self.url}/checkpoints"
+
+    def check_writable(self) -> None:
+        """Fail before training, not after the first epoch, if output_dir cannot be written."""
+        probe = f"{self.path}/.ktrain-write-test-{self.rank}"
+        try:
+            self.fs.makedirs(self.path, exist_ok=True)
+            self.fs.pipe(probe, b"")
+            self.fs.rm(probe)
+        except OSError as err:
+            raise UserError(f"cannot write to output_dir '{self.url}': {err}", where="output_dir",
+                            hint="choose a folder (or URL) this process can write to") from None
 
     def _write(self, name: str, data: str | bytes) -> None:
         target = f"{self.path}/{name}"

@@ -46,13 +46,14 @@ def run_worker(run: RunConfig, strategy: Strategy) -> RunResult:
         model = call_user(model_fn, run.model.kwargs, "model.fn")
         _check_model(model)
         if not model.compiled:
-            _compile(model, run.train)
+            compile_from_config(model, run.train)
         _build(model, splits)
 
     output = RunOutput(run.output_dir, is_chief=session.is_chief, rank=session.rank)
     store = CheckpointStore(output.checkpoints_url, keep=run.checkpoint.keep,
                             is_chief=session.is_chief)
     state = _starting_state(run, store)
+    output.check_writable()
     if state is not None:
         _restore(model, state)
     return _fit(run, session, model, splits, output, store, state)
@@ -72,7 +73,8 @@ def _check_model(model) -> None:
                                                "`return keras.Sequential([...])`")
 
 
-def _compile(model: keras.Model, train: TrainSpec) -> None:
+def compile_from_config(model: keras.Model, train: TrainSpec) -> None:
+    """Compile an uncompiled model with the optimizer, loss and metrics of the config."""
     if train.loss is None:
         raise UserError("the model fn returned an uncompiled model and train.loss is not set",
                         where="train.loss", hint="set train.loss (e.g. "
@@ -200,7 +202,10 @@ class _RunRecorder(keras.callbacks.Callback):
         self.output.log(line)
         every = self.run.checkpoint.every_epochs
         if done % every == 0 or done == self.run.train.epochs or self.model.stop_training:
-            self.store.save(_capture(self.model, done, self.history))
+            started = time.perf_counter()
+            self.store.save(_capture(self.model, done, self.history), background=True)
+            console.debug(f"checkpoint after epoch {done} captured in "
+                          f"{time.perf_counter() - started:.2f}s, writing in the background")
         self.output.write_metrics(self.history)
         self.output.flush_log()
 
@@ -240,6 +245,7 @@ def _fit(run: RunConfig, session: Session, model: keras.Model, splits: Splits,
                      "shape, number of classes, label format): check your model and data fns"
             ) from err
     fit_ended = time.perf_counter()
+    store.wait()
     model_path = output.save_model(model)
     summary = _summary(run, session, recorder, history, first_epoch, fit_started, fit_ended,
                        model_path)

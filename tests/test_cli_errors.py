@@ -99,3 +99,10 @@ def test_bad_inputs_never_touch_an_existing_output_dir(tmp_path):
                                       train={"epochs": 2}))
     assert "does not fit this model" in err
     assert snapshot(out) == before
+
+
+def test_output_dir_that_cannot_be_written(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    err = fails(tmp_path, base_config(blocker / "out"))
+    assert "output_dir: cannot write to output_dir" in err and "a-file/out" in err

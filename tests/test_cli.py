@@ -1,0 +1,42 @@
+"""The commands around `run`: init, validate, env, and --help on each."""
+
+import json
+
+import pytest
+
+from helpers import REPO, run_cli
+
+
+@pytest.mark.parametrize("command", ["run", "validate", "init", "env"])
+def test_every_command_has_help(command):
+    result = run_cli(command, "--help")
+    assert result.returncode == 0 and f"usage: ktrain {command}" in result.stdout
+
+
+def test_init_writes_a_project_that_trains(tmp_path):
+    project = tmp_path / "project"
+    result = run_cli("init", project)
+    assert result.returncode == 0, result.stderr
+    assert (project / "config.yaml").read_text() == (REPO / "configs" / "quickstart.yaml").read_text()
+    result = run_cli("run", project / "config.yaml", "train.epochs=2", "-q")
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((project / "runs" / "quickstart" / "summary.json").read_text())
+    assert summary["epochs_completed"] == 2
+    again = run_cli("init", project)
+    assert again.returncode == 2 and "already exist" in again.stderr
+
+
+def test_validate_prints_the_resolved_config(tmp_path):
+    result = run_cli("validate", REPO / "configs" / "quickstart.yaml", "train.epochs=7")
+    assert result.returncode == 0, result.stderr
+    assert "epochs: 7" in result.stdout
+    assert f"{REPO / 'configs' / 'digits.py'}:build_model" in result.stdout
+    bad = run_cli("validate", REPO / "configs" / "quickstart.yaml", "train.epochs=zero")
+    assert bad.returncode == 2 and "train.epochs" in bad.stderr
+
+
+def test_env_reports_versions_devices_and_cluster():
+    result = run_cli("env")
+    assert result.returncode == 0, result.stderr
+    for text in ("python", "tensorflow", "keras", "devices", "cluster     local"):
+        assert text in result.stdout
