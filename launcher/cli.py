@@ -10,7 +10,7 @@ import traceback
 from pathlib import Path
 
 from launcher import __version__, console
-from launcher.errors import UserError
+from launcher.errors import KtrainError, UserError
 
 INTERRUPTED = 130
 
@@ -21,10 +21,17 @@ def main(argv: list[str] | None = None) -> int:
     console.set_verbosity(console.QUIET if args.quiet else
                           console.VERBOSE if args.verbose else console.NORMAL)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2" if not args.verbose else "0")
+    if args.debug:
+        os.environ["KTRAIN_DEBUG"] = "1"  # worker processes inherit it
+    return guarded(lambda: args.command(args))
+
+
+def guarded(action) -> int:
+    """Run ``action``; turn ktrain's errors and Ctrl-C into one message and an exit status."""
     try:
-        return args.command(args) or 0
-    except UserError as err:
-        if args.debug:
+        return action() or 0
+    except KtrainError as err:
+        if os.environ.get("KTRAIN_DEBUG"):
             traceback.print_exc()
         console.error(err.render())
         return err.exit_code

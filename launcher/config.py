@@ -89,11 +89,11 @@ class RunConfig(Section):
     strategy: _strategy_union() = Field(default_factory=lambda: next(iter(REGISTRY.values())).config_type())  # type: ignore[valid-type]
     checkpoint: CheckpointSpec = CheckpointSpec()
     output_dir: str = ""
-    base_dir: str = Field(default=".", exclude=True)
-    """The config file's folder: relative paths resolve against it."""
+    base_dir: str = "."
+    """The config file's folder: relative paths resolve against it. Set by load_config."""
 
     def dump_yaml(self) -> str:
-        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+        return yaml.safe_dump(self.model_dump(mode="json", exclude={"base_dir"}), sort_keys=False)
 
 
 # ---------------------------------------------------------------------------- loading

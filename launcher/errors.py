@@ -1,12 +1,12 @@
-"""The one kind of error a user should ever see: what, where, and how to fix it."""
+"""The errors a user sees: one message that says what, where, and how to fix it; no traceback."""
 
 from __future__ import annotations
 
 
-class UserError(Exception):
-    """A mistake in the user's input. The CLI prints it without a traceback and exits with 2."""
+class KtrainError(Exception):
+    """Printed by the CLI as one message (a traceback only with --debug)."""
 
-    exit_code = 2
+    exit_code = 1
 
     def __init__(self, what: str, *, where: str | None = None, hint: str | None = None,
                  details: str | None = None):
@@ -24,3 +24,13 @@ class UserError(Exception):
         if self.hint:
             lines.append(f"HINT: {self.hint}")
         return "\n".join(lines)
+
+
+class UserError(KtrainError):
+    """A mistake in the user's input: exit status 2."""
+
+    exit_code = 2
+
+
+class WorkersFailed(KtrainError):
+    """A worker process crashed or never joined; the message carries the root cause."""

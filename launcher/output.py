@@ -18,11 +18,13 @@ from launcher.errors import UserError
 
 
 class RunOutput:
-    def __init__(self, url: str, *, is_chief: bool = True, rank: int = 0):
+    def __init__(self, url: str, *, is_chief: bool = True, rank: int = 0, keep_log: bool = True):
         self.url = url.rstrip("/")
         self.fs, self.path = fsspec.core.url_to_fs(self.url)
         self.is_chief = is_chief
         self.rank = rank
+        self.keep_log = keep_log
+        """False when a supervisor already writes this rank's log from its output."""
         self._log_lines: list[str] = []
 
     @property
@@ -78,7 +80,8 @@ class RunOutput:
 
     def log(self, line: str) -> None:
         """Keep a line for ``logs/rank-<r>.log``; ``flush_log`` appends it to the file."""
-        self._log_lines.append(line)
+        if self.keep_log:
+            self._log_lines.append(line)
 
     def flush_log(self) -> None:
         if not self._log_lines:

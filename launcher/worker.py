@@ -15,10 +15,13 @@ import tensorflow as tf
 
 from launcher import STARTED_AT, console
 from launcher.checkpoint import CheckpointStore, TrainingState, load_checkpoint_url
+from launcher.collectives import (GlobalMetrics, broadcast_variables, distribute_optimizer,
+                                  undistribute)
 from launcher.config import RunConfig, TrainSpec
 from launcher.data import Splits, evaluation_batches, to_splits, training_batches
 from launcher.errors import UserError
 from launcher.output import RunOutput
+from launcher.supervisor import mark_joined
 from launcher.userfn import call_user, load_function
 from strategies.base import Session, Strategy
 
@@ -49,14 +52,27 @@ def run_worker(run: RunConfig, strategy: Strategy) -> RunResult:
             compile_from_config(model, run.train)
         _build(model, splits)
 
-    output = RunOutput(run.output_dir, is_chief=session.is_chief, rank=session.rank)
+    output = RunOutput(run.output_dir, is_chief=session.is_chief, rank=session.rank,
+                       keep_log=session.log_to_file)
     store = CheckpointStore(output.checkpoints_url, keep=run.checkpoint.keep,
                             is_chief=session.is_chief)
     state = _starting_state(run, store)
     output.check_writable()
     if state is not None:
         _restore(model, state)
+    if session.communicator is not None:
+        _join_group(run, session, model)
     return _fit(run, session, model, splits, output, store, state)
+
+
+def _join_group(run: RunConfig, session: Session, model: keras.Model) -> None:
+    """Average gradients over the workers, and start every worker from rank 0's state."""
+    communicator = session.communicator
+    distribute_optimizer(model.optimizer, communicator,
+                         fp16=getattr(run.strategy, "compression", "none") == "fp16")
+    model.jit_compile = False  # numpy_function, Horovod and collective ops are not XLA ops
+    broadcast_variables(model.variables + list(model.optimizer.variables), communicator)
+    mark_joined(session.rank)
 
 
 def _seed_everything(seed: int) -> None:
@@ -228,7 +244,11 @@ def _fit(run: RunConfig, session: Session, model: keras.Model, splits: Splits,
         splits.validation, global_batch_size=train.global_batch_size, rank=session.rank,
         world_size=session.world_size)
     recorder = _RunRecorder(run, output, store, history, session)
-    callbacks = [recorder, *_optional_callbacks(run)]
+    callbacks = [recorder, *_optional_callbacks(run, session, steps)]
+    if session.communicator is not None:  # first, so the others see global metrics
+        callbacks.insert(0, GlobalMetrics(
+            session.communicator, steps * train.global_batch_size // session.world_size,
+            _shard_size(splits.validation.size if splits.validation else 0, session)))
     fit_started = time.perf_counter()
     if first_epoch < train.epochs:
         try:
@@ -246,6 +266,7 @@ def _fit(run: RunConfig, session: Session, model: keras.Model, splits: Splits,
             ) from err
     fit_ended = time.perf_counter()
     store.wait()
+    undistribute(model.optimizer)
     model_path = output.save_model(model)
     summary = _summary(run, session, recorder, history, first_epoch, fit_started, fit_ended,
                        model_path)
@@ -254,8 +275,42 @@ def _fit(run: RunConfig, session: Session, model: keras.Model, splits: Splits,
     return RunResult(summary, model)
 
 
-def _optional_callbacks(run: RunConfig) -> list[keras.callbacks.Callback]:
+def _shard_size(size: int, session: Session) -> int:
+    """Examples worker ``rank`` gets when ``size`` are dealt out interleaved."""
+    return len(range(session.rank, size, session.world_size))
+
+
+class _ScaledLearningRate(keras.callbacks.Callback):
+    """Scale the learning rate by ``factor``, ramping up linearly over ``warmup_epochs``."""
+
+    def __init__(self, factor: float, warmup_epochs: int, steps_per_epoch: int):
+        super().__init__()
+        self.factor, self.warmup, self.steps = factor, warmup_epochs, steps_per_epoch
+        self.base: float | None = None
+        self.epoch = 0
+
+    def on_train_begin(self, logs=None):
+        if not isinstance(self.model.optimizer.learning_rate, (tf.Variable, keras.Variable)):
+            raise UserError("strategy.lr_scaling needs a constant learning rate, not a schedule",
+                            where="strategy.lr_scaling", hint="set lr_scaling: off")
+        self.base = float(self.model.optimizer.learning_rate.numpy())
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch
+
+    def on_train_batch_begin(self, batch, logs=None):
+        progress = min(1.0, (self.epoch + batch / self.steps) / self.warmup) if self.warmup else 1.0
+        if progress < 1.0 or batch == 0:
+            self.model.optimizer.learning_rate.assign(self.base * (1 + (self.factor - 1) * progress))
+
+
+def _optional_callbacks(run: RunConfig, session: Session,
+                        steps: int) -> list[keras.callbacks.Callback]:
     callbacks = []
+    scaling = getattr(run.strategy, "lr_scaling", "off")
+    if scaling != "off" and session.world_size > 1:
+        factor = session.world_size if scaling == "linear" else session.world_size ** 0.5
+        callbacks.append(_ScaledLearningRate(factor, run.strategy.warmup_epochs, steps))
     if run.train.early_stopping:
         callbacks.append(keras.callbacks.EarlyStopping(**run.train.early_stopping.model_dump()))
     if run.train.tensorboard:

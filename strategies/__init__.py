@@ -2,8 +2,10 @@
 
 from strategies.base import Session, Strategy, StrategyConfig
 from strategies.mirrored import MirroredStrategy
+from strategies.multiworker import MultiWorkerStrategy
 
-REGISTRY: dict[str, type[Strategy]] = {cls.name: cls for cls in (MirroredStrategy,)}
+REGISTRY: dict[str, type[Strategy]] = {
+    cls.name: cls for cls in (MirroredStrategy, MultiWorkerStrategy)}
 
 
 def create(config: StrategyConfig) -> Strategy:

@@ -11,7 +11,9 @@ from __future__ import annotations
 import abc
 import contextlib
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
+
+from pydantic import NonNegativeInt, PositiveFloat, PositiveInt
 
 from launcher.schema import Section
 
@@ -26,6 +28,24 @@ class StrategyConfig(Section):
     name: str
 
 
+class MultiProcessConfig(StrategyConfig):
+    """Options shared by every strategy that runs several worker processes."""
+
+    workers: PositiveInt = 2
+    start_timeout: PositiveFloat = 120.0
+    """Seconds for every worker to start and join; the ranks that did not are named."""
+    max_restarts: NonNegativeInt = 0
+    """Restart the whole group from the last checkpoint up to this many times."""
+    compression: Literal["none", "fp16"] = "none"
+    """fp16 halves the bytes sent per gradient, where the transport supports it."""
+    lr_scaling: Literal["off", "linear", "sqrt"] = "off"
+    """Multiply the learning rate by the world size (linear) or its square root."""
+    warmup_epochs: NonNegativeInt = 0
+    """Ramp the scaled learning rate up from the unscaled one over this many epochs."""
+    console_ranks: Literal["chief", "all"] = "chief"
+    """Which ranks' output the console shows (every rank's goes to logs/rank-<r>.log)."""
+
+
 @dataclass
 class Session:
     """What one worker knows about the run it is part of."""
@@ -36,6 +56,10 @@ class Session:
     distribution: Any = None
     """The ``tf.distribute.Strategy`` whose scope the model is built in; None for the default."""
     devices: tuple[str, ...] = ()
+    communicator: Any = None
+    """A ``launcher.collectives.Communicator`` when gradients cross process boundaries."""
+    log_to_file: bool = True
+    """False when a supervisor already captures this process' output into logs/rank-<r>.log."""
 
     @property
     def is_chief(self) -> bool:
@@ -65,3 +89,82 @@ class Strategy(abc.ABC):
     @abc.abstractmethod
     def open_session(self) -> Session:
         """Called inside a worker: set up devices and communicators for this process."""
+
+
+class MultiProcessStrategy(Strategy):
+    """A strategy whose workers are separate processes.
+
+    If this process is already one of several (started by srun, mpirun or ktrain itself), it
+    is a worker and trains. Otherwise it is the launcher: it starts ``workers`` processes from
+    ``worker_specs`` and supervises them, restarting the group up to ``max_restarts`` times.
+    """
+
+    config: MultiProcessConfig
+
+    def world_size(self) -> int:
+        from launcher.environment import detect
+
+        found = detect()
+        return found.world_size if found.world_size > 1 else self.config.workers
+
+    def prepare(self, run: RunConfig) -> None:
+        from launcher.errors import UserError
+
+        workers = self.world_size()
+        if run.train.global_batch_size % workers:
+            size = run.train.global_batch_size
+            raise UserError(
+                f"train.global_batch_size {size} cannot be split evenly over {workers} workers",
+                where="train.global_batch_size",
+                hint=f"use a multiple of {workers}, e.g. {(size // workers + 1) * workers}")
+
+    def launch(self, run: RunConfig) -> RunResult:
+        from launcher.environment import detect
+        from launcher.worker import run_worker
+
+        if detect().world_size > 1:
+            return run_worker(run, self)
+        return self._supervise(run)
+
+    @abc.abstractmethod
+    def worker_specs(self, run: RunConfig) -> list:
+        """The processes to start (``launcher.supervisor.WorkerSpec``), with their environment."""
+
+    def _supervise(self, run: RunConfig) -> RunResult:
+        import json
+        import tempfile
+        from pathlib import Path
+
+        import fsspec
+
+        from launcher import console
+        from launcher.errors import UserError, WorkersFailed
+        from launcher.supervisor import WorkerGroup
+        from launcher.worker import RunResult
+
+        fs, out = fsspec.core.url_to_fs(run.output_dir)
+        local = getattr(fs, "protocol", "") in ("file", ("file", "local"))
+        log_dir = Path(out, "logs") if local else Path(tempfile.mkdtemp(prefix="ktrain-logs-"))
+        restarts = 0
+        with tempfile.TemporaryDirectory(prefix="ktrain-rendezvous-") as rendezvous:
+            while True:
+                group = WorkerGroup(self.worker_specs(run), log_dir, Path(rendezvous),
+                                    start_timeout=self.config.start_timeout,
+                                    console_ranks=self.config.console_ranks)
+                failure = group.run()
+                if failure is None:
+                    break
+                hint = f"see {log_dir}/rank-{failure.rank}.log for the whole log"
+                if failure.user_error:
+                    raise UserError(failure.render(), hint=hint)
+                if restarts >= self.config.max_restarts:
+                    raise WorkersFailed(failure.render(), hint=hint + (
+                        "; set strategy.max_restarts to restart the group from the newest "
+                        "checkpoint" if not self.config.max_restarts else ""))
+                restarts += 1
+                console.info(f"{failure.summary}; restarting all workers from the newest "
+                             f"checkpoint (restart {restarts} of {self.config.max_restarts})")
+                run = run.model_copy(update={"checkpoint": run.checkpoint.model_copy(
+                    update={"resume": "auto"})})
+        with fs.open(f"{out}/summary.json") as f:
+            return RunResult(json.load(f))

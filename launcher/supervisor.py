@@ -1,0 +1,181 @@
+"""Start a group of worker processes and watch them, the way torchrun does.
+
+- Each rank's output goes to ``logs/rank-<r>.log``; the console shows rank 0 (all ranks,
+  prefixed, on request).
+- A start-up deadline: ranks that have not joined (see ``mark_joined``) in time are named.
+- Gang-kill on first failure: the other workers are stopped within seconds, and the failure
+  is summarised (rank, exit status or signal, last lines of its log).
+
+A child may run several ranks (``mpirun``/``horovodrun`` print ``[1,<rank>]<stdout>:`` tags);
+its lines are routed by rank.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+
+_RENDEZVOUS_ENV = "KTRAIN_RENDEZVOUS_DIR"
+_MPI_TAG = re.compile(r"^\[\d+,(\d+)\]<std(?:out|err)>:\s?(.*)$")
+_TAIL = 20
+
+
+def mark_joined(rank: int) -> None:
+    """Called by a worker once its communicator works: it has joined the group."""
+    folder = os.environ.get(_RENDEZVOUS_ENV)
+    if folder:
+        Path(folder, f"joined-{rank}").touch()
+
+
+@dataclass
+class WorkerSpec:
+    command: list[str]
+    env: dict[str, str]
+    ranks: tuple[int, ...]
+    """The ranks this process runs: one, or all of them for an mpirun-style launcher."""
+
+
+@dataclass
+class Failure:
+    rank: int | None
+    summary: str
+    log_tail: list[str] = field(default_factory=list)
+    user_error: bool = False
+    """The worker reported a mistake in the input (exit 2): restarting would not help."""
+
+    def render(self) -> str:
+        tail = "\n".join(f"    {line}" for line in self.log_tail)
+        return f"{self.summary}\n  last lines of its log:\n{tail}" if tail else self.summary
+
+
+def describe_exit(returncode: int) -> str:
+    if returncode < 0:
+        try:
+            return f"was killed by {signal.Signals(-returncode).name}"
+        except ValueError:
+            return f"was killed by signal {-returncode}"
+    return f"exited with status {returncode}"
+
+
+class WorkerGroup:
+    def __init__(self, specs: list[WorkerSpec], log_dir: Path, rendezvous_dir: Path, *,
+                 start_timeout: float, console_ranks: str = "chief"):
+        self.specs = specs
+        self.log_dir = log_dir
+        self.rendezvous_dir = rendezvous_dir
+        self.start_timeout = start_timeout
+        self.console_ranks = console_ranks
+        self.world_size = sum(len(spec.ranks) for spec in specs)
+        self._tails = {rank: deque(maxlen=_TAIL) for spec in specs for rank in spec.ranks}
+        self._processes: list[subprocess.Popen] = []
+        self._pumps: list[threading.Thread] = []
+
+    def run(self) -> Failure | None:
+        """Run every worker to the end; return the first failure, or None if all succeeded."""
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.rendezvous_dir.mkdir(parents=True, exist_ok=True)
+        for joined in self.rendezvous_dir.glob("joined-*"):
+            joined.unlink()
+        try:
+            self._start()
+            return self._watch()
+        finally:
+            self.stop()
+
+    def _start(self) -> None:
+        for spec in self.specs:
+            env = {**os.environ, **spec.env, _RENDEZVOUS_ENV: str(self.rendezvous_dir),
+                   "PYTHONUNBUFFERED": "1"}
+            process = subprocess.Popen(spec.command, env=env, stdout=subprocess.PIPE,
+                                       stderr=subprocess.STDOUT, text=True, errors="replace",
+                                       start_new_session=True)
+            self._processes.append(process)
+            pump = threading.Thread(target=self._pump, args=(process, spec.ranks), daemon=True)
+            pump.start()
+            self._pumps.append(pump)
+
+    def _pump(self, process: subprocess.Popen, ranks: tuple[int, ...]) -> None:
+        logs = {rank: open(self.log_dir / f"rank-{rank}.log", "a") for rank in ranks}
+        try:
+            for line in process.stdout:
+                line = line.rstrip("\n")
+                rank = ranks[0]
+                tagged = _MPI_TAG.match(line) if len(ranks) > 1 else None
+                if tagged:
+                    rank, line = int(tagged.group(1)), tagged.group(2)
+                elif len(ranks) > 1:
+                    rank = ranks[0]  # the launcher's own messages
+                logs[rank].write(line + "\n")
+                logs[rank].flush()
+                self._tails[rank].append(line)
+                if rank == 0 or self.console_ranks == "all":
+                    prefix = f"[rank {rank}] " if self.console_ranks == "all" else ""
+                    print(prefix + line, flush=True)
+        finally:
+            for log in logs.values():
+                log.close()
+
+    def _joined(self) -> set[int]:
+        return {int(p.name.split("-")[1]) for p in self.rendezvous_dir.glob("joined-*")}
+
+    def _watch(self) -> Failure | None:
+        deadline = time.monotonic() + self.start_timeout
+        while True:
+            codes = [p.poll() for p in self._processes]
+            for spec, code in zip(self.specs, codes):
+                if code not in (None, 0):
+                    return self._failure(spec, code)
+            if all(code == 0 for code in codes):
+                return None
+            if time.monotonic() > deadline:
+                missing = sorted(set(range(self.world_size)) - self._joined())
+                if missing:
+                    return Failure(missing[0], f"rank(s) {missing} did not join within "
+                                   f"strategy.start_timeout ({self.start_timeout:g}s)",
+                                   list(self._tails[missing[0]]))
+            time.sleep(0.1)
+
+    def _failure(self, spec: WorkerSpec, code: int) -> Failure:
+        for pump in self._pumps:
+            pump.join(timeout=2)  # let the log catch up with the dead process
+        rank = spec.ranks[0]
+        if len(spec.ranks) > 1:  # a launcher for several ranks: blame the first rank that spoke of an error
+            rank = next((r for r in spec.ranks
+                         if any("Error" in line or "error" in line for line in self._tails[r])),
+                        rank)
+        return Failure(rank, f"rank {rank} {describe_exit(code)}", list(self._tails[rank]),
+                       user_error=code == 2)
+
+    def stop(self, grace: float = 5.0) -> None:
+        """SIGTERM every worker's process group, then SIGKILL what is left after ``grace``."""
+        for process in self._processes:
+            if process.poll() is None:
+                _signal_group(process, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        for process in self._processes:
+            try:
+                process.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                _signal_group(process, signal.SIGKILL)
+                process.wait()
+        for pump in self._pumps:
+            pump.join(timeout=2)
+
+
+def _signal_group(process: subprocess.Popen, sig: int) -> None:
+    try:
+        os.killpg(process.pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def python_command(*args: str) -> list[str]:
+    return [sys.executable, *args]

@@ -1,0 +1,130 @@
+"""Several worker processes averaging gradients over TF collectives (gRPC) or MPI (mpi4py).
+
+``ktrain run`` with ``workers: N`` on one machine starts N processes on 127.0.0.1 itself (like
+``torchrun --nproc-per-node``); under ``srun`` or ``mpirun`` it joins what the environment
+describes instead.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from typing import Literal
+
+from launcher.errors import UserError
+from strategies.base import MultiProcessConfig, MultiProcessStrategy, Session
+
+PEERS_ENV = "KTRAIN_PEERS"
+
+
+class MultiWorkerConfig(MultiProcessConfig):
+    name: Literal["multiworker"] = "multiworker"
+    communicator: Literal["collective", "mpi"] = "collective"
+    """collective: TensorFlow's collective ops over gRPC; mpi: MPI Allreduce via mpi4py."""
+
+
+class MultiWorkerStrategy(MultiProcessStrategy):
+    name = "multiworker"
+    config_type = MultiWorkerConfig
+
+    def prepare(self, run) -> None:
+        super().prepare(run)
+        if self.config.communicator == "mpi":
+            _require_mpi()
+            if self.config.compression == "fp16":
+                raise UserError("fp16 compression is not available over MPI",
+                                where="strategy.compression",
+                                hint="use communicator: collective, or compression: none")
+
+    def worker_specs(self, run) -> list:
+        from launcher.supervisor import WorkerSpec, python_command
+
+        n = self.config.workers
+        plan = {"KTRAIN_PLAN": run.model_dump_json()}
+        if self.config.communicator == "mpi":
+            command = [_mpirun(), "-np", str(n), "--oversubscribe", "--allow-run-as-root",
+                       "--tag-output", "--mca", "btl", "self,vader",
+                       *python_command("-m", "mpi4py", "-m", "launcher.worker_entry")]
+            return [WorkerSpec(command, plan, tuple(range(n)))]
+        peers = ",".join(f"127.0.0.1:{port}" for port in free_ports(n))
+        return [WorkerSpec(python_command("-m", "launcher.worker_entry"),
+                           {**plan, "KTRAIN_RANK": str(r), "KTRAIN_LOCAL_RANK": str(r),
+                            "KTRAIN_WORLD_SIZE": str(n), PEERS_ENV: peers}, (r,))
+                for r in range(n)]
+
+    def open_session(self) -> Session:
+        from launcher.environment import detect
+
+        found = detect()
+        device = _pin_local_device(found.local_rank)
+        if self.config.communicator == "mpi":
+            from launcher.collectives import MpiCommunicator
+
+            communicator = MpiCommunicator()
+        else:
+            from launcher.collectives import TensorFlowCollectives
+
+            communicator = TensorFlowCollectives(found.rank, _peers(found),
+                                                 timeout_seconds=self.config.start_timeout)
+        return Session(rank=communicator.rank, world_size=communicator.world_size,
+                       num_replicas=communicator.world_size, devices=(device,),
+                       communicator=communicator, log_to_file="KTRAIN_RANK" not in os.environ)
+
+
+def _peers(found) -> list[str]:
+    if os.environ.get(PEERS_ENV):
+        return os.environ[PEERS_ENV].split(",")
+    if found.name == "tf_config":
+        import json
+
+        return json.loads(os.environ["TF_CONFIG"])["cluster"]["worker"]
+    raise UserError(f"the collective communicator cannot find its peers under {found.name}",
+                    where="strategy.communicator",
+                    hint="use communicator: mpi under mpirun/srun, or set TF_CONFIG")
+
+
+def _pin_local_device(local_rank: int) -> str:
+    """One GPU per worker process (by local rank), else the CPU."""
+    import tensorflow as tf
+
+    gpus = tf.config.list_physical_devices("GPU")
+    if not gpus:
+        return "/cpu:0"
+    tf.config.set_visible_devices(gpus[local_rank % len(gpus)], "GPU")
+    return "/gpu:0"
+
+
+def free_ports(count: int) -> list[int]:
+    """Ports free on 127.0.0.1 right now (held open together so they are distinct)."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+def _require_mpi() -> None:
+    try:
+        import mpi4py  # noqa: F401
+    except ImportError:
+        raise UserError("communicator mpi needs mpi4py and an MPI library, which are not "
+                        "installed", where="strategy.communicator",
+                        hint='pip install "ktrain-launcher[mpi]" (mpi4py and Open MPI), or '
+                             "use communicator: collective") from None
+    _mpirun()
+
+
+def _mpirun() -> str:
+    import shutil
+    import sys
+
+    found = shutil.which("mpirun", path=os.pathsep.join([os.path.dirname(sys.executable),
+                                                         os.environ.get("PATH", "")]))
+    if not found:
+        raise UserError("mpirun was not found", where="strategy.communicator",
+                        hint='pip install "ktrain-launcher[mpi]" puts Open MPI\'s mpirun in '
+                             "the environment's bin/")
+    return found
