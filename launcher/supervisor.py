@@ -2,7 +2,8 @@
 
 - Each rank's output goes to ``logs/rank-<r>.log``; the console shows rank 0 (all ranks,
   prefixed, on request).
-- A start-up deadline: ranks that have not joined (see ``mark_joined``) in time are named.
+- A start-up deadline: ranks that have not arrived at the group's first collective (see
+  ``mark``) in time are named.
 - Gang-kill on first failure: the other workers are stopped within seconds, and the failure
   is summarised (rank, exit status or signal, last lines of its log).
 
@@ -12,6 +13,7 @@ its lines are routed by rank.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import re
 import signal
@@ -26,13 +28,15 @@ from pathlib import Path
 _RENDEZVOUS_ENV = "KTRAIN_RENDEZVOUS_DIR"
 _MPI_TAG = re.compile(r"^\[\d+,(\d+)\]<std(?:out|err)>:\s?(.*)$")
 _TAIL = 20
+_PR_SET_PDEATHSIG = 1
 
 
-def mark_joined(rank: int) -> None:
-    """Called by a worker once its communicator works: it has joined the group."""
+def mark(rank: int, stage: str) -> None:
+    """Called by a worker when it has ``arrived`` at its first collective, and once it has
+    ``joined`` (that collective completed)."""
     folder = os.environ.get(_RENDEZVOUS_ENV)
     if folder:
-        Path(folder, f"joined-{rank}").touch()
+        Path(folder, f"{stage}-{rank}").touch()
 
 
 @dataclass
@@ -82,8 +86,8 @@ class WorkerGroup:
         """Run every worker to the end; return the first failure, or None if all succeeded."""
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.rendezvous_dir.mkdir(parents=True, exist_ok=True)
-        for joined in self.rendezvous_dir.glob("joined-*"):
-            joined.unlink()
+        for marker in self.rendezvous_dir.iterdir():
+            marker.unlink()
         try:
             self._start()
             return self._watch()
@@ -96,7 +100,7 @@ class WorkerGroup:
                    "PYTHONUNBUFFERED": "1"}
             process = subprocess.Popen(spec.command, env=env, stdout=subprocess.PIPE,
                                        stderr=subprocess.STDOUT, text=True, errors="replace",
-                                       start_new_session=True)
+                                       start_new_session=True, preexec_fn=_die_with_parent)
             self._processes.append(process)
             pump = threading.Thread(target=self._pump, args=(process, spec.ranks), daemon=True)
             pump.start()
@@ -123,8 +127,8 @@ class WorkerGroup:
             for log in logs.values():
                 log.close()
 
-    def _joined(self) -> set[int]:
-        return {int(p.name.split("-")[1]) for p in self.rendezvous_dir.glob("joined-*")}
+    def _ranks_at(self, stage: str) -> set[int]:
+        return {int(p.name.split("-")[1]) for p in self.rendezvous_dir.glob(f"{stage}-*")}
 
     def _watch(self) -> Failure | None:
         deadline = time.monotonic() + self.start_timeout
@@ -136,9 +140,12 @@ class WorkerGroup:
             if all(code == 0 for code in codes):
                 return None
             if time.monotonic() > deadline:
-                missing = sorted(set(range(self.world_size)) - self._joined())
+                everyone = set(range(self.world_size))
+                missing = sorted(everyone - self._ranks_at("arrived"))
+                verb = "did not arrive" if missing else "arrived but did not join"
+                missing = missing or sorted(everyone - self._ranks_at("joined"))
                 if missing:
-                    return Failure(missing[0], f"rank(s) {missing} did not join within "
+                    return Failure(missing[0], f"rank(s) {missing} {verb} within "
                                    f"strategy.start_timeout ({self.start_timeout:g}s)",
                                    list(self._tails[missing[0]]))
             time.sleep(0.1)
@@ -168,6 +175,14 @@ class WorkerGroup:
                 process.wait()
         for pump in self._pumps:
             pump.join(timeout=2)
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: be killed if the launcher dies, even by SIGKILL (Linux)."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        pass  # not Linux: the launcher's own stop() is the only guard
 
 
 def _signal_group(process: subprocess.Popen, sig: int) -> None:

@@ -6,6 +6,7 @@ only then touch output_dir -> restore the newest checkpoint -> fit -> write mode
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 
@@ -21,7 +22,7 @@ from launcher.config import RunConfig, TrainSpec
 from launcher.data import Splits, evaluation_batches, to_splits, training_batches
 from launcher.errors import UserError
 from launcher.output import RunOutput
-from launcher.supervisor import mark_joined
+from launcher.supervisor import mark
 from launcher.userfn import call_user, load_function
 from strategies.base import Session, Strategy
 
@@ -71,8 +72,12 @@ def _join_group(run: RunConfig, session: Session, model: keras.Model) -> None:
     distribute_optimizer(model.optimizer, communicator,
                          fp16=getattr(run.strategy, "compression", "none") == "fp16")
     model.jit_compile = False  # numpy_function, Horovod and collective ops are not XLA ops
+    mark(session.rank, "arrived")
     broadcast_variables(model.variables + list(model.optimizer.variables), communicator)
-    mark_joined(session.rank)
+    mark(session.rank, "joined")
+    line = (f"rank {session.rank} of {session.world_size} joined "
+            f"({type(communicator).__name__}, pid {os.getpid()}, {', '.join(session.devices)})")
+    print(line, flush=True) if not session.is_chief else console.info(line)
 
 
 def _seed_everything(seed: int) -> None:

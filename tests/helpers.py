@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -39,17 +40,18 @@ def write_config(path: Path, config: dict) -> Path:
     return path
 
 
-def _env() -> dict:
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONUNBUFFERED="1")
+def _env(extra: dict | None = None) -> dict:
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONUNBUFFERED="1", **(extra or {}))
     env.pop("KTRAIN_VERBOSITY", None)
     return env
 
 
-def run_cli(*args: str, timeout: float = 240, cwd: Path | None = None) -> subprocess.CompletedProcess:
+def run_cli(*args: str, timeout: float = 240, cwd: Path | None = None,
+            env: dict | None = None) -> subprocess.CompletedProcess:
     """Run ``ktrain ARGS`` to completion in a fresh process (TF device setup needs one)."""
     with subprocess.Popen([sys.executable, "-m", "launcher", *map(str, args)], cwd=cwd or REPO,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                          env=_env()) as process:
+                          env=_env(env)) as process:
         try:
             out, err = process.communicate(timeout=timeout)
         finally:
@@ -60,10 +62,11 @@ def run_cli(*args: str, timeout: float = 240, cwd: Path | None = None) -> subpro
 class Background:
     """A ``ktrain`` process the test can signal; always reaped when the test ends."""
 
-    def __init__(self, *args: str):
+    def __init__(self, *args: str, env: dict | None = None):
         self.process = subprocess.Popen([sys.executable, "-m", "launcher", *map(str, args)],
                                         cwd=REPO, stdout=subprocess.PIPE,
-                                        stderr=subprocess.STDOUT, text=True, env=_env())
+                                        stderr=subprocess.STDOUT, text=True, env=_env(env),
+                                        start_new_session=True)
 
     def wait_for(self, condition, timeout: float = 120, interval: float = 0.01) -> None:
         deadline = time.monotonic() + timeout
@@ -80,6 +83,9 @@ class Background:
         return out
 
     def close(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
+        """Kill ktrain and everything it started (its workers share its process group)."""
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
         self.process.communicate()

@@ -1,0 +1,113 @@
+"""The multiworker strategy with real worker processes on 127.0.0.1: equal weights, supervision,
+restarts."""
+
+import json
+import os
+import re
+import signal
+import time
+
+import keras
+import numpy as np
+import pytest
+
+from helpers import FIXTURES, base_config, run_cli, write_config
+
+RANK_DEPENDENT = FIXTURES.parent / "rank_dependent.py"
+
+
+def weights(out):
+    return keras.saving.load_model(out / "model.keras").get_weights()
+
+
+def multiworker(out, strategy=None, **sections):
+    config = base_config(out, **sections)
+    config["strategy"] = {"name": "multiworker", "workers": 2, **(strategy or {})}
+    return config
+
+
+@pytest.mark.parametrize("model_fn", ["mlp", "mlp_compiled_momentum"])
+def test_two_workers_match_one_process(tmp_path, model_fn):
+    model = {"fn": f"{FIXTURES}:{model_fn}"}
+    one, two = tmp_path / "one", tmp_path / "two"
+    for out, config in ((one, base_config(one, model=model)), (two, multiworker(two, model=model))):
+        result = run_cli("run", write_config(tmp_path / f"{out.name}.yaml", config), "-q")
+        assert result.returncode == 0, result.stderr
+    summary = json.loads((two / "summary.json").read_text())
+    assert (summary["strategy"], summary["world_size"], summary["epochs_completed"]) == (
+        "multiworker", 2, 3)
+    for a, b in zip(weights(one), weights(two)):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+    # Global metrics: the logged loss is the same number the single process saw.
+    one_rows = (one / "metrics.csv").read_text().splitlines()
+    two_rows = (two / "metrics.csv").read_text().splitlines()
+    assert one_rows[0] == two_rows[0]
+    for a, b in zip(one_rows[1:], two_rows[1:]):
+        np.testing.assert_allclose([float(v) for v in a.split(",")],
+                                   [float(v) for v in b.split(",")], atol=1e-4)
+    assert (two / "logs" / "rank-1.log").exists()
+
+
+def worker_pid(out, rank: int) -> int | None:
+    log = out / "logs" / f"rank-{rank}.log"
+    found = re.findall(r"rank \d of \d joined .*pid (\d+)", log.read_text()) if log.exists() else []
+    return int(found[-1]) if found else None
+
+
+def checkpoint_exists(out, epoch):
+    return (out / "checkpoints" / f"ckpt-{epoch:06d}.npz").exists()
+
+
+def test_killed_worker_stops_the_group_with_a_root_cause(tmp_path, background):
+    out = tmp_path / "out"
+    config = write_config(tmp_path / "c.yaml", multiworker(out, train={"epochs": 400}))
+    run = background("run", config)
+    run.wait_for(lambda: checkpoint_exists(out, 2) and worker_pid(out, 1))
+    os.kill(worker_pid(out, 1), signal.SIGKILL)
+    killed_at = time.monotonic()
+    run.process.wait(timeout=60)
+    assert time.monotonic() - killed_at < 30
+    output = run.process.stdout.read()
+    assert run.process.returncode == 1
+    assert "rank 1 was killed by SIGKILL" in output and "last lines of its log" in output
+    assert "rank-1.log" in output and "strategy.max_restarts" in output
+
+
+def test_max_restarts_resumes_the_group_and_completes(tmp_path, background):
+    out = tmp_path / "out"
+    config = write_config(tmp_path / "c.yaml", multiworker(out, {"max_restarts": 1},
+                                                           train={"epochs": 60}))
+    run = background("run", config)
+    run.wait_for(lambda: checkpoint_exists(out, 2) and worker_pid(out, 1))
+    os.kill(worker_pid(out, 1), signal.SIGKILL)
+    run.process.wait(timeout=240)
+    output = run.process.stdout.read()
+    assert run.process.returncode == 0, output
+    assert "rank 1 was killed by SIGKILL; restarting all workers" in output
+    assert "resuming from the checkpoint after epoch" in output
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["epochs_completed"] == 60 and summary["resumed_from_epoch"] >= 2
+
+
+def rank1_config(tmp_path, **strategy):
+    return write_config(tmp_path / "c.yaml", multiworker(
+        tmp_path / "out", strategy, model={"fn": f"{RANK_DEPENDENT}:mlp", "kwargs": {}},
+        data={"fn": f"{RANK_DEPENDENT}:digits_split"}))
+
+
+def test_bad_import_on_rank_one_fails_fast_naming_rank_one(tmp_path):
+    started = time.monotonic()
+    result = run_cli("run", rank1_config(tmp_path, start_timeout=60),
+                     env={"KTRAIN_TEST_RANK1": "crash"})
+    assert result.returncode == 2
+    assert time.monotonic() - started < 60
+    assert "rank 1 exited with status 2" in result.stderr
+    assert "module_missing_on_rank_one" in result.stderr
+
+
+def test_rank_that_never_joins_fails_at_the_start_deadline(tmp_path):
+    result = run_cli("run", rank1_config(tmp_path, start_timeout=15),
+                     env={"KTRAIN_TEST_RANK1": "hang"}, timeout=120)
+    assert result.returncode == 1
+    assert "rank(s) [1] did not arrive within strategy.start_timeout (15s)" in result.stderr
+    assert "rank-1.log" in result.stderr
