@@ -7,15 +7,15 @@ import re
 import sys
 
 QUIET, NORMAL, VERBOSE = 0, 1, 2
-_ENV = "KTRAIN_VERBOSITY"
+VERBOSITY_ENV = "KTRAIN_VERBOSITY"
 
 
 def set_verbosity(level: int) -> None:
-    os.environ[_ENV] = str(level)
+    os.environ[VERBOSITY_ENV] = str(level)
 
 
 def verbosity() -> int:
-    return int(os.environ.get(_ENV, NORMAL))
+    return int(os.environ.get(VERBOSITY_ENV, NORMAL))
 
 
 def info(message: str) -> None:

@@ -25,10 +25,17 @@ from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from launcher import console
+
 _RENDEZVOUS_ENV = "KTRAIN_RENDEZVOUS_DIR"
 _MPI_TAG = re.compile(r"^\[\d+,(\d+)\]<std(?:out|err)>:\s?(.*)$")
 _TAIL = 20
 _PR_SET_PDEATHSIG = 1
+
+
+def is_supervised() -> bool:
+    """True in a worker this module started: its output already goes to logs/rank-<r>.log."""
+    return _RENDEZVOUS_ENV in os.environ
 
 
 def mark(rank: int, stage: str) -> None:
@@ -81,6 +88,8 @@ class WorkerGroup:
         self._tails = {rank: deque(maxlen=_TAIL) for spec in specs for rank in spec.ranks}
         self._processes: list[subprocess.Popen] = []
         self._pumps: list[threading.Thread] = []
+        self._quiet = console.verbosity() < console.NORMAL
+        self._launcher_tail: deque[str] = deque(maxlen=_TAIL)
 
     def run(self) -> Failure | None:
         """Run every worker to the end; return the first failure, or None if all succeeded."""
@@ -96,8 +105,10 @@ class WorkerGroup:
 
     def _start(self) -> None:
         for spec in self.specs:
+            # Workers always speak at least at normal verbosity: their output is their log.
             env = {**os.environ, **spec.env, _RENDEZVOUS_ENV: str(self.rendezvous_dir),
-                   "PYTHONUNBUFFERED": "1"}
+                   "PYTHONUNBUFFERED": "1",
+                   console.VERBOSITY_ENV: str(max(console.verbosity(), console.NORMAL))}
             process = subprocess.Popen(spec.command, env=env, stdout=subprocess.PIPE,
                                        stderr=subprocess.STDOUT, text=True, errors="replace",
                                        start_new_session=True, preexec_fn=_die_with_parent)
@@ -116,10 +127,12 @@ class WorkerGroup:
                 if tagged:
                     rank, line = int(tagged.group(1)), tagged.group(2)
                 elif len(ranks) > 1:
-                    rank = ranks[0]  # the launcher's own messages
+                    self._launcher_tail.append(line)  # mpirun's own messages go to rank 0's log
                 logs[rank].write(line + "\n")
                 logs[rank].flush()
                 self._tails[rank].append(line)
+                if self._quiet:
+                    continue
                 if rank == 0 or self.console_ranks == "all":
                     prefix = f"[rank {rank}] " if self.console_ranks == "all" else ""
                     print(prefix + line, flush=True)
@@ -153,12 +166,14 @@ class WorkerGroup:
     def _failure(self, spec: WorkerSpec, code: int) -> Failure:
         for pump in self._pumps:
             pump.join(timeout=2)  # let the log catch up with the dead process
-        rank = spec.ranks[0]
-        if len(spec.ranks) > 1:  # a launcher for several ranks: blame the first rank that spoke of an error
-            rank = next((r for r in spec.ranks
-                         if any("Error" in line or "error" in line for line in self._tails[r])),
-                        rank)
-        return Failure(rank, f"rank {rank} {describe_exit(code)}", list(self._tails[rank]),
+        rank, how = spec.ranks[0], describe_exit(code)
+        if len(spec.ranks) > 1:  # mpirun/horovodrun: its own message names the rank that failed
+            said = " ".join(self._launcher_tail)
+            named = re.search(r"rank (\d+)", said)
+            rank = int(named.group(1)) if named else rank
+            killed = re.search(r"signal (\d+)", said)
+            how = describe_exit(-int(killed.group(1))) if killed else how
+        return Failure(rank, f"rank {rank} {how}", list(self._tails[rank]),
                        user_error=code == 2)
 
     def stop(self, grace: float = 5.0) -> None:

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# One-time set-up: a virtual environment in .venv with ktrain, TensorFlow (CPU build) and the
-# test tools. Safe to re-run. Pass extras to add engines, e.g. `bash scripts/setup.sh gpu`.
+# One-time set-up: a virtual environment in .venv with ktrain, TensorFlow (CPU build), MPI and
+# the test tools. Safe to re-run. `bash scripts/setup.sh gpu` installs TensorFlow's CUDA build.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-extras="${1:-cpu},test"
+extras="${1:-cpu},mpi,test"
 python3 -m venv .venv
 .venv/bin/python -m pip install --quiet --upgrade pip
 .venv/bin/python -m pip install --quiet -e ".[${extras}]"

@@ -54,6 +54,7 @@ class MultiWorkerStrategy(MultiProcessStrategy):
 
     def open_session(self) -> Session:
         from launcher.environment import detect
+        from launcher.supervisor import is_supervised
 
         found = detect()
         device = _pin_local_device(found.local_rank)
@@ -68,7 +69,7 @@ class MultiWorkerStrategy(MultiProcessStrategy):
                                                  timeout_seconds=self.config.start_timeout)
         return Session(rank=communicator.rank, world_size=communicator.world_size,
                        num_replicas=communicator.world_size, devices=(device,),
-                       communicator=communicator, log_to_file="KTRAIN_RANK" not in os.environ)
+                       communicator=communicator, log_to_file=not is_supervised())
 
 
 def _peers(found) -> list[str]:

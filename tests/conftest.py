@@ -2,7 +2,7 @@
 
 import pytest
 
-from helpers import Background
+from helpers import FIXTURES, Background, base_config, run_cli, write_config
 
 
 @pytest.fixture
@@ -16,3 +16,20 @@ def background():
     yield start
     for process in started:
         process.close()
+
+
+@pytest.fixture(scope="session")
+def single_process_run(tmp_path_factory):
+    """The reference: a 1-replica mirrored run of a fixture model fn (run once per session)."""
+    done = {}
+
+    def get(model_fn: str):
+        if model_fn not in done:
+            folder = tmp_path_factory.mktemp(f"reference-{model_fn}")
+            config = base_config(folder / "out", model={"fn": f"{FIXTURES}:{model_fn}"})
+            result = run_cli("run", write_config(folder / "config.yaml", config), "-q")
+            assert result.returncode == 0, result.stderr
+            done[model_fn] = folder / "out"
+        return done[model_fn]
+
+    return get

@@ -26,13 +26,14 @@ def multiworker(out, strategy=None, **sections):
     return config
 
 
+@pytest.mark.parametrize("communicator", ["collective", "mpi"])
 @pytest.mark.parametrize("model_fn", ["mlp", "mlp_compiled_momentum"])
-def test_two_workers_match_one_process(tmp_path, model_fn):
-    model = {"fn": f"{FIXTURES}:{model_fn}"}
-    one, two = tmp_path / "one", tmp_path / "two"
-    for out, config in ((one, base_config(one, model=model)), (two, multiworker(two, model=model))):
-        result = run_cli("run", write_config(tmp_path / f"{out.name}.yaml", config), "-q")
-        assert result.returncode == 0, result.stderr
+def test_two_workers_match_one_process(tmp_path, model_fn, communicator, single_process_run):
+    one, two = single_process_run(model_fn), tmp_path / "two"
+    config = multiworker(two, {"communicator": communicator},
+                         model={"fn": f"{FIXTURES}:{model_fn}"})
+    result = run_cli("run", write_config(tmp_path / "two.yaml", config), "-q")
+    assert result.returncode == 0, result.stderr
     summary = json.loads((two / "summary.json").read_text())
     assert (summary["strategy"], summary["world_size"], summary["epochs_completed"]) == (
         "multiworker", 2, 3)
@@ -58,9 +59,11 @@ def checkpoint_exists(out, epoch):
     return (out / "checkpoints" / f"ckpt-{epoch:06d}.npz").exists()
 
 
-def test_killed_worker_stops_the_group_with_a_root_cause(tmp_path, background):
+@pytest.mark.parametrize("communicator", ["collective", "mpi"])
+def test_killed_worker_stops_the_group_with_a_root_cause(tmp_path, background, communicator):
     out = tmp_path / "out"
-    config = write_config(tmp_path / "c.yaml", multiworker(out, train={"epochs": 400}))
+    config = write_config(tmp_path / "c.yaml", multiworker(
+        out, {"communicator": communicator}, train={"epochs": 400}))
     run = background("run", config)
     run.wait_for(lambda: checkpoint_exists(out, 2) and worker_pid(out, 1))
     os.kill(worker_pid(out, 1), signal.SIGKILL)
