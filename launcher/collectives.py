@@ -135,6 +135,28 @@ class MpiCommunicator(Communicator):
         return result
 
 
+class HorovodCommunicator(Communicator):
+    """Horovod (Gloo or MPI underneath); ``grouped_allreduce`` lets Horovod fuse the tensors."""
+
+    needs_eager_ops = True
+
+    def __init__(self):
+        import horovod.tensorflow as hvd
+
+        hvd.init()
+        self._hvd = hvd
+        super().__init__(hvd.rank(), hvd.size())
+
+    def allreduce_sum(self, tensors: Sequence[tf.Tensor], *, fp16: bool = False) -> list[tf.Tensor]:
+        hvd = self._hvd
+        tensors = [tf.convert_to_tensor(t) for t in tensors]
+        compression = hvd.Compression.fp16 if fp16 else hvd.Compression.none
+        return list(hvd.grouped_allreduce(tensors, op=hvd.Sum, compression=compression))
+
+    def _allreduce_flat(self, flat: tf.Tensor) -> tf.Tensor:
+        return self._hvd.allreduce(flat, op=self._hvd.Sum)
+
+
 def distribute_optimizer(optimizer: keras.optimizers.Optimizer, communicator: Communicator,
                          *, fp16: bool = False) -> keras.optimizers.Optimizer:
     """Make ``optimizer`` average gradients over ``communicator`` before every update.

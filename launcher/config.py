@@ -193,6 +193,8 @@ def _explain(errors: list[dict], raw: dict, filename: str, lines: dict,
     """
     error = min(errors, key=lambda e: e["type"] != "extra_forbidden")
     loc = _user_path(error["loc"], raw)
+    if error["type"] == "union_tag_invalid":  # blame the strategy's name, not the whole section
+        loc, error = loc + ("name",), {**error, "input": error["input"].get("name")}
     dotted = ".".join(map(str, loc))
     kind = error["type"]
     override = next((item for keys, item in overrides.items() if loc[:len(keys)] == keys), None)
@@ -218,7 +220,6 @@ def _explain(errors: list[dict], raw: dict, filename: str, lines: dict,
         _expectation(e) for e in errors if _user_path(e["loc"], raw) == loc))
     if kind == "union_tag_invalid":
         message = f"must be one of {error['ctx']['expected_tags']}"
-        dotted = f"{dotted}.name" if not dotted.endswith("name") else dotted
     return UserError(f"invalid value {received!r} for '{dotted}': {message}", where=where,
                      hint=f"fix '{dotted}' in the config or pass {dotted}=VALUE on the command line")
 

@@ -1,8 +1,8 @@
 """Where is ktrain running? The one place that reads schedulers' environment variables.
 
-Probed in this order, first match wins: ktrain's own launcher > TF_CONFIG > SLURM >
-Open MPI > MPICH/PMI > local. Schedulers that differ only in variable names are rows of a
-table, not code.
+Probed in this order, first match wins: ktrain's own launcher (KTRAIN_*) > horovodrun (Gloo) >
+TF_CONFIG > SLURM (inside an ``srun`` step) > Open MPI > MPICH/PMI > local. Schedulers that differ only in
+variable names are rows of a table, not code.
 """
 
 from __future__ import annotations
@@ -22,15 +22,25 @@ class ClusterEnvironment:
     local_rank: int = 0
     world_size: int = 1
     nodes: tuple[str, ...] = ("127.0.0.1",)
+    tasks_per_node: tuple[int, ...] = (1,)
+    master_port: int = 29500
+    hint: str | None = None
+    """A likely misconfiguration worth telling the user about."""
 
     @property
     def master_addr(self) -> str:
         return self.nodes[0]
 
+    def peer_addresses(self) -> list[str]:
+        """host:port of every rank, ranks numbered node by node (SLURM's block distribution)."""
+        return [f"{node}:{self.master_port + local}"
+                for node, count in zip(self.nodes, self.tasks_per_node) for local in range(count)]
+
 
 # scheduler -> (rank, local rank, world size) variable names
 _SCHEDULERS = {
     "ktrain": ("KTRAIN_RANK", "KTRAIN_LOCAL_RANK", "KTRAIN_WORLD_SIZE"),
+    "horovodrun": ("HOROVOD_RANK", "HOROVOD_LOCAL_RANK", "HOROVOD_SIZE"),
     "slurm": ("SLURM_PROCID", "SLURM_LOCALID", "SLURM_NTASKS"),
     "openmpi": ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_LOCAL_RANK", "OMPI_COMM_WORLD_SIZE"),
     "mpich": ("PMI_RANK", "MPI_LOCALRANKID", "PMI_SIZE"),
@@ -39,27 +49,45 @@ _SCHEDULERS = {
 
 def detect(env: dict[str, str] | None = None) -> ClusterEnvironment:
     env = os.environ if env is None else env
-    if "KTRAIN_RANK" in env:
-        return _from_table("ktrain", env)
-    if "TF_CONFIG" in env:
-        spec = json.loads(env["TF_CONFIG"])
-        workers = spec.get("cluster", {}).get("worker", [])
-        index = spec.get("task", {}).get("index", 0)
-        return ClusterEnvironment("tf_config", index, 0, max(len(workers), 1),
-                                  tuple(w.rsplit(":", 1)[0] for w in workers) or ("127.0.0.1",))
-    for name in ("slurm", "openmpi", "mpich"):
+    for name in ("ktrain", "horovodrun"):
         if _SCHEDULERS[name][0] in env:
             return _from_table(name, env)
+    if "TF_CONFIG" in env:
+        return _from_tf_config(json.loads(env["TF_CONFIG"]))
+    if "SLURM_PROCID" in env and "SLURM_STEP_ID" in env:
+        return _from_slurm(env)
+    for name in ("openmpi", "mpich"):
+        if _SCHEDULERS[name][0] in env:
+            return _from_table(name, env)
+    if int(env.get("SLURM_NTASKS", 1)) > 1:
+        return ClusterEnvironment("local", hint=(
+            f"this SLURM allocation has {env['SLURM_NTASKS']} tasks but ktrain was started "
+            f"without srun, so it runs as one process; start it with `srun ktrain run ...`"))
     return ClusterEnvironment("local")
 
 
 def _from_table(name: str, env) -> ClusterEnvironment:
     rank_var, local_var, size_var = _SCHEDULERS[name]
-    nodes = ("127.0.0.1",)
-    if name == "slurm" and env.get("SLURM_JOB_NODELIST"):
-        nodes = parse_slurm_nodelist(env["SLURM_JOB_NODELIST"])
     return ClusterEnvironment(name, int(env[rank_var]), int(env.get(local_var, 0)),
-                              int(env.get(size_var, 1)), nodes)
+                              int(env.get(size_var, 1)))
+
+
+def _from_tf_config(spec: dict) -> ClusterEnvironment:
+    workers = spec.get("cluster", {}).get("worker", [])
+    hosts = tuple(w.rsplit(":", 1)[0] for w in workers) or ("127.0.0.1",)
+    return ClusterEnvironment("tf_config", spec.get("task", {}).get("index", 0), 0,
+                              max(len(workers), 1), hosts, (1,) * len(hosts))
+
+
+def _from_slurm(env) -> ClusterEnvironment:
+    found = _from_table("slurm", env)
+    nodes = parse_slurm_nodelist(env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST", ""))
+    per_node = parse_tasks_per_node(env.get("SLURM_STEP_TASKS_PER_NODE")
+                                    or env.get("SLURM_TASKS_PER_NODE", str(found.world_size)))
+    # Every task derives the same port from the job id, without talking to the others.
+    port = 20000 + int(env.get("SLURM_JOB_ID", 0)) % 20000
+    return ClusterEnvironment("slurm", found.rank, found.local_rank, found.world_size,
+                              nodes or ("127.0.0.1",), per_node, port)
 
 
 def parse_slurm_nodelist(nodelist: str) -> tuple[str, ...]:
@@ -76,22 +104,32 @@ def parse_slurm_nodelist(nodelist: str) -> tuple[str, ...]:
     return tuple(hosts)
 
 
+def parse_tasks_per_node(value: str) -> tuple[int, ...]:
+    """Expand SLURM's ``2(x3),1`` into ``(2, 2, 2, 1)``."""
+    counts = []
+    for count, repeat in re.findall(r"(\d+)(?:\(x(\d+)\))?", value):
+        counts.extend([int(count)] * int(repeat or 1))
+    return tuple(counts)
+
+
 def describe() -> str:
     """The report ``ktrain env`` prints."""
     lines = [f"python      {platform.python_version()} ({platform.platform()})"]
     for package in ("ktrain-launcher", "tensorflow", "tensorflow-cpu", "keras", "horovod",
-                    "mpi4py", "pyspark", "ray", "fsspec"):
+                    "mpi4py", "openmpi", "pyspark", "ray", "fsspec"):
         try:
-            lines.append(f"{package:<11} {importlib.metadata.version(package)}")
+            lines.append(f"{package:<15} {importlib.metadata.version(package)}")
         except importlib.metadata.PackageNotFoundError:
             if package not in ("tensorflow", "tensorflow-cpu"):
-                lines.append(f"{package:<11} not installed")
+                lines.append(f"{package:<15} not installed")
     import tensorflow as tf
 
     gpus = tf.config.list_physical_devices("GPU")
-    lines.append(f"devices     {len(gpus)} GPU(s): {[g.name for g in gpus]}; "
+    lines.append(f"{'devices':<15} {len(gpus)} GPU(s) {[g.name for g in gpus]}, "
                  f"{os.cpu_count()} CPU core(s)")
     found = detect()
-    lines.append(f"cluster     {found.name}: rank {found.rank} of {found.world_size}, "
+    lines.append(f"{'cluster':<15} {found.name}: rank {found.rank} of {found.world_size}, "
                  f"local rank {found.local_rank}, nodes {', '.join(found.nodes)}")
+    if found.hint:
+        lines.append(f"{'HINT':<15} {found.hint}")
     return "\n".join(lines)

@@ -28,7 +28,8 @@ from pathlib import Path
 from launcher import console
 
 _RENDEZVOUS_ENV = "KTRAIN_RENDEZVOUS_DIR"
-_MPI_TAG = re.compile(r"^\[\d+,(\d+)\]<std(?:out|err)>:\s?(.*)$")
+# mpirun tags lines "[1,<rank>]<stdout>:", horovodrun's Gloo launcher "[<rank>]<stdout>:"
+_RANK_TAG = re.compile(r"^\[(?:\d+,)?(\d+)\]<std(?:out|err)>:\s?(.*)$")
 _TAIL = 20
 _PR_SET_PDEATHSIG = 1
 
@@ -123,7 +124,7 @@ class WorkerGroup:
             for line in process.stdout:
                 line = line.rstrip("\n")
                 rank = ranks[0]
-                tagged = _MPI_TAG.match(line) if len(ranks) > 1 else None
+                tagged = _RANK_TAG.match(line) if len(ranks) > 1 else None
                 if tagged:
                     rank, line = int(tagged.group(1)), tagged.group(2)
                 elif len(ranks) > 1:

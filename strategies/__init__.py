@@ -1,11 +1,12 @@
 """Execution strategies, one module each. To add one: write the module, add it to REGISTRY."""
 
 from strategies.base import Session, Strategy, StrategyConfig
+from strategies.horovod import HorovodStrategy
 from strategies.mirrored import MirroredStrategy
 from strategies.multiworker import MultiWorkerStrategy
 
 REGISTRY: dict[str, type[Strategy]] = {
-    cls.name: cls for cls in (MirroredStrategy, MultiWorkerStrategy)}
+    cls.name: cls for cls in (MirroredStrategy, MultiWorkerStrategy, HorovodStrategy)}
 
 
 def create(config: StrategyConfig) -> Strategy:

@@ -122,8 +122,13 @@ class MultiProcessStrategy(Strategy):
         from launcher.environment import detect
         from launcher.worker import run_worker
 
-        if detect().world_size > 1:
+        from launcher import console
+
+        found = detect()
+        if found.world_size > 1:
             return run_worker(run, self)
+        if found.hint:
+            console.info(f"HINT: {found.hint}")
         return self._supervise(run)
 
     @abc.abstractmethod
@@ -168,3 +173,29 @@ class MultiProcessStrategy(Strategy):
                     update={"resume": "auto"})})
         with fs.open(f"{out}/summary.json") as f:
             return RunResult(json.load(f))
+
+
+def pin_local_device(local_rank: int) -> str:
+    """In a worker process: one GPU per worker (by local rank), else the CPU."""
+    import tensorflow as tf
+
+    gpus = tf.config.list_physical_devices("GPU")
+    if not gpus:
+        return "/cpu:0"
+    tf.config.set_visible_devices(gpus[local_rank % len(gpus)], "GPU")
+    return "/gpu:0"
+
+
+def find_tool(name: str, *, where: str, hint: str) -> str:
+    """A launcher executable (mpirun, horovodrun), looked up beside Python first."""
+    import os
+    import shutil
+    import sys
+
+    from launcher.errors import UserError
+
+    search = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
+    found = shutil.which(name, path=search)
+    if not found:
+        raise UserError(f"{name} was not found", where=where, hint=hint)
+    return found

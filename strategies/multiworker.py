@@ -12,7 +12,8 @@ import socket
 from typing import Literal
 
 from launcher.errors import UserError
-from strategies.base import MultiProcessConfig, MultiProcessStrategy, Session
+from strategies.base import (MultiProcessConfig, MultiProcessStrategy, Session, find_tool,
+                             pin_local_device)
 
 PEERS_ENV = "KTRAIN_PEERS"
 
@@ -57,7 +58,7 @@ class MultiWorkerStrategy(MultiProcessStrategy):
         from launcher.supervisor import is_supervised
 
         found = detect()
-        device = _pin_local_device(found.local_rank)
+        device = pin_local_device(found.local_rank)
         if self.config.communicator == "mpi":
             from launcher.collectives import MpiCommunicator
 
@@ -79,20 +80,11 @@ def _peers(found) -> list[str]:
         import json
 
         return json.loads(os.environ["TF_CONFIG"])["cluster"]["worker"]
+    if found.name == "slurm":
+        return found.peer_addresses()
     raise UserError(f"the collective communicator cannot find its peers under {found.name}",
                     where="strategy.communicator",
                     hint="use communicator: mpi under mpirun/srun, or set TF_CONFIG")
-
-
-def _pin_local_device(local_rank: int) -> str:
-    """One GPU per worker process (by local rank), else the CPU."""
-    import tensorflow as tf
-
-    gpus = tf.config.list_physical_devices("GPU")
-    if not gpus:
-        return "/cpu:0"
-    tf.config.set_visible_devices(gpus[local_rank % len(gpus)], "GPU")
-    return "/gpu:0"
 
 
 def free_ports(count: int) -> list[int]:
@@ -119,13 +111,6 @@ def _require_mpi() -> None:
 
 
 def _mpirun() -> str:
-    import shutil
-    import sys
-
-    found = shutil.which("mpirun", path=os.pathsep.join([os.path.dirname(sys.executable),
-                                                         os.environ.get("PATH", "")]))
-    if not found:
-        raise UserError("mpirun was not found", where="strategy.communicator",
-                        hint='pip install "ktrain-launcher[mpi]" puts Open MPI\'s mpirun in '
-                             "the environment's bin/")
-    return found
+    return find_tool("mpirun", where="strategy.communicator",
+                     hint='pip install "ktrain-launcher[mpi]" puts Open MPI\'s mpirun in the '
+                          "environment's bin/")

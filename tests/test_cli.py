@@ -1,6 +1,7 @@
 """The commands around `run`: init, validate, env, and --help on each."""
 
 import json
+import re
 
 import pytest
 
@@ -38,5 +39,6 @@ def test_validate_prints_the_resolved_config(tmp_path):
 def test_env_reports_versions_devices_and_cluster():
     result = run_cli("env")
     assert result.returncode == 0, result.stderr
-    for text in ("python", "tensorflow", "keras", "devices", "cluster     local"):
+    for text in ("python", "tensorflow", "keras", "devices", "mpi4py"):
         assert text in result.stdout
+    assert re.search(r"cluster\s+local: rank 0 of 1", result.stdout)

@@ -1,0 +1,63 @@
+"""Horovod allreduce (Gloo or MPI) under ktrain's own gradient averaging.
+
+Horovod's Keras integration fails on Keras 3, so only its low-level ``horovod.tensorflow`` ops
+are used (``launcher.collectives.HorovodCommunicator``). ktrain starts the workers with
+``horovodrun``, or runs inside an existing ``horovodrun``/``mpirun``/``srun`` launch.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from launcher.errors import UserError
+from strategies.base import (MultiProcessConfig, MultiProcessStrategy, Session, find_tool,
+                             pin_local_device)
+
+_INSTALL_HINT = "install it with `bash scripts/install_horovod.sh` (see the README's Horovod section)"
+
+
+class HorovodConfig(MultiProcessConfig):
+    name: Literal["horovod"] = "horovod"
+    controller: Literal["gloo", "mpi"] = "gloo"
+    """How horovodrun starts and connects the workers."""
+
+
+class HorovodStrategy(MultiProcessStrategy):
+    name = "horovod"
+    config_type = HorovodConfig
+
+    def prepare(self, run) -> None:
+        super().prepare(run)
+        try:
+            import horovod.tensorflow  # noqa: F401
+        except ImportError as err:
+            raise UserError(f"Horovod is not installed ({err})", where="strategy.name",
+                            hint=_INSTALL_HINT) from None
+        _horovodrun()
+
+    def worker_specs(self, run) -> list:
+        from launcher.supervisor import WorkerSpec, python_command
+
+        n = self.config.workers
+        command = [_horovodrun(), "-np", str(n), "-H", f"localhost:{n}"]
+        if self.config.controller == "gloo":
+            command += ["--gloo", "--network-interface", "lo"]
+        else:
+            command += ["--mpi", "--mpi-args=--oversubscribe --mca btl self,vader"]
+        command += python_command("-m", "launcher.worker_entry")
+        return [WorkerSpec(command, {"KTRAIN_PLAN": run.model_dump_json()}, tuple(range(n)))]
+
+    def open_session(self) -> Session:
+        from launcher.collectives import HorovodCommunicator
+        from launcher.environment import detect
+        from launcher.supervisor import is_supervised
+
+        device = pin_local_device(detect().local_rank)
+        communicator = HorovodCommunicator()
+        return Session(rank=communicator.rank, world_size=communicator.world_size,
+                       num_replicas=communicator.world_size, devices=(device,),
+                       communicator=communicator, log_to_file=not is_supervised())
+
+
+def _horovodrun() -> str:
+    return find_tool("horovodrun", where="strategy.name", hint=_INSTALL_HINT)

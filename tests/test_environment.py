@@ -1,0 +1,55 @@
+"""Cluster detection, with the schedulers' environment variables faked (never the engine)."""
+
+import pytest
+
+from launcher.environment import detect, parse_slurm_nodelist, parse_tasks_per_node
+
+
+@pytest.mark.parametrize("nodelist, hosts", [
+    ("gpu[01-04,07]", ("gpu01", "gpu02", "gpu03", "gpu04", "gpu07")),
+    ("node1,node2", ("node1", "node2")),
+    ("a[8-10],b", ("a8", "a9", "a10", "b")),
+    ("rack1-n[001-002]", ("rack1-n001", "rack1-n002")),
+])
+def test_slurm_nodelists_expand_without_scontrol(nodelist, hosts):
+    assert parse_slurm_nodelist(nodelist) == hosts
+
+
+def test_tasks_per_node():
+    assert parse_tasks_per_node("2(x3),1") == (2, 2, 2, 1)
+    assert parse_tasks_per_node("4") == (4,)
+
+
+SLURM_STEP = {"SLURM_PROCID": "3", "SLURM_LOCALID": "1", "SLURM_NTASKS": "4",
+              "SLURM_STEP_ID": "0", "SLURM_JOB_ID": "12345",
+              "SLURM_JOB_NODELIST": "gpu[01-02]", "SLURM_STEP_TASKS_PER_NODE": "2(x2)"}
+
+
+def test_srun_step():
+    found = detect(SLURM_STEP)
+    assert (found.name, found.rank, found.local_rank, found.world_size) == ("slurm", 3, 1, 4)
+    assert found.master_addr == "gpu01"
+    port = 20000 + 12345 % 20000
+    assert found.peer_addresses() == [f"gpu01:{port}", f"gpu01:{port + 1}",
+                                      f"gpu02:{port}", f"gpu02:{port + 1}"]
+
+
+def test_sbatch_without_srun_is_local_with_a_hint():
+    env = {k: v for k, v in SLURM_STEP.items() if k != "SLURM_STEP_ID"}
+    found = detect(env)
+    assert found.name == "local" and found.world_size == 1
+    assert "without srun" in found.hint and "4 tasks" in found.hint
+
+
+def test_order_of_precedence():
+    ktrain = {"KTRAIN_RANK": "1", "KTRAIN_LOCAL_RANK": "1", "KTRAIN_WORLD_SIZE": "2"}
+    assert detect({**SLURM_STEP, **ktrain}).name == "ktrain"
+    tf_config = {"TF_CONFIG": '{"cluster": {"worker": ["h1:2222", "h2:2222"]}, '
+                              '"task": {"type": "worker", "index": 1}}'}
+    found = detect({**SLURM_STEP, **tf_config})
+    assert (found.name, found.rank, found.world_size, found.nodes) == ("tf_config", 1, 2, ("h1", "h2"))
+    assert detect(SLURM_STEP).name == "slurm"
+    ompi = {"OMPI_COMM_WORLD_RANK": "1", "OMPI_COMM_WORLD_LOCAL_RANK": "0", "OMPI_COMM_WORLD_SIZE": "2"}
+    assert (detect(ompi).name, detect(ompi).rank) == ("openmpi", 1)
+    assert detect({"PMI_RANK": "2", "PMI_SIZE": "3"}).world_size == 3
+    assert detect({}).name == "local"
