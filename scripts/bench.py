@@ -1,13 +1,20 @@
 #!/usr/bin/env python
-"""Throughput of `ktrain run` against plain Keras `model.fit`, measured in one invocation.
+"""ktrain's benchmarks; every figure is a ratio against a baseline measured in the same run.
 
-For each config: the same model fn, data fn, optimizer and global batch size are trained by
-(a) plain `model.fit` on the arrays and (b) `ktrain run`, each in a fresh process, alternating
-for --repeats rounds. Prints samples/s of both, the ratio (ktrain / plain; best of the
-rounds each), and time-to-first-step counted from each process' start.
+Throughput (default): for each config, the same model fn, data fn, optimizer and global batch
+size are trained by (a) plain `model.fit` on the arrays and (b) `ktrain run`, each in a fresh
+process, alternating for --repeats rounds. Prints samples/s of both, the ratio (ktrain / plain;
+best of the rounds each), and time-to-first-step counted from each process' start.
 
     python scripts/bench.py configs/quickstart.yaml configs/synthetic.yaml --repeats 2
     python scripts/bench.py configs/synthetic.yaml --set data.kwargs.samples=512
+
+--allreduce: bus bandwidth of each communicator (2 workers on this machine) for 1, 4 and 64 MB
+tensors, next to a raw mpi4py Allreduce on the same machine.
+--workers: samples/s of a config with 1 process (mirrored) and with 2 multiworker processes.
+
+    python scripts/bench.py --allreduce
+    python scripts/bench.py --workers configs/synthetic.yaml
 """
 
 from __future__ import annotations
@@ -95,17 +102,143 @@ def compare(config: str, overrides: list[str], repeats: int) -> dict:
     }
 
 
+SIZES_MB = (1, 4, 64)
+ALLREDUCE_ROUNDS = 10
+
+
+def allreduce_worker(kind: str) -> None:
+    """In one of 2 processes: time allreduce of float32 tensors; rank 0 prints JSON."""
+    import numpy as np
+
+    if kind == "raw-mpi4py":
+        from mpi4py import MPI
+
+        comm = MPI.COMM_WORLD
+        rank, world = comm.Get_rank(), comm.Get_size()
+
+        def reduce_fn(size):
+            data, out = np.ones(size, np.float32), np.empty(size, np.float32)
+            return lambda: comm.Allreduce(data, out, op=MPI.SUM)
+    else:
+        import tensorflow as tf
+
+        from launcher import collectives
+
+        if kind == "collective":
+            communicator = collectives.TensorFlowCollectives(
+                int(os.environ["KTRAIN_RANK"]), os.environ["KTRAIN_PEERS"].split(","))
+        elif kind == "mpi":
+            communicator = collectives.MpiCommunicator()
+        else:
+            communicator = collectives.HorovodCommunicator()
+        rank, world = communicator.rank, communicator.world_size
+
+        def reduce_fn(size):
+            tensor = tf.ones([size], tf.float32)
+            step = tf.function(lambda: communicator.allreduce_sum([tensor])[0])
+            return lambda: step().numpy()
+
+    results = {}
+    for megabytes in SIZES_MB:
+        size = megabytes * 2**20 // 4
+        run = reduce_fn(size)
+        for _ in range(3):
+            run()
+        started = time.perf_counter()
+        for _ in range(ALLREDUCE_ROUNDS):
+            run()
+        seconds = (time.perf_counter() - started) / ALLREDUCE_ROUNDS
+        results[megabytes] = 2 * (world - 1) / world * megabytes * 2**20 / seconds / 1e9
+    if rank == 0:
+        print("RESULT " + json.dumps(results), flush=True)
+
+
+def _allreduce_commands() -> dict[str, list[list[str]]]:
+    """Each transport's launch command(s) for 2 local workers."""
+    from strategies.multiworker import free_ports
+
+    bin_dir = os.path.dirname(sys.executable)
+    worker = [sys.executable, __file__, "--allreduce-worker"]
+    mpirun = [os.path.join(bin_dir, "mpirun"), "-np", "2", "--oversubscribe",
+              "--allow-run-as-root", "--mca", "btl", "self,vader"]
+    horovodrun = [os.path.join(bin_dir, "horovodrun"), "-np", "2", "-H", "localhost:2"]
+    commands = {"raw-mpi4py": [mpirun + worker + ["raw-mpi4py"]],
+                "mpi": [mpirun + worker + ["mpi"]],
+                "collective": [worker + ["collective"]] * 2}
+    if os.path.exists(horovodrun[0]):
+        commands["horovod-gloo"] = [horovodrun + ["--gloo", "--network-interface", "lo"] +
+                                    worker + ["horovod"]]
+        commands["horovod-mpi"] = [horovodrun + ["--mpi", "--mpi-args=--oversubscribe"] +
+                                   worker + ["horovod"]]
+    peers = ",".join(f"127.0.0.1:{p}" for p in free_ports(2))
+    commands["collective"] = [(c, {"KTRAIN_RANK": str(r), "KTRAIN_PEERS": peers})
+                              for r, c in enumerate(commands["collective"])]
+    return commands
+
+
+def bench_allreduce() -> None:
+    measured = {}
+    for kind, commands in _allreduce_commands().items():
+        processes = []
+        for command in commands:
+            command, extra = command if isinstance(command, tuple) else (command, {})
+            processes.append(subprocess.Popen(command, env={**_env(), **extra}, cwd=REPO,
+                                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                              text=True))
+        outputs = [p.communicate(timeout=600)[0] for p in processes]
+        found = [line for out in outputs for line in out.splitlines() if "RESULT " in line]
+        if not found:
+            print(f"{kind}: failed\n" + "\n".join(outputs)[-2000:], file=sys.stderr)
+            continue
+        measured[kind] = {int(k): v for k, v in
+                          json.loads(found[0].split("RESULT ", 1)[1]).items()}
+    raw = measured.get("raw-mpi4py", {})
+    print("| communicator | " + " | ".join(f"{mb} MB GB/s (ratio to raw mpi4py)" for mb in SIZES_MB) + " |")
+    print("|---|" + "---|" * len(SIZES_MB))
+    for kind, values in measured.items():
+        cells = [f"{values[mb]:.2f} ({values[mb] / raw[mb]:.2f})" if raw else f"{values[mb]:.2f}"
+                 for mb in SIZES_MB]
+        print(f"| {kind} | " + " | ".join(cells) + " |")
+
+
+def bench_workers(config: str, overrides: list[str]) -> None:
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for label, strategy in (("1 process (mirrored)", "{name: mirrored, devices: 1}"),
+                                ("2 workers (multiworker, collective)",
+                                 "{name: multiworker, workers: 2}")):
+            summary = _ktrain(config, [*overrides, f"strategy={strategy}"],
+                              os.path.join(tmp, str(len(rows))))
+            rows.append((label, summary["samples_per_second"],
+                         summary["seconds_to_first_step_since_start"]))
+    print("| run | samples/s | ratio to 1 process | first step (s) |\n|---|---|---|---|")
+    for label, speed, first in rows:
+        print(f"| {label} | {speed:.1f} | {speed / rows[0][1]:.2f} | {first:.1f} |")
+
+
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--plain":
         print(json.dumps(plain_keras(sys.argv[2], sys.argv[3:])))
         return
+    if len(sys.argv) > 1 and sys.argv[1] == "--allreduce-worker":
+        allreduce_worker(sys.argv[2])
+        return
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("configs", nargs="+")
+    parser.add_argument("configs", nargs="*")
+    parser.add_argument("--allreduce", action="store_true", help="communicator bandwidth")
+    parser.add_argument("--workers", action="store_true", help="1 vs 2 worker processes")
     parser.add_argument("--set", action="append", default=[], metavar="key.path=value",
                         help="override applied to both runs of every config")
     parser.add_argument("--repeats", type=int, default=1)
     args = parser.parse_args()
+    if args.allreduce:
+        bench_allreduce()
+    if args.workers:
+        for config in args.configs:
+            bench_workers(os.path.abspath(config), args.set)
+    if args.allreduce or args.workers or not args.configs:
+        return
     rows = [compare(os.path.abspath(c), args.set, args.repeats) for c in args.configs]
     columns = list(rows[0])
     print("| " + " | ".join(columns) + " |")

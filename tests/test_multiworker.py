@@ -15,6 +15,21 @@ from helpers import FIXTURES, base_config, run_cli, write_config
 
 RANK_DEPENDENT = FIXTURES.parent / "rank_dependent.py"
 
+try:
+    import horovod.tensorflow  # noqa: F401
+    HOROVOD = None
+except ImportError as err:
+    HOROVOD = f"Horovod is not installed ({err}): run bash scripts/install_horovod.sh"
+
+TRANSPORTS = [
+    pytest.param({"name": "multiworker", "communicator": "collective"}, id="tf-collectives"),
+    pytest.param({"name": "multiworker", "communicator": "mpi"}, id="mpi4py"),
+    pytest.param({"name": "horovod", "controller": "gloo"}, id="horovod-gloo",
+                 marks=pytest.mark.skipif(HOROVOD is not None, reason=str(HOROVOD))),
+    pytest.param({"name": "horovod", "controller": "mpi"}, id="horovod-mpi",
+                 marks=pytest.mark.skipif(HOROVOD is not None, reason=str(HOROVOD))),
+]
+
 
 def weights(out):
     return keras.saving.load_model(out / "model.keras").get_weights()
@@ -26,17 +41,16 @@ def multiworker(out, strategy=None, **sections):
     return config
 
 
-@pytest.mark.parametrize("communicator", ["collective", "mpi"])
+@pytest.mark.parametrize("transport", TRANSPORTS)
 @pytest.mark.parametrize("model_fn", ["mlp", "mlp_compiled_momentum"])
-def test_two_workers_match_one_process(tmp_path, model_fn, communicator, single_process_run):
+def test_two_workers_match_one_process(tmp_path, model_fn, transport, single_process_run):
     one, two = single_process_run(model_fn), tmp_path / "two"
-    config = multiworker(two, {"communicator": communicator},
-                         model={"fn": f"{FIXTURES}:{model_fn}"})
+    config = multiworker(two, transport, model={"fn": f"{FIXTURES}:{model_fn}"})
     result = run_cli("run", write_config(tmp_path / "two.yaml", config), "-q")
     assert result.returncode == 0, result.stderr
     summary = json.loads((two / "summary.json").read_text())
     assert (summary["strategy"], summary["world_size"], summary["epochs_completed"]) == (
-        "multiworker", 2, 3)
+        transport["name"], 2, 3)
     for a, b in zip(weights(one), weights(two)):
         np.testing.assert_allclose(a, b, atol=1e-5)
     # Global metrics: the logged loss is the same number the single process saw.
@@ -59,11 +73,10 @@ def checkpoint_exists(out, epoch):
     return (out / "checkpoints" / f"ckpt-{epoch:06d}.npz").exists()
 
 
-@pytest.mark.parametrize("communicator", ["collective", "mpi"])
-def test_killed_worker_stops_the_group_with_a_root_cause(tmp_path, background, communicator):
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_killed_worker_stops_the_group_with_a_root_cause(tmp_path, background, transport):
     out = tmp_path / "out"
-    config = write_config(tmp_path / "c.yaml", multiworker(
-        out, {"communicator": communicator}, train={"epochs": 400}))
+    config = write_config(tmp_path / "c.yaml", multiworker(out, transport, train={"epochs": 400}))
     run = background("run", config)
     run.wait_for(lambda: checkpoint_exists(out, 2) and worker_pid(out, 1))
     os.kill(worker_pid(out, 1), signal.SIGKILL)

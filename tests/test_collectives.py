@@ -1,0 +1,91 @@
+"""The optimizer hook and helpers of launcher.collectives, in one process.
+
+The transport here is a one-worker loopback that counts its calls: these tests check where
+and how often ktrain reduces, and that sparse gradients survive it. The real transports are
+exercised with real processes in test_multiworker.py.
+"""
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from launcher.collectives import Communicator, distribute_optimizer, undistribute
+from launcher.worker import _ScaledLearningRate
+
+
+class Loopback(Communicator):
+    def __init__(self):
+        super().__init__(rank=0, world_size=1)
+        self.calls = tf.Variable(0, dtype=tf.int64)
+
+    def _allreduce_flat(self, flat):
+        self.calls.assign_add(1)
+        return tf.identity(flat)
+
+
+def embedding_model():
+    keras.utils.set_random_seed(0)
+    return keras.Sequential([keras.Input((3,), dtype="int32"), keras.layers.Embedding(50, 4),
+                             keras.layers.Flatten(), keras.layers.Dense(2)])
+
+
+DATA = (np.random.default_rng(0).integers(0, 50, (32, 3)), np.arange(32) % 2)
+
+
+def train(model, optimizer, steps_per_epoch=4):
+    model.compile(optimizer=optimizer, loss="sparse_categorical_crossentropy")
+    model.fit(*DATA, batch_size=8, epochs=1, shuffle=False, verbose=0)
+    return model.get_weights()
+
+
+def test_sparse_gradients_are_averaged_exactly():
+    plain = train(embedding_model(), keras.optimizers.SGD(0.5))
+    model, comm = embedding_model(), Loopback()
+    optimizer = distribute_optimizer(keras.optimizers.SGD(0.5), comm)
+    model.jit_compile = False
+    for a, b in zip(plain, train(model, optimizer)):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    assert int(comm.calls.numpy()) == 4  # one fused reduction per step
+
+
+def test_gradient_accumulation_reduces_once_per_k_steps():
+    comm = Loopback()
+    optimizer = distribute_optimizer(keras.optimizers.SGD(0.5, gradient_accumulation_steps=2), comm)
+    train(embedding_model(), optimizer)
+    assert int(comm.calls.numpy()) == 2
+
+
+def test_undistribute_restores_a_savable_optimizer(tmp_path):
+    model = embedding_model()
+    optimizer = distribute_optimizer(keras.optimizers.SGD(0.5, momentum=0.9), Loopback())
+    assert type(optimizer).__name__ == "SGD"
+    train(model, optimizer)
+    undistribute(optimizer)
+    assert type(optimizer) is keras.optimizers.SGD
+    model.save(tmp_path / "m.keras")
+    assert type(keras.saving.load_model(tmp_path / "m.keras").optimizer) is keras.optimizers.SGD
+
+
+def test_fused_buffers_keep_shapes_and_dtypes():
+    tensors = [tf.ones([2, 3]), tf.range(4), tf.zeros([5], tf.float64)]
+    out = Loopback().allreduce_sum(tensors, fp16=True)
+    assert [t.shape for t in out] == [t.shape for t in tensors]
+    assert [t.dtype for t in out] == [t.dtype for t in tensors]
+    np.testing.assert_array_equal(out[1].numpy(), np.arange(4))
+
+
+def test_learning_rate_scaling_warms_up_linearly():
+    seen = []
+
+    class Record(keras.callbacks.Callback):
+        def on_train_batch_begin(self, batch, logs=None):
+            seen.append(round(float(self.model.optimizer.learning_rate.numpy()), 6))
+
+    model = embedding_model()
+    model.compile(optimizer=keras.optimizers.SGD(0.1), loss="sparse_categorical_crossentropy")
+    model.fit(*DATA, batch_size=8, epochs=3, shuffle=False, verbose=0,
+              callbacks=[_ScaledLearningRate(4.0, warmup_epochs=2, steps_per_epoch=4), Record()])
+    assert seen[0] == 0.1  # starts unscaled
+    assert seen[4] == round(0.1 * (1 + 3 * 0.5), 6)  # half way through the warm-up
+    assert seen[8:] == [0.4] * 4  # fully scaled afterwards
+    assert seen == sorted(seen)
