@@ -50,10 +50,7 @@ class Communicator(abc.ABC):
         """Sum each tensor over all workers; tensors of one dtype travel as one fused buffer."""
         tensors = [tf.convert_to_tensor(t) for t in tensors]  # densifies IndexedSlices
         results: list[tf.Tensor | None] = [None] * len(tensors)
-        by_dtype: dict[tf.DType, list[int]] = {}
-        for i, tensor in enumerate(tensors):
-            by_dtype.setdefault(tensor.dtype, []).append(i)
-        for dtype, indices in by_dtype.items():
+        for dtype, indices in _indices_by_dtype(tensors).items():
             flat = tf.concat([tf.reshape(tensors[i], [-1]) for i in indices], axis=0)
             compress = fp16 and dtype in (tf.float32, tf.float64)
             if compress:
@@ -80,6 +77,13 @@ class Communicator(abc.ABC):
 
     def barrier(self) -> None:
         self.allreduce_sum([tf.zeros([1])])
+
+
+def _indices_by_dtype(tensors: Sequence[tf.Tensor]) -> dict[tf.DType, list[int]]:
+    groups: dict[tf.DType, list[int]] = {}
+    for i, tensor in enumerate(tensors):
+        groups.setdefault(tensor.dtype, []).append(i)
+    return groups
 
 
 class TensorFlowCollectives(Communicator):
@@ -151,7 +155,13 @@ class HorovodCommunicator(Communicator):
         hvd = self._hvd
         tensors = [tf.convert_to_tensor(t) for t in tensors]
         compression = hvd.Compression.fp16 if fp16 else hvd.Compression.none
-        return list(hvd.grouped_allreduce(tensors, op=hvd.Sum, compression=compression))
+        results: list[tf.Tensor | None] = [None] * len(tensors)
+        for indices in _indices_by_dtype(tensors).values():  # a group must share one dtype
+            reduced = hvd.grouped_allreduce([tensors[i] for i in indices], op=hvd.Sum,
+                                            compression=compression)
+            for i, tensor in zip(indices, reduced):
+                results[i] = tensor
+        return results
 
     def _allreduce_flat(self, flat: tf.Tensor) -> tf.Tensor:
         return self._hvd.allreduce(flat, op=self._hvd.Sum)

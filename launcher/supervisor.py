@@ -69,11 +69,13 @@ class Failure:
 
 
 def describe_exit(returncode: int) -> str:
-    if returncode < 0:
+    """Negative codes (Python's) and 128+N (the shell's, as launchers report) are signals."""
+    number = -returncode if returncode < 0 else returncode - 128 if 128 < returncode < 160 else 0
+    if number:
         try:
-            return f"was killed by {signal.Signals(-returncode).name}"
+            return f"was killed by {signal.Signals(number).name}"
         except ValueError:
-            return f"was killed by signal {-returncode}"
+            return f"was killed by signal {number}"
     return f"exited with status {returncode}"
 
 
@@ -90,7 +92,7 @@ class WorkerGroup:
         self._processes: list[subprocess.Popen] = []
         self._pumps: list[threading.Thread] = []
         self._quiet = console.verbosity() < console.NORMAL
-        self._launcher_tail: deque[str] = deque(maxlen=_TAIL)
+        self._launcher_tail: deque[str] = deque(maxlen=200)
 
     def run(self) -> Failure | None:
         """Run every worker to the end; return the first failure, or None if all succeeded."""
@@ -107,8 +109,10 @@ class WorkerGroup:
     def _start(self) -> None:
         for spec in self.specs:
             # Workers always speak at least at normal verbosity: their output is their log.
+            # Launchers (horovodrun) look for mpirun on PATH: put this environment's bin/ first.
+            path = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
             env = {**os.environ, **spec.env, _RENDEZVOUS_ENV: str(self.rendezvous_dir),
-                   "PYTHONUNBUFFERED": "1",
+                   "PYTHONUNBUFFERED": "1", "PATH": path,
                    console.VERBOSITY_ENV: str(max(console.verbosity(), console.NORMAL))}
             process = subprocess.Popen(spec.command, env=env, stdout=subprocess.PIPE,
                                        stderr=subprocess.STDOUT, text=True, errors="replace",
@@ -168,14 +172,27 @@ class WorkerGroup:
         for pump in self._pumps:
             pump.join(timeout=2)  # let the log catch up with the dead process
         rank, how = spec.ranks[0], describe_exit(code)
-        if len(spec.ranks) > 1:  # mpirun/horovodrun: its own message names the rank that failed
-            said = " ".join(self._launcher_tail)
-            named = re.search(r"rank (\d+)", said)
-            rank = int(named.group(1)) if named else rank
-            killed = re.search(r"signal (\d+)", said)
-            how = describe_exit(-int(killed.group(1))) if killed else how
+        if len(spec.ranks) > 1:  # mpirun/horovodrun: its own messages name the rank that failed
+            rank, how = self._launcher_blames() or (rank, how)
         return Failure(rank, f"rank {rank} {how}", list(self._tails[rank]),
                        user_error=code == 2)
+
+    def _launcher_blames(self) -> tuple[int, str] | None:
+        """(rank, how it ended) from mpirun's or horovodrun's report; a rank that was killed
+        by a signal is the root cause rather than the peers that failed after it."""
+        said = " ".join(self._launcher_tail)
+        exits = [(int(rank), int(code)) for rank, code in
+                 re.findall(r"Process (\d+) exit with status code (-?\d+)", said)]  # horovodrun
+        exits += [(int(rank), -int(sig)) for rank, sig in
+                  re.findall(r"rank (\d+) with PID \d+ on node \S+ exited on\s+signal (\d+)", said)]
+        exits += [(int(rank), int(code)) for rank, code in
+                  re.findall(r"rank (\d+) with PID \d+ on node \S+ exited with status (\d+)", said)]
+        if not exits:
+            named = re.search(r"(?:rank|Process name:) (\d+)", said)
+            return (int(named.group(1)), "failed") if named else None
+        rank, code = next((e for e in exits if describe_exit(e[1]).startswith("was killed")),
+                          exits[0])
+        return rank, describe_exit(code)
 
     def stop(self, grace: float = 5.0) -> None:
         """SIGTERM every worker's process group, then SIGKILL what is left after ``grace``."""

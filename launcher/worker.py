@@ -263,7 +263,7 @@ def _fit(run: RunConfig, session: Session, model: keras.Model, splits: Splits,
                           validation_freq=train.validation_freq, shuffle=False,
                           callbacks=callbacks,
                           verbose=1 if console.verbosity() >= console.VERBOSE else 0)
-        except (ValueError, TypeError, tf.errors.OpError) as err:
+        except (ValueError, TypeError, tf.errors.InvalidArgumentError) as err:
             raise TrainingFailed(
                 f"training failed: {type(err).__name__}: {err}".rstrip(), where="model.fit",
                 hint="this usually means the model and the data do not fit together (input "

@@ -168,8 +168,7 @@ def _allreduce_commands() -> dict[str, list[list[str]]]:
     if os.path.exists(horovodrun[0]):
         commands["horovod-gloo"] = [horovodrun + ["--gloo", "--network-interface", "lo"] +
                                     worker + ["horovod"]]
-        commands["horovod-mpi"] = [horovodrun + ["--mpi", "--mpi-args=--oversubscribe"] +
-                                   worker + ["horovod"]]
+        commands["horovod-mpi"] = [mpirun + worker + ["horovod"]]
     peers = ",".join(f"127.0.0.1:{p}" for p in free_ports(2))
     commands["collective"] = [(c, {"KTRAIN_RANK": str(r), "KTRAIN_PEERS": peers})
                               for r, c in enumerate(commands["collective"])]

@@ -22,4 +22,4 @@ PATH="$PWD/.venv/bin:$PATH" \
 HOROVOD_WITH_TENSORFLOW=1 HOROVOD_WITHOUT_PYTORCH=1 HOROVOD_WITHOUT_MXNET=1 \
 HOROVOD_WITH_GLOO=1 HOROVOD_WITH_MPI=1 MAKEFLAGS="-j$(nproc)" \
     $python -m pip install --quiet --no-build-isolation "$work"/horovod-0.28.1
-$python -c "import horovod.tensorflow as hvd; print('horovod', hvd.__version__, 'built')"
+$python -c "import horovod, horovod.tensorflow; print('horovod', horovod.__version__, 'built')"

@@ -199,3 +199,13 @@ def find_tool(name: str, *, where: str, hint: str) -> str:
     if not found:
         raise UserError(f"{name} was not found", where=where, hint=hint)
     return found
+
+
+def mpirun_command(workers: int, command: list[str]) -> list[str]:
+    """``mpirun`` starting ``workers`` copies of ``command`` on this machine, tagging each output
+    line with its rank (see launcher.supervisor), data over shared memory only."""
+    mpirun = find_tool("mpirun", where="strategy",
+                       hint='pip install "ktrain-launcher[mpi]" puts Open MPI\'s mpirun in the '
+                            "environment's bin/")
+    return [mpirun, "-np", str(workers), "--oversubscribe", "--allow-run-as-root",
+            "--tag-output", "--mca", "btl", "self,vader", *command]

@@ -2,7 +2,9 @@
 
 Horovod's Keras integration fails on Keras 3, so only its low-level ``horovod.tensorflow`` ops
 are used (``launcher.collectives.HorovodCommunicator``). ktrain starts the workers with
-``horovodrun``, or runs inside an existing ``horovodrun``/``mpirun``/``srun`` launch.
+``horovodrun --gloo``, or with ``mpirun`` for the MPI controller (``horovodrun --mpi`` passes
+Open MPI 4 options that Open MPI 5 rejects), or runs inside an existing
+``horovodrun``/``mpirun``/``srun`` launch.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from typing import Literal
 
 from launcher.errors import UserError
 from strategies.base import (MultiProcessConfig, MultiProcessStrategy, Session, find_tool,
-                             pin_local_device)
+                             mpirun_command, pin_local_device)
 
 _INSTALL_HINT = "install it with `bash scripts/install_horovod.sh` (see the README's Horovod section)"
 
@@ -33,18 +35,21 @@ class HorovodStrategy(MultiProcessStrategy):
         except ImportError as err:
             raise UserError(f"Horovod is not installed ({err})", where="strategy.name",
                             hint=_INSTALL_HINT) from None
-        _horovodrun()
+        if self.config.controller == "gloo":
+            _horovodrun()
+        else:
+            mpirun_command(1, [])
 
     def worker_specs(self, run) -> list:
         from launcher.supervisor import WorkerSpec, python_command
 
         n = self.config.workers
-        command = [_horovodrun(), "-np", str(n), "-H", f"localhost:{n}"]
+        worker = python_command("-m", "launcher.worker_entry")
         if self.config.controller == "gloo":
-            command += ["--gloo", "--network-interface", "lo"]
+            command = [_horovodrun(), "-np", str(n), "-H", f"localhost:{n}", "--gloo",
+                       "--network-interface", "lo", *worker]
         else:
-            command += ["--mpi", "--mpi-args=--oversubscribe --mca btl self,vader"]
-        command += python_command("-m", "launcher.worker_entry")
+            command = mpirun_command(n, worker)
         return [WorkerSpec(command, {"KTRAIN_PLAN": run.model_dump_json()}, tuple(range(n)))]
 
     def open_session(self) -> Session:

@@ -12,7 +12,7 @@ import socket
 from typing import Literal
 
 from launcher.errors import UserError
-from strategies.base import (MultiProcessConfig, MultiProcessStrategy, Session, find_tool,
+from strategies.base import (MultiProcessConfig, MultiProcessStrategy, Session, mpirun_command,
                              pin_local_device)
 
 PEERS_ENV = "KTRAIN_PEERS"
@@ -43,10 +43,8 @@ class MultiWorkerStrategy(MultiProcessStrategy):
         n = self.config.workers
         plan = {"KTRAIN_PLAN": run.model_dump_json()}
         if self.config.communicator == "mpi":
-            command = [_mpirun(), "-np", str(n), "--oversubscribe", "--allow-run-as-root",
-                       "--tag-output", "--mca", "btl", "self,vader",
-                       *python_command("-m", "mpi4py", "-m", "launcher.worker_entry")]
-            return [WorkerSpec(command, plan, tuple(range(n)))]
+            command = python_command("-m", "mpi4py", "-m", "launcher.worker_entry")
+            return [WorkerSpec(mpirun_command(n, command), plan, tuple(range(n)))]
         peers = ",".join(f"127.0.0.1:{port}" for port in free_ports(n))
         return [WorkerSpec(python_command("-m", "launcher.worker_entry"),
                            {**plan, "KTRAIN_RANK": str(r), "KTRAIN_LOCAL_RANK": str(r),
@@ -107,10 +105,5 @@ def _require_mpi() -> None:
                         "installed", where="strategy.communicator",
                         hint='pip install "ktrain-launcher[mpi]" (mpi4py and Open MPI), or '
                              "use communicator: collective") from None
-    _mpirun()
+    mpirun_command(1, [])
 
-
-def _mpirun() -> str:
-    return find_tool("mpirun", where="strategy.communicator",
-                     hint='pip install "ktrain-launcher[mpi]" puts Open MPI\'s mpirun in the '
-                          "environment's bin/")
