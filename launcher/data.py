@@ -117,8 +117,10 @@ def training_batches(split: Split, *, global_batch_size: int, rank: int, world_s
     def one_epoch(epoch):
         data = base
         if shuffle:
-            data = data.shuffle(buffer, seed=epoch * 1_000_003 + seed,
-                                reshuffle_each_iteration=False)
+            # The order must depend on (seed, epoch) only, not on TF's global seed, so this
+            # function's graph gets its own graph-level seed (never 0, which TF special-cases).
+            tf.compat.v1.get_default_graph().seed = seed % (2**31 - 2) + 1
+            data = data.shuffle(buffer, seed=epoch, reshuffle_each_iteration=False)
         if world_size > 1:
             data = data.shard(world_size, rank)
         return data.batch(local_batch, drop_remainder=True).take(steps)

@@ -41,7 +41,7 @@ def run_worker(run: RunConfig, strategy: Strategy) -> RunResult:
     session = strategy.open_session()
     data_fn = load_function(run.data.fn, "data.fn", run.base_dir)
     model_fn = load_function(run.model.fn, "model.fn", run.base_dir)
-    _seed_everything(run.train.seed)
+    keras.utils.set_random_seed(run.train.seed)
     if run.train.precision != "float32":
         keras.mixed_precision.set_global_policy(run.train.precision)
 
@@ -78,13 +78,6 @@ def _join_group(run: RunConfig, session: Session, model: keras.Model) -> None:
     line = (f"rank {session.rank} of {session.world_size} joined "
             f"({type(communicator).__name__}, pid {os.getpid()}, {', '.join(session.devices)})")
     print(line, flush=True) if not session.is_chief else console.info(line)
-
-
-def _seed_everything(seed: int) -> None:
-    keras.utils.set_random_seed(seed)
-    # TensorFlow special-cases a global seed of 0 in a way that breaks the per-epoch shuffle
-    # seeds in launcher.data (a tensor compared as a bool); any fixed value works as well.
-    tf.random.set_seed(seed + 1)
 
 
 def _check_model(model) -> None:
