@@ -62,6 +62,8 @@ class Failure:
     log_tail: list[str] = field(default_factory=list)
     user_error: bool = False
     """The worker reported a mistake in the input (exit 2): restarting would not help."""
+    log: str | None = None
+    """Where the failed rank's whole log is."""
 
     def render(self) -> str:
         tail = "\n".join(f"    {line}" for line in self.log_tail)
@@ -165,7 +167,7 @@ class WorkerGroup:
                 if missing:
                     return Failure(missing[0], f"rank(s) {missing} {verb} within "
                                    f"strategy.start_timeout ({self.start_timeout:g}s)",
-                                   list(self._tails[missing[0]]))
+                                   list(self._tails[missing[0]]), log=self._log(missing[0]))
             time.sleep(0.1)
 
     def _failure(self, spec: WorkerSpec, code: int) -> Failure:
@@ -175,7 +177,10 @@ class WorkerGroup:
         if len(spec.ranks) > 1:  # mpirun/horovodrun: its own messages name the rank that failed
             rank, how = self._launcher_blames() or (rank, how)
         return Failure(rank, f"rank {rank} {how}", list(self._tails[rank]),
-                       user_error=code == 2)
+                       user_error=code == 2, log=self._log(rank))
+
+    def _log(self, rank: int) -> str:
+        return str(self.log_dir / f"rank-{rank}.log")
 
     def _launcher_blames(self) -> tuple[int, str] | None:
         """(rank, how it ended) from mpirun's or horovodrun's report; a rank that was killed

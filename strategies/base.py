@@ -129,50 +129,67 @@ class MultiProcessStrategy(Strategy):
             return run_worker(run, self)
         if found.hint:
             console.info(f"HINT: {found.hint}")
-        return self._supervise(run)
+        return self.run_with_restarts(run, self._run_local_group)
 
     @abc.abstractmethod
     def worker_specs(self, run: RunConfig) -> list:
         """The processes to start (``launcher.supervisor.WorkerSpec``), with their environment."""
 
-    def _supervise(self, run: RunConfig) -> RunResult:
-        import json
+    def _run_local_group(self, run: RunConfig):
+        """One attempt: start the workers here and watch them; a Failure or None."""
         import tempfile
         from pathlib import Path
+
+        from launcher.supervisor import WorkerGroup
+
+        with tempfile.TemporaryDirectory(prefix="ktrain-rendezvous-") as rendezvous:
+            group = WorkerGroup(self.worker_specs(run), local_log_dir(run.output_dir),
+                                Path(rendezvous), start_timeout=self.config.start_timeout,
+                                console_ranks=self.config.console_ranks)
+            return group.run()
+
+    def run_with_restarts(self, run: RunConfig, attempt) -> RunResult:
+        """Call ``attempt(run)`` until it returns no Failure, up to ``max_restarts`` more times,
+        resuming from the newest checkpoint; then return the chief's summary."""
+        import json
 
         import fsspec
 
         from launcher import console
         from launcher.errors import UserError, WorkersFailed
-        from launcher.supervisor import WorkerGroup
         from launcher.worker import RunResult
 
-        fs, out = fsspec.core.url_to_fs(run.output_dir)
-        local = getattr(fs, "protocol", "") in ("file", ("file", "local"))
-        log_dir = Path(out, "logs") if local else Path(tempfile.mkdtemp(prefix="ktrain-logs-"))
         restarts = 0
-        with tempfile.TemporaryDirectory(prefix="ktrain-rendezvous-") as rendezvous:
-            while True:
-                group = WorkerGroup(self.worker_specs(run), log_dir, Path(rendezvous),
-                                    start_timeout=self.config.start_timeout,
-                                    console_ranks=self.config.console_ranks)
-                failure = group.run()
-                if failure is None:
-                    break
-                hint = f"see {log_dir}/rank-{failure.rank}.log for the whole log"
-                if failure.user_error:
-                    raise UserError(failure.render(), hint=hint)
-                if restarts >= self.config.max_restarts:
-                    raise WorkersFailed(failure.render(), hint=hint + (
-                        "; set strategy.max_restarts to restart the group from the newest "
-                        "checkpoint" if not self.config.max_restarts else ""))
-                restarts += 1
-                console.info(f"{failure.summary}; restarting all workers from the newest "
-                             f"checkpoint (restart {restarts} of {self.config.max_restarts})")
-                run = run.model_copy(update={"checkpoint": run.checkpoint.model_copy(
-                    update={"resume": "auto"})})
+        while (failure := attempt(run)) is not None:
+            hint = f"see {failure.log} for the whole log" if failure.log else None
+            if failure.user_error:
+                raise UserError(failure.render(), hint=hint)
+            if restarts >= self.config.max_restarts:
+                advice = ("set strategy.max_restarts to restart the group from the newest "
+                          "checkpoint" if not self.config.max_restarts else None)
+                raise WorkersFailed(failure.render(),
+                                    hint="; ".join(h for h in (hint, advice) if h) or None)
+            restarts += 1
+            console.info(f"{failure.summary}; restarting all workers from the newest "
+                         f"checkpoint (restart {restarts} of {self.config.max_restarts})")
+            run = run.model_copy(update={"checkpoint": run.checkpoint.model_copy(
+                update={"resume": "auto"})})
+        fs, out = fsspec.core.url_to_fs(run.output_dir)
         with fs.open(f"{out}/summary.json") as f:
             return RunResult(json.load(f))
+
+
+def local_log_dir(output_dir: str):
+    """Where the supervisor writes rank logs: output_dir/logs, or a temporary folder for URLs."""
+    import tempfile
+    from pathlib import Path
+
+    import fsspec
+
+    fs, out = fsspec.core.url_to_fs(output_dir)
+    if "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
+        return Path(out, "logs")
+    return Path(tempfile.mkdtemp(prefix="ktrain-logs-"))
 
 
 def pin_local_device(local_rank: int) -> str:
