@@ -34,9 +34,20 @@ _TAIL = 20
 _PR_SET_PDEATHSIG = 1
 
 
+OUTPUT_CAPTURED_ENV = "KTRAIN_OUTPUT_CAPTURED"
+
+
 def is_supervised() -> bool:
-    """True in a worker this module started: its output already goes to logs/rank-<r>.log."""
-    return _RENDEZVOUS_ENV in os.environ
+    """True in a worker whose output a launcher (this module, a Spark or Ray task) already
+    writes to logs/rank-<r>.log."""
+    return OUTPUT_CAPTURED_ENV in os.environ
+
+
+def captured_output_env() -> dict[str, str]:
+    """Environment for a worker whose output becomes its rank's log: it speaks at least at
+    normal verbosity, whatever the console shows."""
+    return {OUTPUT_CAPTURED_ENV: "1", "PYTHONUNBUFFERED": "1",
+            console.VERBOSITY_ENV: str(max(console.verbosity(), console.NORMAL))}
 
 
 def mark(rank: int, stage: str) -> None:
@@ -110,15 +121,13 @@ class WorkerGroup:
 
     def _start(self) -> None:
         for spec in self.specs:
-            # Workers always speak at least at normal verbosity: their output is their log.
             # Launchers (horovodrun) look for mpirun on PATH: put this environment's bin/ first.
             path = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
-            env = {**os.environ, **spec.env, _RENDEZVOUS_ENV: str(self.rendezvous_dir),
-                   "PYTHONUNBUFFERED": "1", "PATH": path,
-                   console.VERBOSITY_ENV: str(max(console.verbosity(), console.NORMAL))}
+            env = {**os.environ, **spec.env, **captured_output_env(),
+                   _RENDEZVOUS_ENV: str(self.rendezvous_dir), "PATH": path}
             process = subprocess.Popen(spec.command, env=env, stdout=subprocess.PIPE,
                                        stderr=subprocess.STDOUT, text=True, errors="replace",
-                                       start_new_session=True, preexec_fn=_die_with_parent)
+                                       start_new_session=True, preexec_fn=die_with_parent)
             self._processes.append(process)
             pump = threading.Thread(target=self._pump, args=(process, spec.ranks), daemon=True)
             pump.start()
@@ -215,7 +224,7 @@ class WorkerGroup:
             pump.join(timeout=2)
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     """In the child, before exec: be killed if the launcher dies, even by SIGKILL (Linux)."""
     try:
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)

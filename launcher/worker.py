@@ -211,7 +211,7 @@ class _RunRecorder(keras.callbacks.Callback):
         seconds = time.perf_counter() - self._epoch_started
         metrics = "  ".join(f"{k} {v:.4f}" for k, v in row.items() if k != "epoch")
         line = f"epoch {done}/{self.run.train.epochs}  {metrics}  ({seconds:.1f}s)"
-        if self.session.is_chief:
+        if self.session.is_chief or not self.session.log_to_file:  # captured: its own log
             console.info(line)
         self.output.log(line)
         every = self.run.checkpoint.every_epochs

@@ -4,9 +4,11 @@ from strategies.base import Session, Strategy, StrategyConfig
 from strategies.horovod import HorovodStrategy
 from strategies.mirrored import MirroredStrategy
 from strategies.multiworker import MultiWorkerStrategy
+from strategies.spark import SparkStrategy
 
 REGISTRY: dict[str, type[Strategy]] = {
-    cls.name: cls for cls in (MirroredStrategy, MultiWorkerStrategy, HorovodStrategy)}
+    cls.name: cls
+    for cls in (MirroredStrategy, MultiWorkerStrategy, HorovodStrategy, SparkStrategy)}
 
 
 def create(config: StrategyConfig) -> Strategy:

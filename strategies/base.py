@@ -95,8 +95,8 @@ class MultiProcessStrategy(Strategy):
     """A strategy whose workers are separate processes.
 
     If this process is already one of several (started by srun, mpirun or ktrain itself), it
-    is a worker and trains. Otherwise it is the launcher: it starts ``workers`` processes from
-    ``worker_specs`` and supervises them, restarting the group up to ``max_restarts`` times.
+    is a worker and trains. Otherwise it is the launcher: ``run_group`` starts the workers and
+    waits for them, and the group is restarted up to ``max_restarts`` times.
     """
 
     config: MultiProcessConfig
@@ -129,22 +129,23 @@ class MultiProcessStrategy(Strategy):
             return run_worker(run, self)
         if found.hint:
             console.info(f"HINT: {found.hint}")
-        return self.run_with_restarts(run, self._run_local_group)
+        return self.run_with_restarts(run, self.run_group)
 
     @abc.abstractmethod
-    def worker_specs(self, run: RunConfig) -> list:
-        """The processes to start (``launcher.supervisor.WorkerSpec``), with their environment."""
+    def run_group(self, run: RunConfig):
+        """One attempt at running all workers to the end: a ``launcher.supervisor.Failure``,
+        or None when they all finished."""
 
-    def _run_local_group(self, run: RunConfig):
-        """One attempt: start the workers here and watch them; a Failure or None."""
+    def run_local_group(self, run: RunConfig, specs: list):
+        """Start ``specs`` (``launcher.supervisor.WorkerSpec``) on this machine and watch them."""
         import tempfile
         from pathlib import Path
 
         from launcher.supervisor import WorkerGroup
 
         with tempfile.TemporaryDirectory(prefix="ktrain-rendezvous-") as rendezvous:
-            group = WorkerGroup(self.worker_specs(run), local_log_dir(run.output_dir),
-                                Path(rendezvous), start_timeout=self.config.start_timeout,
+            group = WorkerGroup(specs, local_log_dir(run.output_dir), Path(rendezvous),
+                                start_timeout=self.config.start_timeout,
                                 console_ranks=self.config.console_ranks)
             return group.run()
 
@@ -190,6 +191,15 @@ def local_log_dir(output_dir: str):
     if "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
         return Path(out, "logs")
     return Path(tempfile.mkdtemp(prefix="ktrain-logs-"))
+
+
+def worker_session(communicator, device: str) -> Session:
+    """The session of one worker process that owns one device and talks over ``communicator``."""
+    from launcher.supervisor import is_supervised
+
+    return Session(rank=communicator.rank, world_size=communicator.world_size,
+                   num_replicas=communicator.world_size, devices=(device,),
+                   communicator=communicator, log_to_file=not is_supervised())
 
 
 def pin_local_device(local_rank: int) -> str:

@@ -13,7 +13,7 @@ from typing import Literal
 
 from launcher.errors import UserError
 from strategies.base import (MultiProcessConfig, MultiProcessStrategy, Session, find_tool,
-                             mpirun_command, pin_local_device)
+                             mpirun_command, pin_local_device, worker_session)
 
 _INSTALL_HINT = "install it with `bash scripts/install_horovod.sh` (see the README's Horovod section)"
 
@@ -40,7 +40,7 @@ class HorovodStrategy(MultiProcessStrategy):
         else:
             mpirun_command(1, [])
 
-    def worker_specs(self, run) -> list:
+    def run_group(self, run):
         from launcher.supervisor import WorkerSpec, python_command
 
         n = self.config.workers
@@ -50,18 +50,15 @@ class HorovodStrategy(MultiProcessStrategy):
                        "--network-interface", "lo", *worker]
         else:
             command = mpirun_command(n, worker)
-        return [WorkerSpec(command, {"KTRAIN_PLAN": run.model_dump_json()}, tuple(range(n)))]
+        plan = {"KTRAIN_PLAN": run.model_dump_json()}
+        return self.run_local_group(run, [WorkerSpec(command, plan, tuple(range(n)))])
 
     def open_session(self) -> Session:
         from launcher.collectives import HorovodCommunicator
         from launcher.environment import detect
-        from launcher.supervisor import is_supervised
 
         device = pin_local_device(detect().local_rank)
-        communicator = HorovodCommunicator()
-        return Session(rank=communicator.rank, world_size=communicator.world_size,
-                       num_replicas=communicator.world_size, devices=(device,),
-                       communicator=communicator, log_to_file=not is_supervised())
+        return worker_session(HorovodCommunicator(), device)
 
 
 def _horovodrun() -> str:

@@ -13,7 +13,7 @@ from typing import Literal
 
 from launcher.errors import UserError
 from strategies.base import (MultiProcessConfig, MultiProcessStrategy, Session, mpirun_command,
-                             pin_local_device)
+                             pin_local_device, worker_session)
 
 PEERS_ENV = "KTRAIN_PEERS"
 
@@ -37,38 +37,41 @@ class MultiWorkerStrategy(MultiProcessStrategy):
                                 where="strategy.compression",
                                 hint="use communicator: collective, or compression: none")
 
-    def worker_specs(self, run) -> list:
+    def run_group(self, run):
         from launcher.supervisor import WorkerSpec, python_command
 
         n = self.config.workers
         plan = {"KTRAIN_PLAN": run.model_dump_json()}
         if self.config.communicator == "mpi":
             command = python_command("-m", "mpi4py", "-m", "launcher.worker_entry")
-            return [WorkerSpec(mpirun_command(n, command), plan, tuple(range(n)))]
+            return self.run_local_group(run, [WorkerSpec(mpirun_command(n, command), plan,
+                                                         tuple(range(n)))])
         peers = ",".join(f"127.0.0.1:{port}" for port in free_ports(n))
-        return [WorkerSpec(python_command("-m", "launcher.worker_entry"),
-                           {**plan, "KTRAIN_RANK": str(r), "KTRAIN_LOCAL_RANK": str(r),
-                            "KTRAIN_WORLD_SIZE": str(n), PEERS_ENV: peers}, (r,))
-                for r in range(n)]
+        return self.run_local_group(run, [
+            WorkerSpec(python_command("-m", "launcher.worker_entry"),
+                       {**plan, "KTRAIN_RANK": str(r), "KTRAIN_LOCAL_RANK": str(r),
+                        "KTRAIN_WORLD_SIZE": str(n), PEERS_ENV: peers}, (r,))
+            for r in range(n)])
 
     def open_session(self) -> Session:
-        from launcher.environment import detect
-        from launcher.supervisor import is_supervised
-
-        found = detect()
-        device = pin_local_device(found.local_rank)
         if self.config.communicator == "mpi":
             from launcher.collectives import MpiCommunicator
+            from launcher.environment import detect
 
-            communicator = MpiCommunicator()
-        else:
-            from launcher.collectives import TensorFlowCollectives
+            device = pin_local_device(detect().local_rank)
+            return worker_session(MpiCommunicator(), device)
+        return collective_session(self.config.start_timeout)
 
-            communicator = TensorFlowCollectives(found.rank, _peers(found),
-                                                 timeout_seconds=self.config.start_timeout)
-        return Session(rank=communicator.rank, world_size=communicator.world_size,
-                       num_replicas=communicator.world_size, devices=(device,),
-                       communicator=communicator, log_to_file=not is_supervised())
+
+def collective_session(start_timeout: float) -> Session:
+    """A worker's session over TF collectives, with peers from the environment."""
+    from launcher.collectives import TensorFlowCollectives
+    from launcher.environment import detect
+
+    found = detect()
+    device = pin_local_device(found.local_rank)  # before TensorFlow's runtime starts
+    return worker_session(TensorFlowCollectives(found.rank, _peers(found),
+                                                timeout_seconds=start_timeout), device)
 
 
 def _peers(found) -> list[str]:
