@@ -62,11 +62,13 @@ def run_worker(run: RunConfig, strategy: Strategy) -> RunResult:
     if state is not None:
         _restore(model, state)
     if session.communicator is not None:
-        _join_group(run, session, model)
+        joined = _join_group(run, session, model)
+        print(joined, flush=True) if not session.is_chief else console.info(joined)
+        output.log(joined)
     return _fit(run, session, model, splits, output, store, state)
 
 
-def _join_group(run: RunConfig, session: Session, model: keras.Model) -> None:
+def _join_group(run: RunConfig, session: Session, model: keras.Model) -> str:
     """Average gradients over the workers, and start every worker from rank 0's state."""
     communicator = session.communicator
     distribute_optimizer(model.optimizer, communicator,
@@ -75,9 +77,8 @@ def _join_group(run: RunConfig, session: Session, model: keras.Model) -> None:
     mark(session.rank, "arrived")
     broadcast_variables(model.variables + list(model.optimizer.variables), communicator)
     mark(session.rank, "joined")
-    line = (f"rank {session.rank} of {session.world_size} joined "
+    return (f"rank {session.rank} of {session.world_size} joined "
             f"({type(communicator).__name__}, pid {os.getpid()}, {', '.join(session.devices)})")
-    print(line, flush=True) if not session.is_chief else console.info(line)
 
 
 def _check_model(model) -> None:

@@ -4,11 +4,13 @@ from strategies.base import Session, Strategy, StrategyConfig
 from strategies.horovod import HorovodStrategy
 from strategies.mirrored import MirroredStrategy
 from strategies.multiworker import MultiWorkerStrategy
+from strategies.ray import RayStrategy
 from strategies.spark import SparkStrategy
 
 REGISTRY: dict[str, type[Strategy]] = {
     cls.name: cls
-    for cls in (MirroredStrategy, MultiWorkerStrategy, HorovodStrategy, SparkStrategy)}
+    for cls in (MirroredStrategy, MultiWorkerStrategy, HorovodStrategy, SparkStrategy,
+                RayStrategy)}
 
 
 def create(config: StrategyConfig) -> Strategy:

@@ -1,0 +1,174 @@
+"""Workers as Ray actors, on a local Ray or an existing cluster, restarted the Ray way.
+
+One actor per worker, placed by a placement group (``pack`` or ``spread``) sized from
+``resources_per_worker``. Each actor reports an address; the list becomes the TF collectives'
+peers, and each actor runs the ordinary ktrain worker path in its own process. Rank 0's epoch
+lines stream to the driver's console through Ray's log forwarding. When an actor (or its
+node) dies, the group is torn down and started again from the newest checkpoint, up to
+``max_failures`` times (Ray Train's ``FailureConfig`` name).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Literal
+
+from pydantic import AliasChoices, Field, NonNegativeFloat, NonNegativeInt
+
+from launcher.errors import UserError
+from strategies.base import MultiProcessConfig, MultiProcessStrategy, Session
+from strategies.multiworker import collective_session
+
+
+class RayConfig(MultiProcessConfig):
+    name: Literal["ray"] = "ray"
+    address: str | None = None
+    """auto (a running cluster), ray://head:10001, or none: start a local Ray (loopback only)."""
+    resources_per_worker: dict[str, NonNegativeFloat] = {"CPU": 1.0}
+    """Ray resources each worker actor needs, e.g. {CPU: 4, GPU: 1}."""
+    placement: Literal["pack", "spread"] = "pack"
+    max_restarts: NonNegativeInt = Field(0, validation_alias=AliasChoices("max_failures",
+                                                                          "max_restarts"))
+    """Written ``max_failures`` in Ray's terms."""
+
+
+class RayStrategy(MultiProcessStrategy):
+    name = "ray"
+    config_type = RayConfig
+
+    def prepare(self, run) -> None:
+        super().prepare(run)
+        try:
+            import ray  # noqa: F401
+        except ImportError:
+            raise UserError("the ray strategy needs ray, which is not installed",
+                            where="strategy.name", hint='pip install "ktrain-launcher[ray]"') from None
+
+    def open_session(self) -> Session:
+        return collective_session(self.config.start_timeout)
+
+    def run_group(self, run):
+        import ray
+
+        started = self._connect()
+        try:
+            return self._run_actors(run)
+        finally:
+            if started:
+                ray.shutdown()
+
+    def _connect(self) -> bool:
+        """Attach to the configured cluster, or start a local Ray; True if we started it."""
+        import ray
+
+        if ray.is_initialized():
+            return False
+        quiet = {"include_dashboard": False, "log_to_driver": True, "logging_level": "ERROR"}
+        if self.config.address:
+            try:
+                ray.init(address=self.config.address, **quiet)
+            except (ConnectionError, RuntimeError, ValueError) as err:
+                raise UserError(f"cannot reach the Ray cluster at '{self.config.address}': {err}",
+                                where="strategy.address",
+                                hint="check the address (auto, or ray://head:10001) and that "
+                                     "the cluster is up (`ray status`)") from None
+            return True
+        os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+        ray.init(num_cpus=max(os.cpu_count() or 1, self._needed().get("CPU", 0)),
+                 _node_ip_address="127.0.0.1", **quiet)
+        return True
+
+    def _needed(self) -> dict[str, float]:
+        return {k: v * self.config.workers for k, v in self.config.resources_per_worker.items()}
+
+    def _check_resources(self) -> None:
+        import ray
+
+        have = ray.cluster_resources()
+        short = {k: (v, have.get(k, 0)) for k, v in self._needed().items() if v > have.get(k, 0)}
+        if short:
+            detail = ", ".join(f"{k}: needs {need:g}, has {got:g}" for k, (need, got) in short.items())
+            raise UserError(f"{self.config.workers} workers with resources_per_worker "
+                            f"{self.config.resources_per_worker} need more than the Ray cluster "
+                            f"has ({detail})", where="strategy.resources_per_worker",
+                            hint="lower strategy.workers or resources_per_worker, or add nodes")
+
+    def _run_actors(self, run):
+        import ray
+        from ray.util.placement_group import placement_group, remove_placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        from launcher.supervisor import Failure
+
+        self._check_resources()
+        n = self.config.workers
+        bundles = [dict(self.config.resources_per_worker) for _ in range(n)]
+        group = placement_group(bundles, strategy=self.config.placement.upper())
+        ready, _ = ray.wait([group.ready()], timeout=self.config.start_timeout)
+        if not ready:
+            remove_placement_group(group)
+            raise UserError(f"Ray could not place {n} workers with {bundles[0]} each within "
+                            f"strategy.start_timeout ({self.config.start_timeout:g}s)",
+                            where="strategy.resources_per_worker",
+                            hint="the cluster is busy or too small: see `ray status`")
+        actor_class = ray.remote(_WorkerActor)
+        options = {k: v for k, v in (("num_cpus", bundles[0].get("CPU", 0)),
+                                     ("num_gpus", bundles[0].get("GPU", 0)))}
+        custom = {k: v for k, v in bundles[0].items() if k not in ("CPU", "GPU")}
+        actors = [actor_class.options(
+            **options, resources=custom, max_restarts=0,
+            scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=r)
+        ).remote() for r in range(n)]
+        try:
+            peers = ray.get([actor.address.remote() for actor in actors],
+                            timeout=self.config.start_timeout)
+            plan = run.model_dump_json()
+            pending = {actor.train.remote(plan, r, peers): r for r, actor in enumerate(actors)}
+            while pending:
+                done, _ = ray.wait(list(pending), num_returns=1)
+                rank = pending.pop(done[0])
+                try:
+                    outcome = ray.get(done[0])
+                except ray.exceptions.RayActorError as err:
+                    return Failure(rank, f"rank {rank}'s actor died ({_first_line(err)})")
+                except ray.exceptions.RayTaskError as err:
+                    return Failure(rank, f"rank {rank} failed: {_first_line(err)}")
+                if outcome is not None:
+                    kind, message = outcome
+                    return Failure(rank, f"rank {rank}: {message}", user_error=kind == "user")
+            return None
+        finally:
+            for actor in actors:
+                ray.kill(actor)
+            remove_placement_group(group)
+
+
+def _first_line(err: Exception) -> str:
+    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+
+
+class _WorkerActor:
+    """One ktrain worker, living in its own Ray worker process."""
+
+    def address(self) -> str:
+        import ray
+
+        from strategies.multiworker import free_ports
+
+        return f"{ray.util.get_node_ip_address()}:{free_ports(1)[0]}"
+
+    def train(self, plan_json: str, rank: int, peers: list[str]):
+        """Run the worker; None on success, else (kind, message)."""
+        import strategies
+        from launcher.config import RunConfig
+        from launcher.errors import KtrainError, UserError
+        from launcher.worker import run_worker
+
+        os.environ.update({"KTRAIN_RANK": str(rank), "KTRAIN_WORLD_SIZE": str(len(peers)),
+                           "KTRAIN_LOCAL_RANK": "0", "KTRAIN_PEERS": ",".join(peers)})
+        run = RunConfig.model_validate_json(plan_json)
+        try:
+            run_worker(run, strategies.create(run.strategy))
+        except KtrainError as err:
+            return ("user" if isinstance(err, UserError) else "crash", err.render())
+        return None

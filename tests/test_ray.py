@@ -1,0 +1,72 @@
+"""The ray strategy on a real local Ray (loopback only, no dashboard)."""
+
+import json
+import os
+import re
+import signal
+import time
+
+import keras
+import numpy as np
+import pytest
+
+from helpers import base_config, run_cli, write_config
+
+pytest.importorskip("ray", reason="ray is not installed: bash scripts/setup.sh installs it")
+
+
+def ray_config(out, strategy=None, **sections):
+    config = base_config(out, **sections)
+    config["strategy"] = {"name": "ray", "workers": 2, **(strategy or {})}
+    return config
+
+
+def test_two_actors_match_one_process(tmp_path, single_process_run):
+    out = tmp_path / "out"
+    result = run_cli("run", write_config(tmp_path / "c.yaml", ray_config(out)))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "epoch 3/3" in result.stdout  # rank 0's progress reached the driver's console
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["strategy"], summary["world_size"], summary["epochs_completed"]) == ("ray", 2, 3)
+    reference = keras.saving.load_model(single_process_run("mlp") / "model.keras").get_weights()
+    for a, b in zip(reference, keras.saving.load_model(out / "model.keras").get_weights()):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_more_gpus_than_the_cluster_has_fails_fast(tmp_path):
+    config = ray_config(tmp_path / "out", {"workers": 1, "resources_per_worker": {"GPU": 3}},
+                        train={"global_batch_size": 64})
+    started = time.monotonic()
+    result = run_cli("run", write_config(tmp_path / "c.yaml", config), timeout=120)
+    assert time.monotonic() - started < 30
+    assert result.returncode == 2
+    assert "GPU: needs 3, has 0" in result.stderr and "strategy.resources_per_worker" in result.stderr
+
+
+def actor_pid(out, rank):
+    log = out / "logs" / f"rank-{rank}.log"
+    found = re.findall(r"rank \d of \d joined .*pid (\d+)", log.read_text()) if log.exists() else []
+    return int(found[-1]) if found else None
+
+
+@pytest.mark.parametrize("failures", [0, 1])
+def test_killed_actor_fails_clearly_or_restarts(tmp_path, background, failures):
+    out = tmp_path / "out"
+    epochs = 400 if failures == 0 else 40
+    config = write_config(tmp_path / "c.yaml", ray_config(out, {"max_failures": failures},
+                                                          train={"epochs": epochs}))
+    run = background("run", config)
+    run.wait_for(lambda: (out / "checkpoints" / "ckpt-000002.npz").exists() and actor_pid(out, 1),
+                 timeout=180)
+    os.kill(actor_pid(out, 1), signal.SIGKILL)
+    killed = time.monotonic()
+    run.process.wait(timeout=300)
+    output = run.process.stdout.read()
+    if failures == 0:
+        assert time.monotonic() - killed < 60
+        assert run.process.returncode == 1, output
+        assert "rank 1's actor died" in output
+    else:
+        assert run.process.returncode == 0, output
+        assert "restarting all workers from the newest checkpoint" in output
+        assert json.loads((out / "summary.json").read_text())["epochs_completed"] == epochs
