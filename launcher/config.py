@@ -11,7 +11,7 @@ from typing import Annotated, Any, Literal, Union
 
 import yaml
 from pydantic import (ConfigDict, Field, NonNegativeFloat, NonNegativeInt, PositiveFloat,
-                      PositiveInt, ValidationError, field_validator)
+                      PositiveInt, ValidationError, field_validator, model_validator)
 
 from launcher.errors import UserError
 from launcher.schema import Section
@@ -21,19 +21,47 @@ OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop", "adagrad", "adadelta", "adamax"
               "ftrl", "lion", "lamb", "adafactor")
 
 
+def _function_reference(value: str | None) -> str | None:
+    if value is not None:
+        where, _, name = value.rpartition(":")
+        if not where or not name.isidentifier():
+            raise ValueError(
+                f"'{value}' is not of the form 'file.py:function' or 'package.module:function'")
+    return value
+
+
 class FnSpec(Section):
     fn: str
     """``path/to/file.py:function`` or ``package.module:function``."""
     kwargs: dict[str, Any] = {}
 
-    @field_validator("fn")
-    @classmethod
-    def _has_function_part(cls, value: str) -> str:
-        where, _, name = value.rpartition(":")
-        if not where or not name.isidentifier():
-            raise ValueError(
-                f"'{value}' is not of the form 'file.py:function' or 'package.module:function'")
-        return value
+    _check_fn = field_validator("fn")(_function_reference)
+
+
+class DataSpec(Section):
+    """Either a data fn, or (with the spark strategy) a Parquet dataset or catalog table whose
+    partitions the workers train on."""
+
+    fn: str | None = None
+    kwargs: dict[str, Any] = {}
+    parquet: str | None = None
+    """Path or URL of a Parquet dataset, read by Spark."""
+    table: str | None = None
+    """A table in the Spark catalog."""
+    features: list[str] = []
+    """Columns that make up the feature vector, in order."""
+    label: str | None = None
+
+    _check_fn = field_validator("fn")(_function_reference)
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        sources = [k for k in ("fn", "parquet", "table") if getattr(self, k) is not None]
+        if len(sources) != 1:
+            raise ValueError(f"set exactly one of fn, parquet or table (got {sources or 'none'})")
+        if self.fn is None and (not self.features or not self.label):
+            raise ValueError("a parquet or table source needs features (column list) and label")
+        return self
 
 
 class OptimizerSpec(Section):
@@ -84,7 +112,7 @@ def _strategy_union():
 
 class RunConfig(Section):
     model: FnSpec
-    data: FnSpec
+    data: DataSpec
     train: TrainSpec
     strategy: _strategy_union() = Field(default_factory=lambda: next(iter(REGISTRY.values())).config_type())  # type: ignore[valid-type]
     checkpoint: CheckpointSpec = CheckpointSpec()
@@ -267,7 +295,9 @@ def _section_type(annotation, part, raw: dict):
 
 
 def _resolve_paths(config: RunConfig, base: Path) -> RunConfig:
-    def fn(spec: FnSpec) -> FnSpec:
+    def fn(spec):
+        if spec.fn is None:
+            return spec
         target, _, name = spec.fn.rpartition(":")
         if target.endswith(".py") or "/" in target:
             target = str((base / target).resolve())
@@ -279,6 +309,9 @@ def _resolve_paths(config: RunConfig, base: Path) -> RunConfig:
     checkpoint = config.checkpoint
     if checkpoint.resume not in ("auto", "never"):
         checkpoint = checkpoint.model_copy(update={"resume": local(checkpoint.resume)})
+    data = fn(config.data)
+    if data.parquet:
+        data = data.model_copy(update={"parquet": local(data.parquet)})
     return config.model_copy(update={
-        "model": fn(config.model), "data": fn(config.data), "checkpoint": checkpoint,
+        "model": fn(config.model), "data": data, "checkpoint": checkpoint,
         "output_dir": local(config.output_dir)})

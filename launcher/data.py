@@ -28,6 +28,18 @@ class Split:
 class Splits:
     train: Split
     validation: Split | None
+    partition_steps: int | None = None
+    """Set when this worker was handed its own partition (Spark DataFrame input): the data is
+    already this worker's share, and every worker takes this many steps per epoch."""
+
+
+def partition_splits(path: str, steps_per_epoch: int) -> Splits:
+    """This worker's partition, as written by the spark strategy's task (an .npz file)."""
+    with np.load(path) as arrays:
+        train = (arrays["x_train"], arrays["y_train"])
+        validation = (arrays["x_validation"], arrays["y_validation"])
+    val = _to_split(validation, "data") if len(validation[1]) else None
+    return Splits(_to_split(train, "data"), val, steps_per_epoch)
 
 
 def to_splits(result: Any, validation_split: float, key: str = "data.fn") -> Splits:
@@ -98,14 +110,16 @@ def _dataset_split(dataset: tf.data.Dataset, key: str) -> Split:
 
 def training_batches(split: Split, *, global_batch_size: int, rank: int, world_size: int,
                      shuffle: bool, shuffle_buffer: int, seed: int,
-                     first_epoch: int, epochs: int) -> tuple[tf.data.Dataset, int]:
+                     first_epoch: int, epochs: int,
+                     partition_steps: int | None = None) -> tuple[tf.data.Dataset, int]:
     """Every remaining epoch of this worker's batches, in one dataset; and steps per epoch.
 
     Each epoch is shuffled with a seed derived from (seed, epoch), then sharded interleaved
     (worker r takes elements r, r+N, ...), so the union of the workers' batches is the same
-    global batch a single worker would take.
+    global batch a single worker would take. With ``partition_steps`` the split is already
+    this worker's own partition: it is not sharded again, and yields that many steps.
     """
-    steps = split.size // global_batch_size
+    steps = partition_steps if partition_steps is not None else split.size // global_batch_size
     if steps == 0:
         raise UserError(f"the training data has {split.size} examples, fewer than "
                         f"train.global_batch_size {global_batch_size}",
@@ -121,7 +135,7 @@ def training_batches(split: Split, *, global_batch_size: int, rank: int, world_s
             # function's graph gets its own graph-level seed (never 0, which TF special-cases).
             tf.compat.v1.get_default_graph().seed = seed % (2**31 - 2) + 1
             data = data.shuffle(buffer, seed=epoch, reshuffle_each_iteration=False)
-        if world_size > 1:
+        if world_size > 1 and partition_steps is None:
             data = data.shard(world_size, rank)
         return data.batch(local_batch, drop_remainder=True).take(steps)
 
@@ -130,6 +144,7 @@ def training_batches(split: Split, *, global_batch_size: int, rank: int, world_s
 
 
 def evaluation_batches(split: Split, *, global_batch_size: int, rank: int,
-                       world_size: int) -> tf.data.Dataset:
-    data = split.dataset.shard(world_size, rank) if world_size > 1 else split.dataset
+                       world_size: int, partitioned: bool = False) -> tf.data.Dataset:
+    sharded = world_size > 1 and not partitioned
+    data = split.dataset.shard(world_size, rank) if sharded else split.dataset
     return data.batch(global_batch_size // world_size).prefetch(tf.data.AUTOTUNE)

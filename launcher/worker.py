@@ -19,7 +19,8 @@ from launcher.checkpoint import CheckpointStore, TrainingState, load_checkpoint_
 from launcher.collectives import (GlobalMetrics, broadcast_variables, distribute_optimizer,
                                   undistribute)
 from launcher.config import RunConfig, TrainSpec
-from launcher.data import Splits, evaluation_batches, to_splits, training_batches
+from launcher.data import (Splits, evaluation_batches, partition_splits, to_splits,
+                           training_batches)
 from launcher.errors import UserError
 from launcher.output import RunOutput
 from launcher.supervisor import mark
@@ -39,13 +40,12 @@ class TrainingFailed(UserError):
 
 def run_worker(run: RunConfig, strategy: Strategy) -> RunResult:
     session = strategy.open_session()
-    data_fn = load_function(run.data.fn, "data.fn", run.base_dir)
     model_fn = load_function(run.model.fn, "model.fn", run.base_dir)
     keras.utils.set_random_seed(run.train.seed)
     if run.train.precision != "float32":
         keras.mixed_precision.set_global_policy(run.train.precision)
 
-    splits = to_splits(call_user(data_fn, run.data.kwargs, "data.fn"), run.train.validation_split)
+    splits = _load_data(run)
     with session.scope():
         model = call_user(model_fn, run.model.kwargs, "model.fn")
         _check_model(model)
@@ -63,9 +63,25 @@ def run_worker(run: RunConfig, strategy: Strategy) -> RunResult:
         _restore(model, state)
     if session.communicator is not None:
         joined = _join_group(run, session, model)
-        print(joined, flush=True) if not session.is_chief else console.info(joined)
+        console.info(joined)
         output.log(joined)
     return _fit(run, session, model, splits, output, store, state)
+
+
+PARTITION_ENV = "KTRAIN_DATA_PARTITION"
+"""path:steps of this worker's own data partition, set by the spark strategy's tasks."""
+
+
+def _load_data(run: RunConfig) -> Splits:
+    if os.environ.get(PARTITION_ENV):
+        path, _, steps = os.environ[PARTITION_ENV].rpartition(":")
+        return partition_splits(path, int(steps))
+    if run.data.fn is None:
+        raise UserError("data.parquet and data.table are read by Spark, so they need the spark "
+                        "strategy", where="data",
+                        hint="use strategy.name: spark, or point data.fn at a function")
+    data_fn = load_function(run.data.fn, "data.fn", run.base_dir)
+    return to_splits(call_user(data_fn, run.data.kwargs, "data.fn"), run.train.validation_split)
 
 
 def _join_group(run: RunConfig, session: Session, model: keras.Model) -> str:
@@ -190,6 +206,7 @@ class _RunRecorder(keras.callbacks.Callback):
         self.run, self.output, self.store = run, output, store
         self.history, self.session = history, session
         self.first_step_done: float | None = None
+        self.first_step_unix_time: float | None = None
         self.steps = 0
         self._epoch_started = 0.0
         self._config_written = False
@@ -198,6 +215,7 @@ class _RunRecorder(keras.callbacks.Callback):
         self.steps += 1
         if self.first_step_done is None:
             self.first_step_done = time.perf_counter()
+            self.first_step_unix_time = time.time()
 
     def on_epoch_begin(self, epoch, logs=None):
         self._epoch_started = time.perf_counter()
@@ -238,16 +256,18 @@ def _fit(run: RunConfig, session: Session, model: keras.Model, splits: Splits,
         splits.train, global_batch_size=train.global_batch_size, rank=session.rank,
         world_size=session.world_size, shuffle=train.shuffle,
         shuffle_buffer=train.shuffle_buffer, seed=train.seed, first_epoch=first_epoch,
-        epochs=max(train.epochs, first_epoch))
+        epochs=max(train.epochs, first_epoch), partition_steps=splits.partition_steps)
+    partitioned = splits.partition_steps is not None
     validation = splits.validation and evaluation_batches(
         splits.validation, global_batch_size=train.global_batch_size, rank=session.rank,
-        world_size=session.world_size)
+        world_size=session.world_size, partitioned=partitioned)
     recorder = _RunRecorder(run, output, store, history, session)
     callbacks = [recorder, *_optional_callbacks(run, session, steps)]
     if session.communicator is not None:  # first, so the others see global metrics
         callbacks.insert(0, GlobalMetrics(
             session.communicator, steps * train.global_batch_size // session.world_size,
-            _shard_size(splits.validation.size if splits.validation else 0, session)))
+            _shard_size(splits.validation.size if splits.validation else 0, session,
+                        partitioned)))
     fit_started = time.perf_counter()
     if first_epoch < train.epochs:
         try:
@@ -274,9 +294,9 @@ def _fit(run: RunConfig, session: Session, model: keras.Model, splits: Splits,
     return RunResult(summary, model)
 
 
-def _shard_size(size: int, session: Session) -> int:
-    """Examples worker ``rank`` gets when ``size`` are dealt out interleaved."""
-    return len(range(session.rank, size, session.world_size))
+def _shard_size(size: int, session: Session, partitioned: bool) -> int:
+    """Examples this worker evaluates: all of its partition, or its interleaved share."""
+    return size if partitioned else len(range(session.rank, size, session.world_size))
 
 
 class _ScaledLearningRate(keras.callbacks.Callback):
@@ -342,6 +362,7 @@ def _summary(run, session, recorder, history, first_epoch, fit_started, fit_ende
         "time_to_first_step_seconds": round(first_step, 3) if first_step else None,
         "seconds_to_first_step_since_start": (
             round(recorder.first_step_done - STARTED_AT, 3) if first_step else None),
+        "first_step_unix_time": recorder.first_step_unix_time,
         "wall_seconds": round(time.perf_counter() - STARTED_AT, 3),
         "model_path": model_path,
     }

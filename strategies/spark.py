@@ -76,6 +76,9 @@ class SparkStrategy(MultiProcessStrategy):
         active = SparkSession.getActiveSession()
         if active is not None:
             return active, False
+        if self.config.master is None and os.environ.get("PYSPARK_GATEWAY_PORT"):
+            # Under spark-submit: its --master and --conf already configure the session.
+            return SparkSession.builder.appName("ktrain").getOrCreate(), False
         master = self.config.master or f"local[{self.config.workers}]"
         builder = SparkSession.builder.master(master).appName("ktrain") \
             .config("spark.ui.showConsoleProgress", "false")
@@ -98,11 +101,16 @@ class SparkStrategy(MultiProcessStrategy):
         from launcher.supervisor import Failure
 
         n = self.config.workers
-        task = _barrier_task(run.model_dump_json(), run.output_dir)
+        if run.data.fn is None:  # each task trains on its partition of the DataFrame
+            columns = (list(run.data.features), run.data.label, run.train.global_batch_size)
+            partitions = _dataframe(spark, run, n).rdd
+        else:  # each task runs the data fn and keeps its interleaved shard
+            columns, partitions = None, spark.sparkContext.parallelize(range(n), n)
+        task = _barrier_task(run.model_dump_json(), run.output_dir, columns)
         console.info(f"training on {n} Spark barrier tasks ({spark.sparkContext.master}); "
                      f"each rank logs to {run.output_dir}/logs/rank-<r>.log")
         try:
-            spark.sparkContext.parallelize(range(n), n).barrier().mapPartitions(task).collect()
+            partitions.barrier().mapPartitions(task).collect()
             return None
         except Py4JJavaError as err:
             text = str(err)
@@ -121,26 +129,72 @@ class SparkStrategy(MultiProcessStrategy):
                            log=f"{run.output_dir}/logs/rank-{rank}.log")
 
 
-def _barrier_task(plan_json: str, output_dir: str):
-    """The function each barrier task runs (pickled to the executors)."""
+_VALIDATION_COLUMN = "_ktrain_validation"
 
-    def run(_):
+
+def _dataframe(spark, run, partitions: int):
+    """The data.parquet / data.table source: feature and label columns, a validation flag
+    drawn with the run's seed, in one partition per worker."""
+    from pyspark.sql import functions
+
+    data = run.data
+    source = spark.read.parquet(data.parquet) if data.parquet else spark.table(data.table)
+    wanted = [*data.features, data.label]
+    missing = [c for c in wanted if c not in source.columns]
+    if missing:
+        raise UserError(f"column(s) {missing} are not in {data.parquet or data.table}",
+                        where="data.features" if data.label not in missing else "data.label",
+                        hint=f"its columns are: {', '.join(source.columns)}")
+    flag = functions.rand(run.train.seed) < run.train.validation_split
+    return source.select(*wanted).withColumn(_VALIDATION_COLUMN, flag).repartition(partitions)
+
+
+def _write_partition(rows, columns, path: str) -> int:
+    """Save this task's rows as the arrays a worker trains on; return its training rows."""
+    import numpy as np
+
+    features, label, _ = columns
+    rows = list(rows)
+    x = np.array([[row[c] for c in features] for row in rows], dtype=np.float32).reshape(
+        len(rows), len(features))
+    y = np.array([row[label] for row in rows])
+    held_out = np.array([bool(row[_VALIDATION_COLUMN]) for row in rows], dtype=bool)
+    np.savez(path, x_train=x[~held_out], y_train=y[~held_out], x_validation=x[held_out],
+             y_validation=y[held_out])
+    return int((~held_out).sum())
+
+
+def _barrier_task(plan_json: str, output_dir: str, columns=None):
+    """The function each barrier task runs (pickled to the executors). With ``columns``
+    (features, label, global batch size) the task's rows are its worker's data."""
+
+    def run(rows):
+        import tempfile
         from collections import deque
 
         import fsspec
         from pyspark import BarrierTaskContext
 
         from launcher.supervisor import captured_output_env, describe_exit, die_with_parent
+        from launcher.worker import PARTITION_ENV
         from strategies.multiworker import free_ports
 
         context = BarrierTaskContext.get()
         rank = context.partitionId()
         infos = context.getTaskInfos()
         host = infos[rank].address.rsplit(":", 1)[0]
-        peers = context.allGather(f"{host}:{free_ports(1)[0]}")
+        scratch = tempfile.mkdtemp(prefix="ktrain-partition-")
+        partition = os.path.join(scratch, "data.npz")
+        examples = _write_partition(rows, columns, partition) if columns else 0
+        gathered = [g.split("|") for g in
+                    context.allGather(f"{host}:{free_ports(1)[0]}|{examples}")]
+        peers = [address for address, _ in gathered]
         env = {**os.environ, "KTRAIN_PLAN": plan_json, "KTRAIN_RANK": str(rank),
                "KTRAIN_WORLD_SIZE": str(len(infos)), "KTRAIN_LOCAL_RANK": "0",
                "KTRAIN_PEERS": ",".join(peers), **captured_output_env()}
+        if columns:  # every worker takes as many steps as the smallest partition allows
+            steps = min(int(n) for _, n in gathered) // (columns[2] // len(infos))
+            env[PARTITION_ENV] = f"{partition}:{steps}"
         gpus = context.resources().get("gpu")
         if gpus is not None:  # Spark's GPU scheduling picked this task's GPUs
             env["CUDA_VISIBLE_DEVICES"] = ",".join(gpus.addresses)
@@ -156,6 +210,7 @@ def _barrier_task(plan_json: str, output_dir: str):
                 log.flush()
                 tail.append(line.rstrip("\n"))
             code = process.wait()
+        shutil.rmtree(scratch, ignore_errors=True)
         if code != 0:
             kind = "user" if code == 2 else "crash"
             raise RuntimeError(f"KTRAIN_FAILURE {rank} {kind} rank {rank} {describe_exit(code)}\n"

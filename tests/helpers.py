@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -89,3 +90,22 @@ class Background:
         except ProcessLookupError:
             pass
         self.process.communicate()
+
+
+def worker_pid(out: Path, rank: int) -> int | None:
+    """The pid a worker logged when it joined its group (see launcher.worker)."""
+    log = out / "logs" / f"rank-{rank}.log"
+    found = re.findall(r"rank \d+ of \d+ joined .*pid (\d+)", log.read_text()) if log.exists() else []
+    return int(found[-1]) if found else None
+
+
+def kill_rank_one_mid_training(background, config: Path, out: Path) -> tuple[int, str, float]:
+    """Start `ktrain run`, SIGKILL rank 1 once epoch 2 is checkpointed; return ktrain's exit
+    status, its output and how many seconds it took to exit after the kill."""
+    run = background("run", config)
+    run.wait_for(lambda: (out / "checkpoints" / "ckpt-000002.npz").exists() and worker_pid(out, 1),
+                 timeout=180)
+    os.kill(worker_pid(out, 1), signal.SIGKILL)
+    killed = time.monotonic()
+    run.process.wait(timeout=300)
+    return run.process.returncode, run.process.stdout.read(), time.monotonic() - killed

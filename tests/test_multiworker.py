@@ -2,16 +2,13 @@
 restarts."""
 
 import json
-import os
-import re
-import signal
 import time
 
 import keras
 import numpy as np
 import pytest
 
-from helpers import FIXTURES, base_config, run_cli, write_config
+from helpers import FIXTURES, base_config, kill_rank_one_mid_training, run_cli, write_config
 
 RANK_DEPENDENT = FIXTURES.parent / "rank_dependent.py"
 
@@ -63,28 +60,12 @@ def test_two_workers_match_one_process(tmp_path, model_fn, transport, single_pro
     assert (two / "logs" / "rank-1.log").exists()
 
 
-def worker_pid(out, rank: int) -> int | None:
-    log = out / "logs" / f"rank-{rank}.log"
-    found = re.findall(r"rank \d of \d joined .*pid (\d+)", log.read_text()) if log.exists() else []
-    return int(found[-1]) if found else None
-
-
-def checkpoint_exists(out, epoch):
-    return (out / "checkpoints" / f"ckpt-{epoch:06d}.npz").exists()
-
-
 @pytest.mark.parametrize("transport", TRANSPORTS)
 def test_killed_worker_stops_the_group_with_a_root_cause(tmp_path, background, transport):
     out = tmp_path / "out"
     config = write_config(tmp_path / "c.yaml", multiworker(out, transport, train={"epochs": 400}))
-    run = background("run", config)
-    run.wait_for(lambda: checkpoint_exists(out, 2) and worker_pid(out, 1))
-    os.kill(worker_pid(out, 1), signal.SIGKILL)
-    killed_at = time.monotonic()
-    run.process.wait(timeout=60)
-    assert time.monotonic() - killed_at < 30
-    output = run.process.stdout.read()
-    assert run.process.returncode == 1
+    code, output, seconds = kill_rank_one_mid_training(background, config, out)
+    assert seconds < 30 and code == 1, output[-3000:]
     assert "rank 1 was killed by SIGKILL" in output and "last lines of its log" in output, output[-3000:]
     assert "rank-1.log" in output and "strategy.max_restarts" in output
 
@@ -93,12 +74,8 @@ def test_max_restarts_resumes_the_group_and_completes(tmp_path, background):
     out = tmp_path / "out"
     config = write_config(tmp_path / "c.yaml", multiworker(out, {"max_restarts": 1},
                                                            train={"epochs": 60}))
-    run = background("run", config)
-    run.wait_for(lambda: checkpoint_exists(out, 2) and worker_pid(out, 1))
-    os.kill(worker_pid(out, 1), signal.SIGKILL)
-    run.process.wait(timeout=240)
-    output = run.process.stdout.read()
-    assert run.process.returncode == 0, output
+    code, output, _ = kill_rank_one_mid_training(background, config, out)
+    assert code == 0, output
     assert "rank 1 was killed by SIGKILL; restarting all workers" in output
     assert "resuming from the checkpoint after epoch" in output
     summary = json.loads((out / "summary.json").read_text())
@@ -127,3 +104,16 @@ def test_rank_that_never_joins_fails_at_the_start_deadline(tmp_path):
     assert result.returncode == 1
     assert "rank(s) [1] did not arrive within strategy.start_timeout (15s)" in result.stderr
     assert "rank-1.log" in result.stderr
+
+
+def test_checkpoint_from_two_workers_resumes_under_mirrored(tmp_path):
+    out = tmp_path / "out"
+    two = write_config(tmp_path / "two.yaml", multiworker(out, train={"epochs": 2}))
+    assert run_cli("run", two, "-q").returncode == 0
+    one = write_config(tmp_path / "one.yaml", base_config(out, train={"epochs": 4}))
+    result = run_cli("run", one)
+    assert result.returncode == 0, result.stderr
+    assert "resuming from the checkpoint after epoch 2" in result.stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["strategy"], summary["epochs_completed"], summary["resumed_from_epoch"]) == (
+        "mirrored", 4, 2)

@@ -1,16 +1,13 @@
 """The ray strategy on a real local Ray (loopback only, no dashboard)."""
 
 import json
-import os
-import re
-import signal
 import time
 
 import keras
 import numpy as np
 import pytest
 
-from helpers import base_config, run_cli, write_config
+from helpers import base_config, kill_rank_one_mid_training, run_cli, write_config
 
 pytest.importorskip("ray", reason="ray is not installed: bash scripts/setup.sh installs it")
 
@@ -43,10 +40,6 @@ def test_more_gpus_than_the_cluster_has_fails_fast(tmp_path):
     assert "GPU: needs 3, has 0" in result.stderr and "strategy.resources_per_worker" in result.stderr
 
 
-def actor_pid(out, rank):
-    log = out / "logs" / f"rank-{rank}.log"
-    found = re.findall(r"rank \d of \d joined .*pid (\d+)", log.read_text()) if log.exists() else []
-    return int(found[-1]) if found else None
 
 
 @pytest.mark.parametrize("failures", [0, 1])
@@ -55,18 +48,12 @@ def test_killed_actor_fails_clearly_or_restarts(tmp_path, background, failures):
     epochs = 400 if failures == 0 else 40
     config = write_config(tmp_path / "c.yaml", ray_config(out, {"max_failures": failures},
                                                           train={"epochs": epochs}))
-    run = background("run", config)
-    run.wait_for(lambda: (out / "checkpoints" / "ckpt-000002.npz").exists() and actor_pid(out, 1),
-                 timeout=180)
-    os.kill(actor_pid(out, 1), signal.SIGKILL)
-    killed = time.monotonic()
-    run.process.wait(timeout=300)
-    output = run.process.stdout.read()
+    code, output, seconds = kill_rank_one_mid_training(background, config, out)
     if failures == 0:
-        assert time.monotonic() - killed < 60
-        assert run.process.returncode == 1, output
+        assert seconds < 60
+        assert code == 1, output
         assert "rank 1's actor died" in output
     else:
-        assert run.process.returncode == 0, output
+        assert code == 0, output
         assert "restarting all workers from the newest checkpoint" in output
         assert json.loads((out / "summary.json").read_text())["epochs_completed"] == epochs

@@ -1,16 +1,12 @@
 """The spark strategy on a real local Spark (local[2], loopback only)."""
 
 import json
-import os
-import re
-import signal
-import time
 
 import keras
 import numpy as np
 import pytest
 
-from helpers import FIXTURES, base_config, run_cli, write_config
+from helpers import FIXTURES, base_config, kill_rank_one_mid_training, run_cli, write_config
 
 pytest.importorskip("pyspark", reason="pyspark is not installed: bash scripts/setup.sh installs it")
 
@@ -41,10 +37,6 @@ def test_too_few_slots_for_the_barrier_stage(tmp_path):
     assert "a barrier stage of 4 tasks needs 4 task slots; local[2] has 2" in result.stderr
 
 
-def worker_pid(out, rank):
-    log = out / "logs" / f"rank-{rank}.log"
-    found = re.findall(r"rank \d of \d joined .*pid (\d+)", log.read_text()) if log.exists() else []
-    return int(found[-1]) if found else None
 
 
 @pytest.mark.parametrize("restarts", [0, 1])
@@ -53,18 +45,60 @@ def test_killed_task_fails_clearly_or_restarts(tmp_path, background, restarts):
     epochs = 400 if restarts == 0 else 40
     config = write_config(tmp_path / "c.yaml", spark(out, {"max_restarts": restarts},
                                                       train={"epochs": epochs}))
-    run = background("run", config)
-    run.wait_for(lambda: (out / "checkpoints" / "ckpt-000002.npz").exists() and worker_pid(out, 1),
-                 timeout=180)
-    os.kill(worker_pid(out, 1), signal.SIGKILL)
-    killed = time.monotonic()
-    run.process.wait(timeout=300)
-    output = run.process.stdout.read()
+    code, output, seconds = kill_rank_one_mid_training(background, config, out)
     if restarts == 0:
-        assert time.monotonic() - killed < 60
-        assert run.process.returncode == 1, output
+        assert seconds < 60
+        assert code == 1, output
         assert "rank 1 was killed by SIGKILL" in output and "rank-1.log" in output
     else:
-        assert run.process.returncode == 0, output
+        assert code == 0, output
         assert "restarting all workers from the newest checkpoint" in output
         assert json.loads((out / "summary.json").read_text())["epochs_completed"] == epochs
+
+
+@pytest.fixture
+def digits_parquet(tmp_path):
+    import pandas as pd
+
+    from launcher.userfn import load_function
+
+    x, y = load_function(f"{FIXTURES}:digits", "data.fn", str(tmp_path))()
+    frame = pd.DataFrame(x, columns=[f"p{i}" for i in range(64)]).assign(label=y)
+    frame.to_parquet(tmp_path / "digits.parquet")
+    return tmp_path / "digits.parquet"
+
+
+def test_parquet_partitions_train_as_well_as_the_array_path(tmp_path, digits_parquet):
+    train = {"epochs": 15, "validation_split": 0.2, "seed": 0,
+             "optimizer": {"name": "adam", "learning_rate": 0.003}}
+    model = {"fn": f"{FIXTURES}:mlp", "kwargs": {"hidden": 64}}
+    arrays = base_config(tmp_path / "arrays", model=model, train=train,
+                         data={"fn": f"{FIXTURES}:digits"})
+    partitions = spark(tmp_path / "parquet", model=model, train=train)
+    partitions["data"] = {"parquet": str(digits_parquet), "label": "label",
+                          "features": [f"p{i}" for i in range(64)]}
+    accuracy = {}
+    for name, config in (("arrays", arrays), ("parquet", partitions)):
+        result = run_cli("run", write_config(tmp_path / f"{name}.yaml", config), "-q")
+        assert result.returncode == 0, result.stdout + result.stderr
+        summary = json.loads((tmp_path / name / "summary.json").read_text())
+        accuracy[name] = summary["final_metrics"]["val_accuracy"]
+    assert accuracy["parquet"] >= 0.9 and accuracy["arrays"] >= 0.9
+    assert abs(accuracy["parquet"] - accuracy["arrays"]) < 0.05
+
+
+def test_parquet_column_that_does_not_exist(tmp_path, digits_parquet):
+    config = spark(tmp_path / "out")
+    config["data"] = {"parquet": str(digits_parquet), "label": "digit",
+                      "features": ["p0", "p1"]}
+    result = run_cli("run", write_config(tmp_path / "c.yaml", config))
+    assert result.returncode == 2
+    assert "data.label: column(s) ['digit'] are not in" in result.stderr
+    assert "p63, label" in result.stderr
+
+
+def test_parquet_input_needs_the_spark_strategy(tmp_path, digits_parquet):
+    config = base_config(tmp_path / "out")
+    config["data"] = {"parquet": str(digits_parquet), "label": "label", "features": ["p0"]}
+    result = run_cli("run", write_config(tmp_path / "c.yaml", config))
+    assert result.returncode == 2 and "need the spark strategy" in result.stderr
