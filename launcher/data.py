@@ -63,6 +63,37 @@ def to_splits(result: Any, validation_split: float, key: str = "data.fn") -> Spl
     return Splits(train, None)
 
 
+def is_ray_dataset(value: Any) -> bool:
+    return type(value).__module__.startswith("ray.data")
+
+
+def ray_dataset_splits(dataset: Any, *, features: list[str], label: str | None, rank: int,
+                       world_size: int, validation_split: float,
+                       global_batch_size: int) -> Splits:
+    """This worker's equal split of a ``ray.data.Dataset``, as arrays.
+
+    Every worker computes the same split and keeps its own part, so the workers take the same
+    number of steps; the last ``validation_split`` of each part is held out.
+    """
+    if not features or not label:
+        raise UserError("the data fn returned a ray.data.Dataset but data.features and "
+                        "data.label are not set", where="data",
+                        hint="name the feature columns and the label column, e.g. "
+                             "features: [x0, x1], label: y")
+    part = dataset.split(world_size, equal=True)[rank] if world_size > 1 else dataset
+    frame = part.to_pandas()
+    missing = [c for c in [*features, label] if c not in frame.columns]
+    if missing:
+        raise UserError(f"column(s) {missing} are not in the ray.data.Dataset",
+                        where="data.features", hint=f"its columns are: {', '.join(frame.columns)}")
+    x = frame[features].to_numpy(dtype=np.float32)
+    y = frame[label].to_numpy()
+    n_train = len(y) - int(len(y) * validation_split)
+    validation = _to_split((x[n_train:], y[n_train:]), "data.fn") if n_train < len(y) else None
+    return Splits(_to_split((x[:n_train], y[:n_train]), "data.fn"), validation,
+                  n_train // (global_batch_size // world_size))
+
+
 def _to_split(value: Any, key: str) -> Split:
     if isinstance(value, tf.data.Dataset):
         return _dataset_split(value, key)

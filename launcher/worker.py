@@ -19,8 +19,8 @@ from launcher.checkpoint import CheckpointStore, TrainingState, load_checkpoint_
 from launcher.collectives import (GlobalMetrics, broadcast_variables, distribute_optimizer,
                                   undistribute)
 from launcher.config import RunConfig, TrainSpec
-from launcher.data import (Splits, evaluation_batches, partition_splits, to_splits,
-                           training_batches)
+from launcher.data import (Splits, evaluation_batches, is_ray_dataset, partition_splits,
+                           ray_dataset_splits, to_splits, training_batches)
 from launcher.errors import UserError
 from launcher.output import RunOutput
 from launcher.supervisor import mark
@@ -45,7 +45,7 @@ def run_worker(run: RunConfig, strategy: Strategy) -> RunResult:
     if run.train.precision != "float32":
         keras.mixed_precision.set_global_policy(run.train.precision)
 
-    splits = _load_data(run)
+    splits = _load_data(run, session)
     with session.scope():
         model = call_user(model_fn, run.model.kwargs, "model.fn")
         _check_model(model)
@@ -72,7 +72,7 @@ PARTITION_ENV = "KTRAIN_DATA_PARTITION"
 """path:steps of this worker's own data partition, set by the spark strategy's tasks."""
 
 
-def _load_data(run: RunConfig) -> Splits:
+def _load_data(run: RunConfig, session: Session) -> Splits:
     if os.environ.get(PARTITION_ENV):
         path, _, steps = os.environ[PARTITION_ENV].rpartition(":")
         return partition_splits(path, int(steps))
@@ -81,7 +81,13 @@ def _load_data(run: RunConfig) -> Splits:
                         "strategy", where="data",
                         hint="use strategy.name: spark, or point data.fn at a function")
     data_fn = load_function(run.data.fn, "data.fn", run.base_dir)
-    return to_splits(call_user(data_fn, run.data.kwargs, "data.fn"), run.train.validation_split)
+    result = call_user(data_fn, run.data.kwargs, "data.fn")
+    if is_ray_dataset(result):
+        return ray_dataset_splits(
+            result, features=list(run.data.features), label=run.data.label, rank=session.rank,
+            world_size=session.world_size, validation_split=run.train.validation_split,
+            global_batch_size=run.train.global_batch_size)
+    return to_splits(result, run.train.validation_split)
 
 
 def _join_group(run: RunConfig, session: Session, model: keras.Model) -> str:

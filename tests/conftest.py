@@ -1,8 +1,12 @@
 """Fixtures shared by the tests."""
 
-import pytest
+import os
 
-from helpers import FIXTURES, Background, base_config, run_cli, write_config
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before any test module imports TensorFlow
+
+import pytest  # noqa: E402
+
+from helpers import FIXTURES, Background, base_config, run_cli, write_config  # noqa: E402
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ import keras
 import numpy as np
 import pytest
 
-from helpers import base_config, kill_rank_one_mid_training, run_cli, write_config
+from helpers import FIXTURES, base_config, kill_rank_one_mid_training, run_cli, write_config
 
 pytest.importorskip("ray", reason="ray is not installed: bash scripts/setup.sh installs it")
 
@@ -57,3 +57,16 @@ def test_killed_actor_fails_clearly_or_restarts(tmp_path, background, failures):
         assert code == 0, output
         assert "restarting all workers from the newest checkpoint" in output
         assert json.loads((out / "summary.json").read_text())["epochs_completed"] == epochs
+
+
+def test_each_actor_trains_on_its_split_of_a_ray_dataset(tmp_path):
+    out = tmp_path / "out"
+    config = ray_config(out, train={"epochs": 15, "validation_split": 0.2, "seed": 0,
+                                    "optimizer": {"name": "adam", "learning_rate": 0.003}},
+                        model={"fn": f"{FIXTURES}:mlp", "kwargs": {"hidden": 64}})
+    config["data"] = {"fn": f"{FIXTURES}:digits_ray_dataset", "label": "label",
+                      "features": [f"p{i}" for i in range(64)]}
+    result = run_cli("run", write_config(tmp_path / "c.yaml", config), "-q")
+    assert result.returncode == 0, result.stdout + result.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["final_metrics"]["val_accuracy"] >= 0.9
