@@ -14,8 +14,11 @@ tensors, next to a raw mpi4py Allreduce on the same machine.
 --workers: samples/s and time-to-first-step (from launch) of a config with 1 process (mirrored)
 and with 2 workers under multiworker, spark and ray.
 
+--ray-train: ktrain's ray strategy (1 worker) next to Ray Train's own TensorflowTrainer.
+
     python scripts/bench.py --allreduce
     python scripts/bench.py --workers configs/synthetic.yaml
+    python scripts/bench.py --ray-train configs/quickstart.yaml
 """
 
 from __future__ import annotations
@@ -225,6 +228,78 @@ def bench_workers(config: str, overrides: list[str]) -> None:
         print(f"| {label} | {speed:.1f} | {speed / rows[0][1]:.2f} | {first:.1f} |")
 
 
+def ray_train_tensorflow(config_path: str, overrides: list[str]) -> dict:
+    """Ray Train's own TensorflowTrainer with one worker on the config's model and data
+    (its multi-worker path fails on Keras 3, ray-project/ray#47464)."""
+    import ray
+    from ray.train import RunConfig as RayRunConfig
+    from ray.train import ScalingConfig
+    from ray.train.tensorflow import TensorflowTrainer
+
+    from launcher.config import load_config
+
+    run = load_config(config_path, overrides)
+    launched = time.time()
+
+    def loop(_):
+        import keras
+
+        from launcher.userfn import load_function
+        from launcher.worker import compile_from_config
+
+        keras.utils.set_random_seed(run.train.seed)
+        data = load_function(run.data.fn, "data.fn", run.base_dir)(**run.data.kwargs)
+        x, y = data["train"] if isinstance(data, dict) else data
+        model = load_function(run.model.fn, "model.fn", run.base_dir)(**run.model.kwargs)
+        if not model.compiled:
+            compile_from_config(model, run.train)
+        first = {}
+
+        class FirstStep(keras.callbacks.Callback):
+            def on_train_batch_end(self, batch, logs=None):
+                first.setdefault("perf", time.perf_counter())
+                first.setdefault("unix", time.time())
+
+        model.fit(x, y, batch_size=run.train.global_batch_size, epochs=run.train.epochs,
+                  shuffle=run.train.shuffle, verbose=0, callbacks=[FirstStep()])
+        seconds = time.perf_counter() - first["perf"]
+        samples = len(y) * run.train.epochs - run.train.global_batch_size
+        ray.train.report({"samples_per_second": samples / seconds,
+                          "first_step_unix_time": first["unix"]})
+
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, _node_ip_address="127.0.0.1",
+             logging_level="ERROR")
+    try:
+        with tempfile.TemporaryDirectory() as storage:
+            result = TensorflowTrainer(loop, scaling_config=ScalingConfig(num_workers=1),
+                                       run_config=RayRunConfig(storage_path=storage)).fit()
+    finally:
+        ray.shutdown()
+    return {"samples_per_second": result.metrics["samples_per_second"],
+            "first_step": result.metrics["first_step_unix_time"] - launched}
+
+
+def bench_ray_train(config: str, overrides: list[str]) -> None:
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for label, strategy in (("ktrain ray, 1 worker", "{name: ray, workers: 1}"),
+                                ("ktrain multiworker, 1 worker", "{name: multiworker, workers: 1}")):
+            launched = time.time()
+            summary = _ktrain(config, [*overrides, f"strategy={strategy}"],
+                              os.path.join(tmp, str(len(rows))))
+            rows.append((label, summary["samples_per_second"],
+                         summary["first_step_unix_time"] - launched))
+    result = subprocess.run([sys.executable, __file__, "--ray-train-worker", config, *overrides],
+                            check=True, cwd=REPO, env=_env(), capture_output=True, text=True)
+    measured = json.loads(result.stdout.strip().splitlines()[-1])
+    rows.append(("Ray Train TensorflowTrainer, 1 worker", measured["samples_per_second"],
+                 measured["first_step"]))
+    print("| run | samples/s | ratio to Ray Train | first step after launch (s) |")
+    print("|---|---|---|---|")
+    for label, speed, first in rows:
+        print(f"| {label} | {speed:.1f} | {speed / rows[-1][1]:.2f} | {first:.1f} |")
+
+
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--plain":
         print(json.dumps(plain_keras(sys.argv[2], sys.argv[3:])))
@@ -232,11 +307,16 @@ def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--allreduce-worker":
         allreduce_worker(sys.argv[2])
         return
+    if len(sys.argv) > 1 and sys.argv[1] == "--ray-train-worker":
+        print(json.dumps(ray_train_tensorflow(sys.argv[2], sys.argv[3:])))
+        return
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("configs", nargs="*")
     parser.add_argument("--allreduce", action="store_true", help="communicator bandwidth")
     parser.add_argument("--workers", action="store_true", help="1 vs 2 worker processes")
+    parser.add_argument("--ray-train", action="store_true",
+                        help="ktrain's ray strategy next to Ray Train's TensorflowTrainer")
     parser.add_argument("--set", action="append", default=[], metavar="key.path=value",
                         help="override applied to both runs of every config")
     parser.add_argument("--repeats", type=int, default=1)
@@ -246,7 +326,10 @@ def main() -> None:
     if args.workers:
         for config in args.configs:
             bench_workers(os.path.abspath(config), args.set)
-    if args.allreduce or args.workers or not args.configs:
+    if args.ray_train:
+        for config in args.configs:
+            bench_ray_train(os.path.abspath(config), args.set)
+    if args.allreduce or args.workers or args.ray_train or not args.configs:
         return
     rows = [compare(os.path.abspath(c), args.set, args.repeats) for c in args.configs]
     columns = list(rows[0])

@@ -74,8 +74,10 @@ class RayStrategy(MultiProcessStrategy):
                                      "the cluster is up (`ray status`)") from None
             return True
         os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
-        ray.init(num_cpus=max(os.cpu_count() or 1, self._needed().get("CPU", 0)),
-                 _node_ip_address="127.0.0.1", **quiet)
+        # Logical CPUs for the actors plus the machine's own, so Ray Data tasks that a data fn
+        # starts inside an actor still find CPUs while the actors hold theirs.
+        cpus = (os.cpu_count() or 1) + self._needed().get("CPU", 0)
+        ray.init(num_cpus=int(cpus), _node_ip_address="127.0.0.1", **quiet)
         return True
 
     def _needed(self) -> dict[str, float]:

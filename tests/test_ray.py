@@ -61,7 +61,7 @@ def test_killed_actor_fails_clearly_or_restarts(tmp_path, background, failures):
 
 def test_each_actor_trains_on_its_split_of_a_ray_dataset(tmp_path):
     out = tmp_path / "out"
-    config = ray_config(out, train={"epochs": 15, "validation_split": 0.2, "seed": 0,
+    config = ray_config(out, train={"epochs": 15, "validation_split": 0.2, "seed": 0, "shuffle": True,
                                     "optimizer": {"name": "adam", "learning_rate": 0.003}},
                         model={"fn": f"{FIXTURES}:mlp", "kwargs": {"hidden": 64}})
     config["data"] = {"fn": f"{FIXTURES}:digits_ray_dataset", "label": "label",
