@@ -264,19 +264,23 @@ def ray_train_tensorflow(config_path: str, overrides: list[str]) -> dict:
                   shuffle=run.train.shuffle, verbose=0, callbacks=[FirstStep()])
         seconds = time.perf_counter() - first["perf"]
         samples = len(y) * run.train.epochs - run.train.global_batch_size
-        ray.train.report({"samples_per_second": samples / seconds,
-                          "first_step_unix_time": first["unix"]})
+        with open(measured_file, "w") as f:  # Ray Train V2 keeps metrics only with checkpoints
+            json.dump({"samples_per_second": samples / seconds,
+                       "first_step": first["unix"] - launched}, f)
 
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, _node_ip_address="127.0.0.1",
              logging_level="ERROR")
-    try:
-        with tempfile.TemporaryDirectory() as storage:
+    with tempfile.TemporaryDirectory() as storage:
+        measured_file = os.path.join(storage, "measured.json")
+        try:
             result = TensorflowTrainer(loop, scaling_config=ScalingConfig(num_workers=1),
                                        run_config=RayRunConfig(storage_path=storage)).fit()
-    finally:
-        ray.shutdown()
-    return {"samples_per_second": result.metrics["samples_per_second"],
-            "first_step": result.metrics["first_step_unix_time"] - launched}
+        finally:
+            ray.shutdown()
+        if result.error or not os.path.exists(measured_file):
+            raise RuntimeError(f"Ray Train failed: {result.error}")
+        with open(measured_file) as f:
+            return json.load(f)
 
 
 def bench_ray_train(config: str, overrides: list[str]) -> None:
