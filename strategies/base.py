@@ -13,7 +13,7 @@ import contextlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
-from pydantic import NonNegativeInt, PositiveFloat, PositiveInt
+from pydantic import NonNegativeInt, PositiveFloat, PositiveInt, field_validator
 
 from launcher.schema import Section
 
@@ -44,6 +44,11 @@ class MultiProcessConfig(StrategyConfig):
     """Ramp the scaled learning rate up from the unscaled one over this many epochs."""
     console_ranks: Literal["chief", "all"] = "chief"
     """Which ranks' output the console shows (every rank's goes to logs/rank-<r>.log)."""
+
+    @field_validator("lr_scaling", mode="before")
+    @classmethod
+    def _yaml_off(cls, value):
+        return "off" if value is False else value  # YAML 1.1 reads a bare `off` as false
 
 
 @dataclass

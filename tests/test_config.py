@@ -117,3 +117,13 @@ def test_dump_round_trips(tmp_path):
     config = load_config(write(tmp_path, GOOD), ["train.epochs=2"])
     again = write(tmp_path, config.dump_yaml())
     assert load_config(again) == config
+
+
+def test_multi_process_options_read_naturally(tmp_path):
+    text = GOOD.replace("  name: mirrored\n  devices: 2", "  name: multiworker\n  lr_scaling: off\n"
+                        "  communicator: mpi")
+    config = load_config(write(tmp_path, text))
+    assert (config.strategy.lr_scaling, config.strategy.communicator) == ("off", "mpi")
+    ray = load_config(write(tmp_path, GOOD.replace("  name: mirrored\n  devices: 2",
+                                                   "  name: ray\n  max_failures: 2")))
+    assert ray.strategy.max_restarts == 2
