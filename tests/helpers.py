@@ -109,3 +109,20 @@ def kill_rank_one_mid_training(background, config: Path, out: Path) -> tuple[int
     killed = time.monotonic()
     run.process.wait(timeout=300)
     return run.process.returncode, run.process.stdout.read(), time.monotonic() - killed
+
+
+def with_strategy(out: Path, name: str, strategy: dict | None = None, **sections) -> dict:
+    """``base_config`` under a 2-worker multi-process strategy."""
+    config = base_config(out, **sections)
+    config["strategy"] = {"name": name, "workers": 2, **(strategy or {})}
+    return config
+
+
+def assert_same_weights(one: Path, two: Path, atol: float = 1e-5) -> None:
+    """The final models in two output folders have equal weights."""
+    import keras
+    import numpy as np
+
+    for a, b in zip(keras.saving.load_model(one / "model.keras").get_weights(),
+                    keras.saving.load_model(two / "model.keras").get_weights()):
+        np.testing.assert_allclose(a, b, atol=atol)

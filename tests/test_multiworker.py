@@ -4,11 +4,11 @@ restarts."""
 import json
 import time
 
-import keras
 import numpy as np
 import pytest
 
-from helpers import FIXTURES, base_config, kill_rank_one_mid_training, run_cli, write_config
+from helpers import (FIXTURES, assert_same_weights, base_config, kill_rank_one_mid_training,
+                     run_cli, with_strategy, write_config)
 
 RANK_DEPENDENT = FIXTURES.parent / "rank_dependent.py"
 
@@ -28,14 +28,8 @@ TRANSPORTS = [
 ]
 
 
-def weights(out):
-    return keras.saving.load_model(out / "model.keras").get_weights()
-
-
 def multiworker(out, strategy=None, **sections):
-    config = base_config(out, **sections)
-    config["strategy"] = {"name": "multiworker", "workers": 2, **(strategy or {})}
-    return config
+    return with_strategy(out, "multiworker", strategy, **sections)
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
@@ -48,8 +42,7 @@ def test_two_workers_match_one_process(tmp_path, model_fn, transport, single_pro
     summary = json.loads((two / "summary.json").read_text())
     assert (summary["strategy"], summary["world_size"], summary["epochs_completed"]) == (
         transport["name"], 2, 3)
-    for a, b in zip(weights(one), weights(two)):
-        np.testing.assert_allclose(a, b, atol=1e-5)
+    assert_same_weights(one, two)
     # Global metrics: the logged loss is the same number the single process saw.
     one_rows = (one / "metrics.csv").read_text().splitlines()
     two_rows = (two / "metrics.csv").read_text().splitlines()

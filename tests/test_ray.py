@@ -3,19 +3,16 @@
 import json
 import time
 
-import keras
-import numpy as np
 import pytest
 
-from helpers import FIXTURES, base_config, kill_rank_one_mid_training, run_cli, write_config
+from helpers import (FIXTURES, assert_same_weights, kill_rank_one_mid_training, run_cli,
+                     with_strategy, write_config)
 
 pytest.importorskip("ray", reason="ray is not installed: bash scripts/setup.sh installs it")
 
 
 def ray_config(out, strategy=None, **sections):
-    config = base_config(out, **sections)
-    config["strategy"] = {"name": "ray", "workers": 2, **(strategy or {})}
-    return config
+    return with_strategy(out, "ray", strategy, **sections)
 
 
 def test_two_actors_match_one_process(tmp_path, single_process_run):
@@ -25,9 +22,7 @@ def test_two_actors_match_one_process(tmp_path, single_process_run):
     assert "epoch 3/3" in result.stdout  # rank 0's progress reached the driver's console
     summary = json.loads((out / "summary.json").read_text())
     assert (summary["strategy"], summary["world_size"], summary["epochs_completed"]) == ("ray", 2, 3)
-    reference = keras.saving.load_model(single_process_run("mlp") / "model.keras").get_weights()
-    for a, b in zip(reference, keras.saving.load_model(out / "model.keras").get_weights()):
-        np.testing.assert_allclose(a, b, atol=1e-5)
+    assert_same_weights(single_process_run("mlp"), out)
 
 
 def test_more_gpus_than_the_cluster_has_fails_fast(tmp_path):

@@ -2,19 +2,16 @@
 
 import json
 
-import keras
-import numpy as np
 import pytest
 
-from helpers import FIXTURES, REPO, base_config, kill_rank_one_mid_training, run_cli, write_config
+from helpers import (FIXTURES, REPO, assert_same_weights, base_config, kill_rank_one_mid_training,
+                     run_cli, with_strategy, write_config)
 
 pytest.importorskip("pyspark", reason="pyspark is not installed: bash scripts/setup.sh installs it")
 
 
 def spark(out, strategy=None, **sections):
-    config = base_config(out, **sections)
-    config["strategy"] = {"name": "spark", "workers": 2, **(strategy or {})}
-    return config
+    return with_strategy(out, "spark", strategy, **sections)
 
 
 def test_two_barrier_tasks_match_one_process(tmp_path, single_process_run):
@@ -23,9 +20,7 @@ def test_two_barrier_tasks_match_one_process(tmp_path, single_process_run):
     assert result.returncode == 0, result.stdout + result.stderr
     summary = json.loads((out / "summary.json").read_text())
     assert (summary["strategy"], summary["world_size"], summary["epochs_completed"]) == ("spark", 2, 3)
-    reference = keras.saving.load_model(single_process_run("mlp") / "model.keras").get_weights()
-    for a, b in zip(reference, keras.saving.load_model(out / "model.keras").get_weights()):
-        np.testing.assert_allclose(a, b, atol=1e-5)
+    assert_same_weights(single_process_run("mlp"), out)
     assert "epoch 3/3" in (out / "logs" / "rank-1.log").read_text()
 
 
