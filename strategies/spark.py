@@ -80,8 +80,10 @@ class SparkStrategy(MultiProcessStrategy):
             # Under spark-submit: its --master and --conf already configure the session.
             return SparkSession.builder.appName("ktrain").getOrCreate(), False
         master = self.config.master or f"local[{self.config.workers}]"
+        # A failed task fails the stage at once: strategy.max_restarts, not Spark, retries.
         builder = SparkSession.builder.master(master).appName("ktrain") \
-            .config("spark.ui.showConsoleProgress", "false")
+            .config("spark.ui.showConsoleProgress", "false") \
+            .config("spark.task.maxFailures", "1")
         if master.startswith("local"):  # keep a laptop's Spark on loopback, with this Python
             os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
             os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
