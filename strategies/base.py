@@ -233,11 +233,14 @@ def find_tool(name: str, *, where: str, hint: str) -> str:
     return found
 
 
+def find_mpirun() -> str:
+    return find_tool("mpirun", where="strategy",
+                     hint='pip install "ktrain-launcher[mpi]" puts Open MPI\'s mpirun in the '
+                          "environment's bin/")
+
+
 def mpirun_command(workers: int, command: list[str]) -> list[str]:
     """``mpirun`` starting ``workers`` copies of ``command`` on this machine, tagging each output
     line with its rank (see launcher.supervisor), data over shared memory only."""
-    mpirun = find_tool("mpirun", where="strategy",
-                       hint='pip install "ktrain-launcher[mpi]" puts Open MPI\'s mpirun in the '
-                            "environment's bin/")
-    return [mpirun, "-np", str(workers), "--oversubscribe", "--allow-run-as-root",
+    return [find_mpirun(), "-np", str(workers), "--oversubscribe", "--allow-run-as-root",
             "--tag-output", "--mca", "btl", "self,vader", *command]

@@ -12,8 +12,8 @@ from __future__ import annotations
 from typing import Literal
 
 from launcher.errors import UserError
-from strategies.base import (MultiProcessConfig, MultiProcessStrategy, Session, find_tool,
-                             mpirun_command, pin_local_device, worker_session)
+from strategies.base import (MultiProcessConfig, MultiProcessStrategy, Session, find_mpirun,
+                             find_tool, mpirun_command, pin_local_device, worker_session)
 
 _INSTALL_HINT = "install it with `bash scripts/install_horovod.sh` (see the README's Horovod section)"
 
@@ -38,7 +38,7 @@ class HorovodStrategy(MultiProcessStrategy):
         if self.config.controller == "gloo":
             _horovodrun()
         else:
-            mpirun_command(1, [])
+            find_mpirun()
 
     def run_group(self, run):
         from launcher.supervisor import WorkerSpec, python_command

@@ -12,8 +12,8 @@ import socket
 from typing import Literal
 
 from launcher.errors import UserError
-from strategies.base import (MultiProcessConfig, MultiProcessStrategy, Session, mpirun_command,
-                             pin_local_device, worker_session)
+from strategies.base import (MultiProcessConfig, MultiProcessStrategy, Session, find_mpirun,
+                             mpirun_command, pin_local_device, worker_session)
 
 PEERS_ENV = "KTRAIN_PEERS"
 
@@ -108,5 +108,5 @@ def _require_mpi() -> None:
                         "installed", where="strategy.communicator",
                         hint='pip install "ktrain-launcher[mpi]" (mpi4py and Open MPI), or '
                              "use communicator: collective") from None
-    mpirun_command(1, [])
+    find_mpirun()
 
