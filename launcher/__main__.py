@@ -1,3 +1,3 @@
-from launcher.cli import entry
+from ktrain.cli import entry
 
 entry()

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import fsspec
 import numpy as np
 
-from launcher.errors import UserError
+from ktrain.errors import UserError
 
 _NAME = re.compile(r"ckpt-(\d{6})\.npz$")
 

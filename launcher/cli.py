@@ -9,8 +9,8 @@ import sys
 import traceback
 from pathlib import Path
 
-from launcher import __version__, console
-from launcher.errors import KtrainError, UserError
+from ktrain import __version__, console
+from ktrain.errors import KtrainError, UserError
 
 INTERRUPTED = 130
 
@@ -23,6 +23,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2" if not args.verbose else "0")
     if args.debug:
         os.environ["KTRAIN_DEBUG"] = "1"  # worker processes inherit it
+    if args.command in (_run, _env):
+        console.import_tensorflow()
     return guarded(lambda: args.command(args))
 
 
@@ -85,8 +87,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _run(args) -> int:
-    import strategies
-    from launcher.config import load_config
+    from ktrain import strategies
+    from ktrain.config import load_config
 
     config = load_config(args.config, args.overrides)
     strategy = strategies.create(config.strategy)
@@ -95,12 +97,12 @@ def _run(args) -> int:
     metrics = "  ".join(f"{k} {v:.4f}" for k, v in summary["final_metrics"].items())
     console.info(f"done: {summary['epochs_completed']} epochs on {summary['num_replicas']} "
                  f"replica(s), {summary['samples_per_second']:.0f} samples/s  {metrics}")
-    console.info(f"model: {summary['model_path']}")
+    console.info(f"model: {summary['model_path']}")  # chief only, when ranks share a terminal
     return 0
 
 
 def _validate(args) -> int:
-    from launcher.config import load_config
+    from ktrain.config import load_config
 
     config = load_config(args.config, args.overrides)
     print(config.dump_yaml(), end="")
@@ -115,7 +117,7 @@ def _init(args) -> int:
         raise UserError(f"{', '.join(existing)} already exist(s) in '{target}'", where="ktrain init",
                         hint="choose an empty folder: `ktrain init my-project`")
     target.mkdir(parents=True, exist_ok=True)
-    source = importlib.resources.files("configs")
+    source = importlib.resources.files("ktrain.configs")
     for name, template in files.items():
         (target / name).write_text(source.joinpath(template).read_text())
     console.info(f"wrote {target / 'digits.py'} and {target / 'config.yaml'}\n"
@@ -124,7 +126,7 @@ def _init(args) -> int:
 
 
 def _env(args) -> int:
-    from launcher.environment import describe
+    from ktrain.environment import describe
 
     print(describe())
     return 0

@@ -13,9 +13,10 @@ import yaml
 from pydantic import (ConfigDict, Field, NonNegativeFloat, NonNegativeInt, PositiveFloat,
                       PositiveInt, ValidationError, field_validator, model_validator)
 
-from launcher.errors import UserError
-from launcher.schema import Section
-from strategies import REGISTRY
+from ktrain import console
+from ktrain.errors import UserError
+from ktrain.schema import Section
+from ktrain.strategies import REGISTRY
 
 OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop", "adagrad", "adadelta", "adamax", "nadam",
               "ftrl", "lion", "lamb", "adafactor")
@@ -142,6 +143,8 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
     for item in overrides:
         keys = _apply_override(raw, item)
         override_paths[keys] = item
+    if ("strategy", "name") in override_paths:
+        _drop_other_strategy_keys(raw, override_paths, str(path))
     base_dir = path.resolve().parent
     raw.setdefault("output_dir", f"runs/{path.stem}")
     try:
@@ -149,6 +152,26 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
     except ValidationError as err:
         raise _explain(err.errors(), raw, str(path), lines, override_paths) from None
     return _resolve_paths(config, base_dir)
+
+
+def _drop_other_strategy_keys(raw: dict, overrides: dict, filename: str) -> None:
+    """``strategy.name=X`` on the command line switches strategy: the file's options that X
+    does not take (e.g. mirrored's ``devices``) are left out, with a notice, not an error."""
+    section = raw.get("strategy")
+    strategy = REGISTRY.get(section.get("name")) if isinstance(section, dict) else None
+    if strategy is None:
+        return  # an unknown name: validation explains it
+    fields = strategy.config_type.model_fields
+    accepted = set(fields) | {alias for f in fields.values() if f.validation_alias is not None
+                              for alias in getattr(f.validation_alias, "choices", ())}
+    dropped = [key for key in section
+               if key not in accepted and ("strategy", key) not in overrides]
+    for key in dropped:
+        del section[key]
+    if dropped:
+        console.note(f"{overrides[('strategy', 'name')]} leaves out "
+                     f"{', '.join(f'strategy.{k}' for k in dropped)} from {filename}, which "
+                     f"{strategy.name} does not take")
 
 
 def _parse_yaml(text: str, filename: str) -> tuple[dict, dict[tuple, int]]:
@@ -295,6 +318,10 @@ def _section_type(annotation, part, raw: dict):
 
 
 def _resolve_paths(config: RunConfig, base: Path) -> RunConfig:
+    """Inputs that travel with the config (fn files, data files) resolve against its folder;
+    outputs (output_dir, a checkpoint to resume from) against the working directory, as
+    with most command-line tools."""
+
     def fn(spec):
         if spec.fn is None:
             return spec
@@ -303,15 +330,15 @@ def _resolve_paths(config: RunConfig, base: Path) -> RunConfig:
             target = str((base / target).resolve())
         return spec.model_copy(update={"fn": f"{target}:{name}"})
 
-    def local(value: str) -> str:
-        return value if "://" in value else str((base / value).resolve())
+    def local(value: str, folder: Path) -> str:
+        return value if "://" in value else str((folder / value).resolve())
 
     checkpoint = config.checkpoint
     if checkpoint.resume not in ("auto", "never"):
-        checkpoint = checkpoint.model_copy(update={"resume": local(checkpoint.resume)})
+        checkpoint = checkpoint.model_copy(update={"resume": local(checkpoint.resume, Path.cwd())})
     data = fn(config.data)
     if data.parquet:
-        data = data.model_copy(update={"parquet": local(data.parquet)})
+        data = data.model_copy(update={"parquet": local(data.parquet, base)})
     return config.model_copy(update={
         "model": fn(config.model), "data": data, "checkpoint": checkpoint,
-        "output_dir": local(config.output_dir)})
+        "output_dir": local(config.output_dir, Path.cwd())})

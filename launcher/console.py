@@ -1,13 +1,22 @@
-"""What the user sees on the terminal. Verbosity travels to worker processes in the environment."""
+"""What the user sees on the terminal. Verbosity travels to worker processes in the environment.
+
+When several ranks share one terminal (``srun``, ``mpirun``, Ray actors), only the chief speaks
+at normal verbosity; the others print errors, prefixed with their rank.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import sys
+import tempfile
 
 QUIET, NORMAL, VERBOSE = 0, 1, 2
 VERBOSITY_ENV = "KTRAIN_VERBOSITY"
+
+_rank: int | None = None
+_every_rank = False
 
 
 def set_verbosity(level: int) -> None:
@@ -18,18 +27,84 @@ def verbosity() -> int:
     return int(os.environ.get(VERBOSITY_ENV, NORMAL))
 
 
+def share_terminal(rank: int, *, every_rank: bool) -> None:
+    """This process is ``rank`` of several that print to one terminal: only rank 0 speaks,
+    unless ``every_rank`` (then each line says whose it is)."""
+    global _rank, _every_rank
+    _rank, _every_rank = rank, every_rank
+
+
+def _speaks() -> bool:
+    return _rank is None or _rank == 0 or _every_rank
+
+
+def _prefix() -> str:
+    return f"[rank {_rank}] " if _rank is not None and _every_rank else ""
+
+
 def info(message: str) -> None:
-    if verbosity() >= NORMAL:
-        print(message, flush=True)
+    if verbosity() >= NORMAL and _speaks():
+        print(_prefix() + message, flush=True)
 
 
 def debug(message: str) -> None:
-    if verbosity() >= VERBOSE:
-        print(message, flush=True)
+    if verbosity() >= VERBOSE and _speaks():
+        print(_prefix() + message, flush=True)
+
+
+def note(message: str) -> None:
+    """Something the user should know about their input; on stderr, so that stdout stays data."""
+    if verbosity() >= NORMAL and _speaks():
+        print(f"ktrain: note: {message}", file=sys.stderr, flush=True)
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
 def error(message: str) -> None:
-    print(f"ktrain: error: {_ANSI.sub('', message)}", file=sys.stderr, flush=True)
+    rank = f"rank {_rank}: " if _rank else ""
+    print(f"ktrain: error: {rank}{_ANSI.sub('', message)}", file=sys.stderr, flush=True)
+
+
+# What TensorFlow's C++ side prints while it loads, before anything can configure its logging
+# (TF_CPP_MIN_LOG_LEVEL does not reach these absl lines).
+_STARTUP_NOISE = re.compile(
+    r"All log messages before absl::InitializeLog|oneDNN custom operations are on|"
+    r"Unable to register cu(DNN|FFT|BLAS) factory|TF-TRT Warning|"
+    r"computation placer already registered|This TensorFlow binary is optimized|"
+    r"To enable the following instructions|rebuild TensorFlow with the appropriate compiler")
+
+
+def import_tensorflow() -> None:
+    """Import TensorFlow and Keras, without TensorFlow's start-up lines unless ``-v``.
+
+    Every process ktrain starts calls this before anything else imports them. Whatever else
+    they print while loading (a real error, say) still reaches stderr.
+    """
+    if "tensorflow" in sys.modules or verbosity() >= VERBOSE:
+        import keras  # noqa: F401
+        return
+    with _stderr_without(_STARTUP_NOISE):
+        import keras  # noqa: F401
+        import tensorflow  # noqa: F401
+
+
+@contextlib.contextmanager
+def _stderr_without(noise: re.Pattern):
+    """Capture file descriptor 2 (C++ writes there directly) and replay it without ``noise``."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile(mode="w+b") as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            kept = [line for line in captured.read().decode(errors="replace").splitlines(True)
+                    if not noise.search(line)]
+            if kept:
+                sys.stderr.write("".join(kept))
+                sys.stderr.flush()

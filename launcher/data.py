@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from launcher.errors import UserError
+from ktrain.errors import UserError
 
 _EXPECTED = ("(x, y), {'train': (x, y), 'validation': (x, y)}, an unbatched tf.data.Dataset "
              "of (features, label), or a dict of such datasets")

@@ -14,7 +14,7 @@ import tempfile
 
 import fsspec
 
-from launcher.errors import UserError
+from ktrain.errors import UserError
 
 
 class RunOutput:

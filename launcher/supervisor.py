@@ -25,7 +25,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from launcher import console
+from ktrain import console
 
 _RENDEZVOUS_ENV = "KTRAIN_RENDEZVOUS_DIR"
 # mpirun tags lines "[1,<rank>]<stdout>:", horovodrun's Gloo launcher "[<rank>]<stdout>:"

@@ -15,7 +15,7 @@ import traceback
 from pathlib import Path
 from typing import Any, Callable
 
-from launcher.errors import UserError
+from ktrain.errors import UserError
 
 _LAUNCHER_DIR = str(Path(__file__).resolve().parent)
 

@@ -14,18 +14,18 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from launcher import STARTED_AT, console
-from launcher.checkpoint import CheckpointStore, TrainingState, load_checkpoint_url
-from launcher.collectives import (GlobalMetrics, broadcast_variables, distribute_optimizer,
-                                  undistribute)
-from launcher.config import RunConfig, TrainSpec
-from launcher.data import (Splits, evaluation_batches, is_ray_dataset, partition_splits,
-                           ray_dataset_splits, to_splits, training_batches)
-from launcher.errors import UserError
-from launcher.output import RunOutput
-from launcher.supervisor import mark
-from launcher.userfn import call_user, load_function
-from strategies.base import Session, Strategy
+from ktrain import STARTED_AT, console
+from ktrain.checkpoint import CheckpointStore, TrainingState, load_checkpoint_url
+from ktrain.collectives import (GlobalMetrics, broadcast_variables, distribute_optimizer,
+                                undistribute)
+from ktrain.config import RunConfig, TrainSpec
+from ktrain.data import (Splits, evaluation_batches, is_ray_dataset, partition_splits,
+                         ray_dataset_splits, to_splits, training_batches)
+from ktrain.errors import UserError
+from ktrain.output import RunOutput
+from ktrain.supervisor import mark
+from ktrain.userfn import call_user, load_function
+from ktrain.strategies.base import Session, Strategy
 
 
 @dataclass
@@ -40,6 +40,9 @@ class TrainingFailed(UserError):
 
 def run_worker(run: RunConfig, strategy: Strategy) -> RunResult:
     session = strategy.open_session()
+    if session.world_size > 1 and session.log_to_file:  # no supervisor sorts our output by rank
+        console.share_terminal(session.rank, every_rank=getattr(
+            run.strategy, "console_ranks", "chief") == "all")
     model_fn = load_function(run.model.fn, "model.fn", run.base_dir)
     keras.utils.set_random_seed(run.train.seed)
     if run.train.precision != "float32":
@@ -236,8 +239,7 @@ class _RunRecorder(keras.callbacks.Callback):
         seconds = time.perf_counter() - self._epoch_started
         metrics = "  ".join(f"{k} {v:.4f}" for k, v in row.items() if k != "epoch")
         line = f"epoch {done}/{self.run.train.epochs}  {metrics}  ({seconds:.1f}s)"
-        if self.session.is_chief or not self.session.log_to_file:  # captured: its own log
-            console.info(line)
+        console.info(line)
         self.output.log(line)
         every = self.run.checkpoint.every_epochs
         if done % every == 0 or done == self.run.train.epochs or self.model.stop_training:

@@ -1,21 +1,24 @@
 """Entry point of a worker process started by a multi-process strategy.
 
 The run plan (the validated config, as JSON) arrives in KTRAIN_PLAN: it is the only thing that
-crosses the process boundary. Rank and world size come from the environment (launcher.environment).
+crosses the process boundary. Rank and world size come from the environment (ktrain.environment).
 """
 
 import os
 import sys
 
-import strategies
-from launcher.cli import guarded
-from launcher.config import RunConfig
-from launcher.worker import run_worker
+from ktrain import console
+from ktrain.cli import guarded
 
 PLAN_ENV = "KTRAIN_PLAN"
 
 
 def main() -> int:
+    console.import_tensorflow()  # before anything else loads it, so its start-up lines go
+    from ktrain import strategies
+    from ktrain.config import RunConfig
+    from ktrain.worker import run_worker
+
     run = RunConfig.model_validate_json(os.environ[PLAN_ENV])
     return guarded(lambda: run_worker(run, strategies.create(run.strategy)) and 0)
 

@@ -40,9 +40,9 @@ def plain_keras(config_path: str, overrides: list[str]) -> dict:
     """Baseline: what a user would write by hand with model.fit on one process."""
     import keras
 
-    from launcher.config import load_config
-    from launcher.userfn import load_function
-    from launcher.worker import compile_from_config
+    from ktrain.config import load_config
+    from ktrain.userfn import load_function
+    from ktrain.worker import compile_from_config
 
     run = load_config(config_path, overrides)
     keras.utils.set_random_seed(run.train.seed)
@@ -71,7 +71,7 @@ def plain_keras(config_path: str, overrides: list[str]) -> dict:
 
 
 def _ktrain(config: str, overrides: list[str], output_dir: str) -> dict:
-    subprocess.run([sys.executable, "-m", "launcher", "run", config, *overrides,
+    subprocess.run([sys.executable, "-m", "ktrain", "run", config, *overrides,
                     f"output_dir={output_dir}", "checkpoint.resume=never", "-q"],
                    check=True, cwd=REPO, env=_env())
     with open(os.path.join(output_dir, "summary.json")) as f:
@@ -126,7 +126,7 @@ def allreduce_worker(kind: str) -> None:
     else:
         import tensorflow as tf
 
-        from launcher import collectives
+        from ktrain import collectives
 
         if kind == "collective":
             communicator = collectives.TensorFlowCollectives(
@@ -159,7 +159,7 @@ def allreduce_worker(kind: str) -> None:
 
 def _allreduce_commands() -> dict[str, list[list[str]]]:
     """Each transport's launch command(s) for 2 local workers."""
-    from strategies.multiworker import free_ports
+    from ktrain.strategies.multiworker import free_ports
 
     bin_dir = os.path.dirname(sys.executable)
     worker = [sys.executable, __file__, "--allreduce-worker"]
@@ -236,7 +236,7 @@ def ray_train_tensorflow(config_path: str, overrides: list[str]) -> dict:
     from ray.train import ScalingConfig
     from ray.train.tensorflow import TensorflowTrainer
 
-    from launcher.config import load_config
+    from ktrain.config import load_config
 
     run = load_config(config_path, overrides)
     launched = time.time()
@@ -244,8 +244,8 @@ def ray_train_tensorflow(config_path: str, overrides: list[str]) -> dict:
     def loop(_):
         import keras
 
-        from launcher.userfn import load_function
-        from launcher.worker import compile_from_config
+        from ktrain.userfn import load_function
+        from ktrain.worker import compile_from_config
 
         keras.utils.set_random_seed(run.train.seed)
         data = load_function(run.data.fn, "data.fn", run.base_dir)(**run.data.kwargs)

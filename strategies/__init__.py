@@ -1,11 +1,11 @@
 """Execution strategies, one module each. To add one: write the module, add it to REGISTRY."""
 
-from strategies.base import Session, Strategy, StrategyConfig
-from strategies.horovod import HorovodStrategy
-from strategies.mirrored import MirroredStrategy
-from strategies.multiworker import MultiWorkerStrategy
-from strategies.ray import RayStrategy
-from strategies.spark import SparkStrategy
+from ktrain.strategies.base import Session, Strategy, StrategyConfig
+from ktrain.strategies.horovod import HorovodStrategy
+from ktrain.strategies.mirrored import MirroredStrategy
+from ktrain.strategies.multiworker import MultiWorkerStrategy
+from ktrain.strategies.ray import RayStrategy
+from ktrain.strategies.spark import SparkStrategy
 
 REGISTRY: dict[str, type[Strategy]] = {
     cls.name: cls

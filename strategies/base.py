@@ -3,7 +3,7 @@
 A strategy answers two questions: how are workers started (``launch``), and what does a
 worker need to train (``open_session``: the device scope, its rank and world size, and how
 it talks to its peers). Everything else (data, model, checkpoints, metrics) is shared and
-lives in ``launcher.worker``.
+lives in ``ktrain.worker``.
 """
 
 from __future__ import annotations
@@ -15,11 +15,11 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from pydantic import NonNegativeInt, PositiveFloat, PositiveInt, field_validator
 
-from launcher.schema import Section
+from ktrain.schema import Section
 
 if TYPE_CHECKING:
-    from launcher.config import RunConfig
-    from launcher.worker import RunResult
+    from ktrain.config import RunConfig
+    from ktrain.worker import RunResult
 
 
 class StrategyConfig(Section):
@@ -62,7 +62,7 @@ class Session:
     """The ``tf.distribute.Strategy`` whose scope the model is built in; None for the default."""
     devices: tuple[str, ...] = ()
     communicator: Any = None
-    """A ``launcher.collectives.Communicator`` when gradients cross process boundaries."""
+    """A ``ktrain.collectives.Communicator`` when gradients cross process boundaries."""
     log_to_file: bool = True
     """False when a supervisor already captures this process' output into logs/rank-<r>.log."""
 
@@ -107,13 +107,13 @@ class MultiProcessStrategy(Strategy):
     config: MultiProcessConfig
 
     def world_size(self) -> int:
-        from launcher.environment import detect
+        from ktrain.environment import detect
 
         found = detect()
         return found.world_size if found.world_size > 1 else self.config.workers
 
     def prepare(self, run: RunConfig) -> None:
-        from launcher.errors import UserError
+        from ktrain.errors import UserError
 
         workers = self.world_size()
         if run.train.global_batch_size % workers:
@@ -124,10 +124,10 @@ class MultiProcessStrategy(Strategy):
                 hint=f"use a multiple of {workers}, e.g. {(size // workers + 1) * workers}")
 
     def launch(self, run: RunConfig) -> RunResult:
-        from launcher.environment import detect
-        from launcher.worker import run_worker
+        from ktrain.environment import detect
+        from ktrain.worker import run_worker
 
-        from launcher import console
+        from ktrain import console
 
         found = detect()
         if found.world_size > 1:
@@ -138,15 +138,15 @@ class MultiProcessStrategy(Strategy):
 
     @abc.abstractmethod
     def run_group(self, run: RunConfig):
-        """One attempt at running all workers to the end: a ``launcher.supervisor.Failure``,
+        """One attempt at running all workers to the end: a ``ktrain.supervisor.Failure``,
         or None when they all finished."""
 
     def run_local_group(self, run: RunConfig, specs: list):
-        """Start ``specs`` (``launcher.supervisor.WorkerSpec``) on this machine and watch them."""
+        """Start ``specs`` (``ktrain.supervisor.WorkerSpec``) on this machine and watch them."""
         import tempfile
         from pathlib import Path
 
-        from launcher.supervisor import WorkerGroup
+        from ktrain.supervisor import WorkerGroup
 
         with tempfile.TemporaryDirectory(prefix="ktrain-rendezvous-") as rendezvous:
             group = WorkerGroup(specs, local_log_dir(run.output_dir), Path(rendezvous),
@@ -161,9 +161,9 @@ class MultiProcessStrategy(Strategy):
 
         import fsspec
 
-        from launcher import console
-        from launcher.errors import UserError, WorkersFailed
-        from launcher.worker import RunResult
+        from ktrain import console
+        from ktrain.errors import UserError, WorkersFailed
+        from ktrain.worker import RunResult
 
         restarts = 0
         while (failure := attempt(run)) is not None:
@@ -200,7 +200,7 @@ def local_log_dir(output_dir: str):
 
 def worker_session(communicator, device: str) -> Session:
     """The session of one worker process that owns one device and talks over ``communicator``."""
-    from launcher.supervisor import is_supervised
+    from ktrain.supervisor import is_supervised
 
     return Session(rank=communicator.rank, world_size=communicator.world_size,
                    num_replicas=communicator.world_size, devices=(device,),
@@ -224,7 +224,7 @@ def find_tool(name: str, *, where: str, hint: str) -> str:
     import shutil
     import sys
 
-    from launcher.errors import UserError
+    from ktrain.errors import UserError
 
     search = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
     found = shutil.which(name, path=search)
@@ -241,6 +241,6 @@ def find_mpirun() -> str:
 
 def mpirun_command(workers: int, command: list[str]) -> list[str]:
     """``mpirun`` starting ``workers`` copies of ``command`` on this machine, tagging each output
-    line with its rank (see launcher.supervisor), data over shared memory only."""
+    line with its rank (see ktrain.supervisor), data over shared memory only."""
     return [find_mpirun(), "-np", str(workers), "--oversubscribe", "--allow-run-as-root",
             "--tag-output", "--mca", "btl", "self,vader", *command]

@@ -1,7 +1,7 @@
 """Horovod allreduce (Gloo or MPI) under ktrain's own gradient averaging.
 
 Horovod's Keras integration fails on Keras 3, so only its low-level ``horovod.tensorflow`` ops
-are used (``launcher.collectives.HorovodCommunicator``). ktrain starts the workers with
+are used (``ktrain.collectives.HorovodCommunicator``). ktrain starts the workers with
 ``horovodrun --gloo``, or with ``mpirun`` for the MPI controller (``horovodrun --mpi`` passes
 Open MPI 4 options that Open MPI 5 rejects), or runs inside an existing
 ``horovodrun``/``mpirun``/``srun`` launch.
@@ -11,9 +11,10 @@ from __future__ import annotations
 
 from typing import Literal
 
-from launcher.errors import UserError
-from strategies.base import (MultiProcessConfig, MultiProcessStrategy, Session, find_mpirun,
-                             find_tool, mpirun_command, pin_local_device, worker_session)
+from ktrain.errors import UserError
+from ktrain.strategies.base import (MultiProcessConfig, MultiProcessStrategy, Session,
+                                    find_mpirun, find_tool, mpirun_command,
+                                    pin_local_device, worker_session)
 
 _INSTALL_HINT = "install it with `bash scripts/install_horovod.sh` (see the README's Horovod section)"
 
@@ -41,10 +42,10 @@ class HorovodStrategy(MultiProcessStrategy):
             find_mpirun()
 
     def run_group(self, run):
-        from launcher.supervisor import WorkerSpec, python_command
+        from ktrain.supervisor import WorkerSpec, python_command
 
         n = self.config.workers
-        worker = python_command("-m", "launcher.worker_entry")
+        worker = python_command("-m", "ktrain.worker_entry")
         if self.config.controller == "gloo":
             command = [_horovodrun(), "-np", str(n), "-H", f"localhost:{n}", "--gloo",
                        "--network-interface", "lo", *worker]
@@ -54,8 +55,8 @@ class HorovodStrategy(MultiProcessStrategy):
         return self.run_local_group(run, [WorkerSpec(command, plan, tuple(range(n)))])
 
     def open_session(self) -> Session:
-        from launcher.collectives import HorovodCommunicator
-        from launcher.environment import detect
+        from ktrain.collectives import HorovodCommunicator
+        from ktrain.environment import detect
 
         device = pin_local_device(detect().local_rank)
         return worker_session(HorovodCommunicator(), device)

@@ -7,8 +7,8 @@ from typing import Literal
 
 from pydantic import PositiveInt
 
-from launcher.errors import UserError
-from strategies.base import Session, Strategy, StrategyConfig
+from ktrain.errors import UserError
+from ktrain.strategies.base import Session, Strategy, StrategyConfig
 
 
 class MirroredConfig(StrategyConfig):
@@ -25,7 +25,7 @@ class MirroredStrategy(Strategy):
         self._devices = self._configure_devices(run.train.global_batch_size)
 
     def launch(self, run):
-        from launcher.worker import run_worker
+        from ktrain.worker import run_worker
 
         return run_worker(run, self)
 

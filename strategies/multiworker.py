@@ -11,9 +11,10 @@ import os
 import socket
 from typing import Literal
 
-from launcher.errors import UserError
-from strategies.base import (MultiProcessConfig, MultiProcessStrategy, Session, find_mpirun,
-                             mpirun_command, pin_local_device, worker_session)
+from ktrain.errors import UserError
+from ktrain.strategies.base import (MultiProcessConfig, MultiProcessStrategy, Session,
+                                    find_mpirun, mpirun_command, pin_local_device,
+                                    worker_session)
 
 PEERS_ENV = "KTRAIN_PEERS"
 
@@ -38,25 +39,25 @@ class MultiWorkerStrategy(MultiProcessStrategy):
                                 hint="use communicator: collective, or compression: none")
 
     def run_group(self, run):
-        from launcher.supervisor import WorkerSpec, python_command
+        from ktrain.supervisor import WorkerSpec, python_command
 
         n = self.config.workers
         plan = {"KTRAIN_PLAN": run.model_dump_json()}
         if self.config.communicator == "mpi":
-            command = python_command("-m", "mpi4py", "-m", "launcher.worker_entry")
+            command = python_command("-m", "mpi4py", "-m", "ktrain.worker_entry")
             return self.run_local_group(run, [WorkerSpec(mpirun_command(n, command), plan,
                                                          tuple(range(n)))])
         peers = ",".join(f"127.0.0.1:{port}" for port in free_ports(n))
         return self.run_local_group(run, [
-            WorkerSpec(python_command("-m", "launcher.worker_entry"),
+            WorkerSpec(python_command("-m", "ktrain.worker_entry"),
                        {**plan, "KTRAIN_RANK": str(r), "KTRAIN_LOCAL_RANK": str(r),
                         "KTRAIN_WORLD_SIZE": str(n), PEERS_ENV: peers}, (r,))
             for r in range(n)])
 
     def open_session(self) -> Session:
         if self.config.communicator == "mpi":
-            from launcher.collectives import MpiCommunicator
-            from launcher.environment import detect
+            from ktrain.collectives import MpiCommunicator
+            from ktrain.environment import detect
 
             device = pin_local_device(detect().local_rank)
             return worker_session(MpiCommunicator(), device)
@@ -65,8 +66,8 @@ class MultiWorkerStrategy(MultiProcessStrategy):
 
 def collective_session(start_timeout: float) -> Session:
     """A worker's session over TF collectives, with peers from the environment."""
-    from launcher.collectives import TensorFlowCollectives
-    from launcher.environment import detect
+    from ktrain.collectives import TensorFlowCollectives
+    from ktrain.environment import detect
 
     found = detect()
     device = pin_local_device(found.local_rank)  # before TensorFlow's runtime starts

@@ -15,9 +15,9 @@ from typing import Literal
 
 from pydantic import AliasChoices, Field, NonNegativeFloat, NonNegativeInt
 
-from launcher.errors import UserError
-from strategies.base import MultiProcessConfig, MultiProcessStrategy, Session
-from strategies.multiworker import collective_session
+from ktrain.errors import UserError
+from ktrain.strategies.base import MultiProcessConfig, MultiProcessStrategy, Session
+from ktrain.strategies.multiworker import collective_session
 
 
 class RayConfig(MultiProcessConfig):
@@ -100,7 +100,7 @@ class RayStrategy(MultiProcessStrategy):
         from ray.util.placement_group import placement_group, remove_placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-        from launcher.supervisor import Failure
+        from ktrain.supervisor import Failure
 
         self._check_resources()
         n = self.config.workers
@@ -155,16 +155,16 @@ class _WorkerActor:
     def address(self) -> str:
         import ray
 
-        from strategies.multiworker import free_ports
+        from ktrain.strategies.multiworker import free_ports
 
         return f"{ray.util.get_node_ip_address()}:{free_ports(1)[0]}"
 
     def train(self, plan_json: str, rank: int, peers: list[str]):
         """Run the worker; None on success, else (kind, message)."""
-        import strategies
-        from launcher.config import RunConfig
-        from launcher.errors import KtrainError, UserError
-        from launcher.worker import run_worker
+        from ktrain import strategies
+        from ktrain.config import RunConfig
+        from ktrain.errors import KtrainError, UserError
+        from ktrain.worker import run_worker
 
         os.environ.update({"KTRAIN_RANK": str(rank), "KTRAIN_WORLD_SIZE": str(len(peers)),
                            "KTRAIN_LOCAL_RANK": "0", "KTRAIN_PEERS": ",".join(peers)})

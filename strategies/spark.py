@@ -2,7 +2,7 @@
 
 The driver runs one barrier stage with ``workers`` tasks. Each task gathers every task's
 address with ``BarrierTaskContext.allGather`` (the same rendezvous TF collectives need), then
-starts the ordinary ktrain worker (``launcher.worker_entry``) in a child process, so TensorFlow
+starts the ordinary ktrain worker (``ktrain.worker_entry``) in a child process, so TensorFlow
 starts fresh whatever Python worker Spark reuses. A failing worker fails its task, which fails
 the barrier stage; the driver reports the task's error and log tail, and restarts the stage
 from the newest checkpoint up to ``max_restarts`` times.
@@ -19,9 +19,9 @@ from typing import Literal
 
 from pydantic import StrictBool, StrictFloat, StrictInt, StrictStr
 
-from launcher.errors import UserError
-from strategies.base import MultiProcessConfig, MultiProcessStrategy, Session
-from strategies.multiworker import collective_session
+from ktrain.errors import UserError
+from ktrain.strategies.base import MultiProcessConfig, MultiProcessStrategy, Session
+from ktrain.strategies.multiworker import collective_session
 
 _FAILURE = re.compile(r"KTRAIN_FAILURE (\d+) (user|crash) (.*?) KTRAIN_END", re.S)
 
@@ -99,8 +99,8 @@ class SparkStrategy(MultiProcessStrategy):
     def _barrier_stage(self, spark, run):
         from py4j.protocol import Py4JJavaError
 
-        from launcher import console
-        from launcher.supervisor import Failure
+        from ktrain import console
+        from ktrain.supervisor import Failure
 
         n = self.config.workers
         if run.data.fn is None:  # each task trains on its partition of the DataFrame
@@ -177,9 +177,9 @@ def _barrier_task(plan_json: str, output_dir: str, columns=None):
         import fsspec
         from pyspark import BarrierTaskContext
 
-        from launcher.supervisor import captured_output_env, describe_exit, die_with_parent
-        from launcher.worker import PARTITION_ENV
-        from strategies.multiworker import free_ports
+        from ktrain.supervisor import captured_output_env, describe_exit, die_with_parent
+        from ktrain.worker import PARTITION_ENV
+        from ktrain.strategies.multiworker import free_ports
 
         context = BarrierTaskContext.get()
         rank = context.partitionId()
@@ -204,7 +204,7 @@ def _barrier_task(plan_json: str, output_dir: str, columns=None):
         fs.makedirs(f"{out}/logs", exist_ok=True)
         tail = deque(maxlen=20)
         with fs.open(f"{out}/logs/rank-{rank}.log", "a") as log:
-            process = subprocess.Popen([sys.executable, "-m", "launcher.worker_entry"], env=env,
+            process = subprocess.Popen([sys.executable, "-m", "ktrain.worker_entry"], env=env,
                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                        text=True, errors="replace", preexec_fn=die_with_parent)
             for line in process.stdout:

@@ -50,7 +50,7 @@ def _env(extra: dict | None = None) -> dict:
 def run_cli(*args: str, timeout: float = 240, cwd: Path | None = None,
             env: dict | None = None) -> subprocess.CompletedProcess:
     """Run ``ktrain ARGS`` to completion in a fresh process (TF device setup needs one)."""
-    with subprocess.Popen([sys.executable, "-m", "launcher", *map(str, args)], cwd=cwd or REPO,
+    with subprocess.Popen([sys.executable, "-m", "ktrain", *map(str, args)], cwd=cwd or REPO,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                           env=_env(env)) as process:
         try:
@@ -64,7 +64,7 @@ class Background:
     """A ``ktrain`` process the test can signal; always reaped when the test ends."""
 
     def __init__(self, *args: str, env: dict | None = None):
-        self.process = subprocess.Popen([sys.executable, "-m", "launcher", *map(str, args)],
+        self.process = subprocess.Popen([sys.executable, "-m", "ktrain", *map(str, args)],
                                         cwd=REPO, stdout=subprocess.PIPE,
                                         stderr=subprocess.STDOUT, text=True, env=_env(env),
                                         start_new_session=True)
@@ -93,7 +93,7 @@ class Background:
 
 
 def worker_pid(out: Path, rank: int) -> int | None:
-    """The pid a worker logged when it joined its group (see launcher.worker)."""
+    """The pid a worker logged when it joined its group (see ktrain.worker)."""
     log = out / "logs" / f"rank-{rank}.log"
     found = re.findall(r"rank \d+ of \d+ joined .*pid (\d+)", log.read_text()) if log.exists() else []
     return int(found[-1]) if found else None

@@ -6,8 +6,8 @@ import fsspec
 import numpy as np
 import pytest
 
-from launcher.checkpoint import CheckpointStore, TrainingState, keep_latest, load_checkpoint_url
-from launcher.errors import UserError
+from ktrain.checkpoint import CheckpointStore, TrainingState, keep_latest, load_checkpoint_url
+from ktrain.errors import UserError
 
 
 def state(epoch: int) -> TrainingState:

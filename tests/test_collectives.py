@@ -1,4 +1,4 @@
-"""The optimizer hook and helpers of launcher.collectives, in one process.
+"""The optimizer hook and helpers of ktrain.collectives, in one process.
 
 The transport here is a one-worker loopback that counts its calls: these tests check where
 and how often ktrain reduces, and that sparse gradients survive it. The real transports are
@@ -9,8 +9,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from launcher.collectives import Communicator, distribute_optimizer, undistribute
-from launcher.worker import _ScaledLearningRate
+from ktrain.collectives import Communicator, distribute_optimizer, undistribute
+from ktrain.worker import _ScaledLearningRate
 
 
 class Loopback(Communicator):

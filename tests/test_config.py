@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from launcher.config import load_config
-from launcher.errors import UserError
+from ktrain.config import load_config
+from ktrain.errors import UserError
 
 GOOD = """\
 model:
@@ -38,12 +38,15 @@ def error_for(tmp_path, text, *overrides) -> str:
     return caught.value.render()
 
 
-def test_good_config_is_typed_and_paths_resolve_against_its_folder(tmp_path):
+def test_good_config_is_typed_and_paths_resolve_where_users_expect(tmp_path, monkeypatch):
+    workdir = tmp_path / "elsewhere"
+    workdir.mkdir()
+    monkeypatch.chdir(workdir)
     config = load_config(write(tmp_path, GOOD))
     assert config.train.epochs == 5 and config.strategy.devices == 2
     assert config.train.shuffle is True  # default
-    assert config.model.fn == f"{tmp_path / 'models.py'}:build_model"
-    assert config.output_dir == str(tmp_path / "runs" / "example")
+    assert config.model.fn == f"{tmp_path / 'models.py'}:build_model"  # beside the config
+    assert config.output_dir == str(workdir / "runs" / "example")  # where ktrain runs
     assert config.train.optimizer.model_dump()["momentum"] == 0.9
 
 
@@ -127,3 +130,20 @@ def test_multi_process_options_read_naturally(tmp_path):
     ray = load_config(write(tmp_path, GOOD.replace("  name: mirrored\n  devices: 2",
                                                    "  name: ray\n  max_failures: 2")))
     assert ray.strategy.max_restarts == 2
+
+
+def test_switching_strategy_on_the_command_line_leaves_out_options_it_does_not_take(
+        tmp_path, capsys):
+    config = load_config(write(tmp_path, GOOD), ["strategy.name=multiworker"])
+    assert config.strategy.name == "multiworker" and config.strategy.workers == 2
+    note = capsys.readouterr().err
+    assert "strategy.name=multiworker leaves out strategy.devices" in note
+    assert "config.yaml" in note
+    ray = GOOD.replace("  name: mirrored\n  devices: 2", "  name: ray\n  max_restarts: 2\n"
+                       "  placement: spread")
+    config = load_config(write(tmp_path, ray), ["strategy.name=spark"])
+    assert config.strategy.max_restarts == 2  # every multi-process strategy takes it
+    assert "leaves out strategy.placement" in capsys.readouterr().err
+    # An option given on the command line is never dropped: a wrong one is an error.
+    message = error_for(tmp_path, GOOD, "strategy.name=multiworker", "strategy.devices=2")
+    assert "unknown key 'strategy.devices'" in message and "workers" in message

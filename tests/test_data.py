@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from launcher.data import to_splits, training_batches
-from launcher.errors import UserError
+from ktrain.data import to_splits, training_batches
+from ktrain.errors import UserError
 
 X = np.arange(40, dtype="float32").reshape(20, 2)
 Y = np.arange(20)

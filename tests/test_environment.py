@@ -2,7 +2,7 @@
 
 import pytest
 
-from launcher.environment import detect, parse_slurm_nodelist, parse_tasks_per_node
+from ktrain.environment import detect, parse_slurm_nodelist, parse_tasks_per_node
 
 
 @pytest.mark.parametrize("nodelist, hosts", [

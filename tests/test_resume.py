@@ -9,7 +9,7 @@ import keras
 import numpy as np
 
 from helpers import FIXTURES, base_config, run_cli, write_config
-from launcher.checkpoint import CheckpointStore
+from ktrain.checkpoint import CheckpointStore
 
 
 def checkpoints(out):

@@ -55,7 +55,7 @@ def test_killed_task_fails_clearly_or_restarts(tmp_path, background, restarts):
 def digits_parquet(tmp_path):
     import pandas as pd
 
-    from launcher.userfn import load_function
+    from ktrain.userfn import load_function
 
     x, y = load_function(f"{FIXTURES}:digits", "data.fn", str(tmp_path))()
     frame = pd.DataFrame(x, columns=[f"p{i}" for i in range(64)]).assign(label=y)

@@ -4,8 +4,8 @@ own traceback is shown without the launcher's frames."""
 import pytest
 
 from helpers import FIXTURES
-from launcher.errors import UserError
-from launcher.userfn import call_user, load_function
+from ktrain.errors import UserError
+from ktrain.userfn import call_user, load_function
 
 
 def test_loads_from_file_and_module(tmp_path):
