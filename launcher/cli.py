@@ -17,7 +17,12 @@ INTERRUPTED = 130
 
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # argparse stops collecting key=value overrides at the first option (`run c.yaml -q a=1`)
+    if extra and hasattr(args, "overrides") and not any(a.startswith("-") for a in extra):
+        args.overrides += extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     console.set_verbosity(console.QUIET if args.quiet else
                           console.VERBOSE if args.verbose else console.NORMAL)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2" if not args.verbose else "0")

@@ -41,30 +41,50 @@ def write_config(path: Path, config: dict) -> Path:
     return path
 
 
+KTRAIN = str(Path(sys.executable).parent / "ktrain")
+"""The console script, as a user runs it."""
+
+# What TensorFlow's C++ side prints (absl's format, e.g. "I0000 00:00:17.9 123 port.cc:153] ...").
+TF_NATIVE_LINE = re.compile(r"^[IWEF]\d{4} \d\d:\d\d:\d\d|All log messages before absl|"
+                            r"oneDNN custom operations", re.M)
+
+
 def _env(extra: dict | None = None) -> dict:
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONUNBUFFERED="1", **(extra or {}))
-    env.pop("KTRAIN_VERBOSITY", None)
+    """The test's environment, minus what would change ktrain's console (TF's log level)."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1", **(extra or {}))
+    for name in ("KTRAIN_VERBOSITY", "TF_CPP_MIN_LOG_LEVEL"):
+        if name not in (extra or {}):
+            env.pop(name, None)
     return env
+
+
+def run_command(command: list, *, timeout: float = 240, cwd: Path | None = None,
+                env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run ``command`` to completion; killed with its process group if it outlives ``timeout``."""
+    with subprocess.Popen(list(map(str, command)), cwd=cwd or REPO, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True, env=_env(env),
+                          start_new_session=True) as process:
+        try:
+            out, err = process.communicate(timeout=timeout)
+        finally:
+            try:
+                os.killpg(process.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    return subprocess.CompletedProcess(process.args, process.returncode, out, err)
 
 
 def run_cli(*args: str, timeout: float = 240, cwd: Path | None = None,
             env: dict | None = None) -> subprocess.CompletedProcess:
     """Run ``ktrain ARGS`` to completion in a fresh process (TF device setup needs one)."""
-    with subprocess.Popen([sys.executable, "-m", "ktrain", *map(str, args)], cwd=cwd or REPO,
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                          env=_env(env)) as process:
-        try:
-            out, err = process.communicate(timeout=timeout)
-        finally:
-            process.kill()
-    return subprocess.CompletedProcess(process.args, process.returncode, out, err)
+    return run_command([KTRAIN, *args], timeout=timeout, cwd=cwd, env=env)
 
 
 class Background:
     """A ``ktrain`` process the test can signal; always reaped when the test ends."""
 
     def __init__(self, *args: str, env: dict | None = None):
-        self.process = subprocess.Popen([sys.executable, "-m", "ktrain", *map(str, args)],
+        self.process = subprocess.Popen([KTRAIN, *map(str, args)],
                                         cwd=REPO, stdout=subprocess.PIPE,
                                         stderr=subprocess.STDOUT, text=True, env=_env(env),
                                         start_new_session=True)

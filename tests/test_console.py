@@ -1,0 +1,46 @@
+"""What a user sees at default verbosity: no TensorFlow start-up lines, one summary per run,
+whoever started the ranks."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from helpers import (KTRAIN, TF_NATIVE_LINE, base_config, run_cli, run_command, with_strategy,
+                     write_config)
+
+MPIRUN = [str(Path(sys.executable).parent / "mpirun"), "--allow-run-as-root", "--oversubscribe",
+          "--mca", "btl", "self,vader", "-np", "2"]
+
+
+def assert_quiet_console(result, out: Path, world_size: int) -> None:
+    console = result.stdout + result.stderr
+    assert result.returncode == 0, console
+    assert not TF_NATIVE_LINE.search(console), console
+    assert [line for line in console.splitlines() if line.startswith("done:")] == [
+        next(line for line in result.stdout.splitlines() if line.startswith("done:"))], console
+    assert sum(line.startswith("model:") for line in console.splitlines()) == 1, console
+    assert console.count("epoch 3/3") == 1, console  # rank 0's epoch lines, once
+    assert json.loads((out / "summary.json").read_text())["world_size"] == world_size
+
+
+@pytest.mark.parametrize("strategy, world_size", [("mirrored", 1), ("multiworker", 2)])
+def test_default_console_is_quiet_and_has_one_summary(tmp_path, strategy, world_size):
+    config = (with_strategy(tmp_path / "out", strategy) if world_size > 1
+              else base_config(tmp_path / "out"))
+    result = run_cli("run", write_config(tmp_path / "config.yaml", config))
+    assert_quiet_console(result, tmp_path / "out", world_size)
+
+
+def test_ranks_started_by_mpirun_print_one_summary(tmp_path):
+    config = with_strategy(tmp_path / "out", "multiworker", {"communicator": "mpi"})
+    command = [*MPIRUN, KTRAIN, "run", write_config(tmp_path / "config.yaml", config)]
+    assert_quiet_console(run_command(command), tmp_path / "out", 2)
+
+
+def test_verbose_brings_tensorflow_lines_back(tmp_path):
+    config = base_config(tmp_path / "out", train={"epochs": 1})
+    result = run_cli("run", write_config(tmp_path / "config.yaml", config), "-v")
+    assert result.returncode == 0, result.stderr
+    assert TF_NATIVE_LINE.search(result.stdout + result.stderr)
