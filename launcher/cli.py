@@ -25,7 +25,6 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     console.set_verbosity(console.QUIET if args.quiet else
                           console.VERBOSE if args.verbose else console.NORMAL)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2" if not args.verbose else "0")
     if args.debug:
         os.environ["KTRAIN_DEBUG"] = "1"  # worker processes inherit it
     if args.command in (_run, _env):

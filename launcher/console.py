@@ -21,6 +21,14 @@ _every_rank = False
 
 def set_verbosity(level: int) -> None:
     os.environ[VERBOSITY_ENV] = str(level)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "0" if level >= VERBOSE else "2")
+
+
+def environment() -> dict[str, str]:
+    """What a process started far from this one (a Spark task, a Ray actor) needs in order to
+    speak like it: verbosity and TensorFlow's log level."""
+    return {name: os.environ[name] for name in (VERBOSITY_ENV, "TF_CPP_MIN_LOG_LEVEL")
+            if name in os.environ}
 
 
 def verbosity() -> int:

@@ -14,6 +14,7 @@ import tempfile
 
 import fsspec
 
+from ktrain import console
 from ktrain.errors import UserError
 
 
@@ -77,6 +78,11 @@ class RunOutput:
                 self.fs.makedirs(self.path, exist_ok=True)
                 self.fs.put_file(local, f"{self.path}/model.keras")
         return target
+
+    def say(self, line: str) -> None:
+        """Print a line (see ktrain.console for who speaks) and keep it for the rank's log."""
+        console.info(line)
+        self.log(line)
 
     def log(self, line: str) -> None:
         """Keep a line for ``logs/rank-<r>.log``; ``flush_log`` appends it to the file."""

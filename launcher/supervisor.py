@@ -13,6 +13,7 @@ its lines are routed by rank.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import re
@@ -43,11 +44,14 @@ def is_supervised() -> bool:
     return OUTPUT_CAPTURED_ENV in os.environ
 
 
-def captured_output_env() -> dict[str, str]:
-    """Environment for a worker whose output becomes its rank's log: it speaks at least at
-    normal verbosity, whatever the console shows."""
-    return {OUTPUT_CAPTURED_ENV: "1", "PYTHONUNBUFFERED": "1",
-            console.VERBOSITY_ENV: str(max(console.verbosity(), console.NORMAL))}
+def captured_output_env(launcher: dict[str, str] | None = None) -> dict[str, str]:
+    """Environment for a worker whose output becomes its rank's log: the console settings of
+    the process the user started (``launcher``, from ``console.environment()``; this one's by
+    default), but at least normal verbosity, whatever the console shows."""
+    launcher = console.environment() if launcher is None else launcher
+    level = int(launcher.get(console.VERBOSITY_ENV, console.NORMAL))
+    return {**launcher, OUTPUT_CAPTURED_ENV: "1", "PYTHONUNBUFFERED": "1",
+            console.VERBOSITY_ENV: str(max(level, console.NORMAL))}
 
 
 def mark(rank: int, stage: str) -> None:
@@ -241,3 +245,41 @@ def _signal_group(process: subprocess.Popen, sig: int) -> None:
 
 def python_command(*args: str) -> list[str]:
     return [sys.executable, *args]
+
+
+@contextlib.contextmanager
+def echo_log(log_url: str, every: float = 0.5):
+    """Print what a rank appends to its log (any fsspec URL) while the block runs: how rank 0's
+    lines reach the console of the process the user started when the workers run elsewhere
+    (Spark executors, Ray actors)."""
+    import fsspec
+
+    if console.verbosity() < console.NORMAL:
+        yield
+        return
+    fs, path = fsspec.core.url_to_fs(log_url)
+    start = fs.size(path) if fs.exists(path) else 0  # earlier attempts' lines are not news
+    stop = threading.Event()
+
+    def follow():
+        offset, partial = start, b""
+        while True:
+            stopping = stop.wait(every)
+            if fs.exists(path) and fs.size(path) > offset:
+                with fs.open(path, "rb") as log:
+                    log.seek(offset)
+                    new = log.read()
+                offset += len(new)
+                *lines, partial = (partial + new).split(b"\n")
+                for line in lines:
+                    console.info(line.decode(errors="replace"))
+            if stopping:
+                return
+
+    follower = threading.Thread(target=follow, daemon=True)
+    follower.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        follower.join(timeout=10)

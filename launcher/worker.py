@@ -23,9 +23,10 @@ from ktrain.data import (Splits, evaluation_batches, is_ray_dataset, partition_s
                          ray_dataset_splits, to_splits, training_batches)
 from ktrain.errors import UserError
 from ktrain.output import RunOutput
+from ktrain.strategies.base import Session, Strategy
+from ktrain.strategies.spark import PARTITION_ENV
 from ktrain.supervisor import mark
 from ktrain.userfn import call_user, load_function
-from ktrain.strategies.base import Session, Strategy
 
 
 @dataclass
@@ -65,18 +66,12 @@ def run_worker(run: RunConfig, strategy: Strategy) -> RunResult:
     if state is not None:
         _restore(model, state)
     if session.communicator is not None:
-        joined = _join_group(run, session, model)
-        console.info(joined)
-        output.log(joined)
+        output.say(_join_group(run, session, model))
     return _fit(run, session, model, splits, output, store, state)
 
 
-PARTITION_ENV = "KTRAIN_DATA_PARTITION"
-"""path:steps of this worker's own data partition, set by the spark strategy's tasks."""
-
-
 def _load_data(run: RunConfig, session: Session) -> Splits:
-    if os.environ.get(PARTITION_ENV):
+    if os.environ.get(PARTITION_ENV):  # a Spark task's own partition
         path, _, steps = os.environ[PARTITION_ENV].rpartition(":")
         return partition_splits(path, int(steps))
     if run.data.fn is None:
@@ -239,8 +234,7 @@ class _RunRecorder(keras.callbacks.Callback):
         seconds = time.perf_counter() - self._epoch_started
         metrics = "  ".join(f"{k} {v:.4f}" for k, v in row.items() if k != "epoch")
         line = f"epoch {done}/{self.run.train.epochs}  {metrics}  ({seconds:.1f}s)"
-        console.info(line)
-        self.output.log(line)
+        self.output.say(line)
         every = self.run.checkpoint.every_epochs
         if done % every == 0 or done == self.run.train.epochs or self.model.stop_training:
             started = time.perf_counter()
@@ -257,9 +251,9 @@ def _fit(run: RunConfig, session: Session, model: keras.Model, splits: Splits,
     first_epoch = state.epoch if state else 0
     history = list(state.history) if state else []
     if state:
-        console.info(f"resuming from the checkpoint after epoch {state.epoch}")
+        output.say(f"resuming from the checkpoint after epoch {state.epoch}")
     if first_epoch >= train.epochs:
-        console.info(f"all {train.epochs} epochs are already done")
+        output.say(f"all {train.epochs} epochs are already done")
     batches, steps = training_batches(
         splits.train, global_batch_size=train.global_batch_size, rank=session.rank,
         world_size=session.world_size, shuffle=train.shuffle,

@@ -11,6 +11,7 @@ node) dies, the group is torn down and started again from the newest checkpoint,
 from __future__ import annotations
 
 import os
+import sys
 from typing import Literal
 
 from pydantic import AliasChoices, Field, NonNegativeFloat, NonNegativeInt
@@ -64,6 +65,8 @@ class RayStrategy(MultiProcessStrategy):
         if ray.is_initialized():
             return False
         quiet = {"include_dashboard": False, "log_to_driver": True, "logging_level": "ERROR"}
+        if not sys.stdout.isatty():  # no colour codes in a file or a pipe
+            os.environ.setdefault("RAY_COLOR_PREFIX", "0")
         if self.config.address:
             try:
                 ray.init(address=self.config.address, **quiet)
@@ -100,7 +103,8 @@ class RayStrategy(MultiProcessStrategy):
         from ray.util.placement_group import placement_group, remove_placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-        from ktrain.supervisor import Failure
+        from ktrain import console
+        from ktrain.supervisor import Failure, echo_log
 
         self._check_resources()
         n = self.config.workers
@@ -120,24 +124,28 @@ class RayStrategy(MultiProcessStrategy):
         actors = [actor_class.options(
             **options, resources=custom, max_restarts=0,
             scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=r)
-        ).remote() for r in range(n)]
+        ).remote(r) for r in range(n)]
         try:
             peers = ray.get([actor.address.remote() for actor in actors],
                             timeout=self.config.start_timeout)
             plan = run.model_dump_json()
-            pending = {actor.train.remote(plan, r, peers): r for r, actor in enumerate(actors)}
-            while pending:
-                done, _ = ray.wait(list(pending), num_returns=1)
-                rank = pending.pop(done[0])
-                try:
-                    outcome = ray.get(done[0])
-                except ray.exceptions.RayActorError as err:
-                    return Failure(rank, f"rank {rank}'s actor died ({_first_line(err)})")
-                except ray.exceptions.RayTaskError as err:
-                    return Failure(rank, f"rank {rank} failed: {_first_line(err)}")
-                if outcome is not None:
-                    kind, message = outcome
-                    return Failure(rank, f"rank {rank}: {message}", user_error=kind == "user")
+            console_env = console.environment()
+            pending = {actor.train.remote(plan, peers, console_env): r
+                       for r, actor in enumerate(actors)}
+            with echo_log(f"{run.output_dir}/logs/rank-0.log"):
+                while pending:
+                    done, _ = ray.wait(list(pending), num_returns=1)
+                    rank = pending.pop(done[0])
+                    try:
+                        outcome = ray.get(done[0])
+                    except ray.exceptions.RayActorError as err:
+                        return Failure(rank, f"rank {rank}'s actor died ({_first_line(err)})")
+                    except ray.exceptions.RayTaskError as err:
+                        return Failure(rank, f"rank {rank} failed: {_first_line(err)}")
+                    if outcome is not None:
+                        kind, message = outcome
+                        return Failure(rank, f"rank {rank}: {message}",
+                                       user_error=kind == "user")
             return None
         finally:
             for actor in actors:
@@ -152,6 +160,12 @@ def _first_line(err: Exception) -> str:
 class _WorkerActor:
     """One ktrain worker, living in its own Ray worker process."""
 
+    def __init__(self, rank: int):
+        self.rank = rank
+
+    def __repr__(self) -> str:  # Ray prefixes the actor's forwarded output with this
+        return f"rank {self.rank}"
+
     def address(self) -> str:
         import ray
 
@@ -159,15 +173,23 @@ class _WorkerActor:
 
         return f"{ray.util.get_node_ip_address()}:{free_ports(1)[0]}"
 
-    def train(self, plan_json: str, rank: int, peers: list[str]):
-        """Run the worker; None on success, else (kind, message)."""
+    def train(self, plan_json: str, peers: list[str], console_env: dict):
+        """Run the worker, speaking like the driver (``console_env``); None on success, else
+        (kind, message)."""
+        from ktrain import console
+
+        os.environ.update({**console_env, "KTRAIN_RANK": str(self.rank),
+                           "KTRAIN_WORLD_SIZE": str(len(peers)), "KTRAIN_LOCAL_RANK": "0",
+                           "KTRAIN_PEERS": ",".join(peers)})
+        # Ray forwards what an actor prints: its errors, but not its progress, which reaches the
+        # driver from rank 0's log (so no line is lost when the run ends).
+        console.set_verbosity(console.QUIET)
+        console.import_tensorflow()
         from ktrain import strategies
         from ktrain.config import RunConfig
         from ktrain.errors import KtrainError, UserError
         from ktrain.worker import run_worker
 
-        os.environ.update({"KTRAIN_RANK": str(rank), "KTRAIN_WORLD_SIZE": str(len(peers)),
-                           "KTRAIN_LOCAL_RANK": "0", "KTRAIN_PEERS": ",".join(peers)})
         run = RunConfig.model_validate_json(plan_json)
         try:
             run_worker(run, strategies.create(run.strategy))

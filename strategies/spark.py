@@ -25,6 +25,9 @@ from ktrain.strategies.multiworker import collective_session
 
 _FAILURE = re.compile(r"KTRAIN_FAILURE (\d+) (user|crash) (.*?) KTRAIN_END", re.S)
 
+PARTITION_ENV = "KTRAIN_DATA_PARTITION"
+"""path:steps of a worker's own data partition, set by the barrier task that starts it."""
+
 
 class SparkConfig(MultiProcessConfig):
     name: Literal["spark"] = "spark"
@@ -60,47 +63,57 @@ class SparkStrategy(MultiProcessStrategy):
 
     def run_group(self, run):
         """The whole group as one barrier stage; a Failure, or None if every task finished."""
-        spark, created = self._spark_session()
+        spark, created = self._spark_session(run)
         try:
             return self._barrier_stage(spark, run)
         finally:
             if created:
                 spark.stop()
 
-    def _spark_session(self):
+    def _spark_session(self, run):
+        """The session to run on, and whether ktrain created it. Spark's own log goes to
+        ``logs/spark-driver.log`` when ktrain starts the JVM; under spark-submit, Spark prints
+        its warnings and errors only, once its context starts."""
         import warnings
 
         warnings.filterwarnings("ignore", category=FutureWarning, module="pyspark")
+        from pyspark import SparkConf, SparkContext
+        from pyspark.java_gateway import launch_gateway  # to send the JVM's output to a file
         from pyspark.sql import SparkSession
+
+        from ktrain.strategies.base import local_log_dir
 
         active = SparkSession.getActiveSession()
         if active is not None:
             return active, False
         if self.config.master is None and os.environ.get("PYSPARK_GATEWAY_PORT"):
             # Under spark-submit: its --master and --conf already configure the session.
-            return SparkSession.builder.appName("ktrain").getOrCreate(), False
+            return SparkSession.builder.appName("ktrain").config("spark.log.level", "WARN") \
+                .getOrCreate(), False
         master = self.config.master or f"local[{self.config.workers}]"
         # A failed task fails the stage at once: strategy.max_restarts, not Spark, retries.
-        builder = SparkSession.builder.master(master).appName("ktrain") \
-            .config("spark.ui.showConsoleProgress", "false") \
-            .config("spark.task.maxFailures", "1")
+        conf = SparkConf().setMaster(master).setAppName("ktrain") \
+            .set("spark.ui.showConsoleProgress", "false").set("spark.task.maxFailures", "1")
         if master.startswith("local"):  # keep a laptop's Spark on loopback, with this Python
             os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
             os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
-            builder = builder.config("spark.driver.host", "127.0.0.1") \
-                             .config("spark.driver.bindAddress", "127.0.0.1") \
-                             .config("spark.ui.enabled", "false")
+            conf.set("spark.driver.host", "127.0.0.1").set("spark.driver.bindAddress", "127.0.0.1") \
+                .set("spark.ui.enabled", "false")
         for key, value in self.config.spark_conf.items():
-            builder = builder.config(key, str(value).lower() if isinstance(value, bool) else str(value))
-        spark = builder.getOrCreate()
-        spark.sparkContext.setLogLevel("ERROR")
-        return spark, True
+            conf.set(key, str(value).lower() if isinstance(value, bool) else str(value))
+        log_dir = local_log_dir(run.output_dir)
+        log_dir.mkdir(parents=True, exist_ok=True)
+        with open(log_dir / "spark-driver.log", "ab") as log:  # the JVM keeps its own copy
+            gateway = launch_gateway(conf, popen_kwargs={"stdout": log, "stderr": log})
+        context = SparkContext(conf=conf, gateway=gateway)
+        context.setLogLevel("ERROR")
+        return SparkSession(context), True
 
     def _barrier_stage(self, spark, run):
         from py4j.protocol import Py4JJavaError
 
         from ktrain import console
-        from ktrain.supervisor import Failure
+        from ktrain.supervisor import Failure, echo_log
 
         n = self.config.workers
         if run.data.fn is None:  # each task trains on its partition of the DataFrame
@@ -108,11 +121,13 @@ class SparkStrategy(MultiProcessStrategy):
             partitions = _dataframe(spark, run, n).rdd
         else:  # each task runs the data fn and keeps its interleaved shard
             columns, partitions = None, spark.sparkContext.parallelize(range(n), n)
-        task = _barrier_task(run.model_dump_json(), run.output_dir, columns)
+        task = _barrier_task(run.model_dump_json(), run.output_dir, console.environment(),
+                             columns)
         console.info(f"training on {n} Spark barrier tasks ({spark.sparkContext.master}); "
                      f"each rank logs to {run.output_dir}/logs/rank-<r>.log")
         try:
-            partitions.barrier().mapPartitions(task).collect()
+            with echo_log(f"{run.output_dir}/logs/rank-0.log"):
+                partitions.barrier().mapPartitions(task).collect()
             return None
         except Py4JJavaError as err:
             text = str(err)
@@ -166,9 +181,10 @@ def _write_partition(rows, columns, path: str) -> int:
     return int((~held_out).sum())
 
 
-def _barrier_task(plan_json: str, output_dir: str, columns=None):
-    """The function each barrier task runs (pickled to the executors). With ``columns``
-    (features, label, global batch size) the task's rows are its worker's data."""
+def _barrier_task(plan_json: str, output_dir: str, console_env: dict, columns=None):
+    """The function each barrier task runs (pickled to the executors). ``console_env`` is the
+    driver's console settings; with ``columns`` (features, label, global batch size) the
+    task's rows are its worker's data."""
 
     def run(rows):
         import tempfile
@@ -177,9 +193,8 @@ def _barrier_task(plan_json: str, output_dir: str, columns=None):
         import fsspec
         from pyspark import BarrierTaskContext
 
-        from ktrain.supervisor import captured_output_env, describe_exit, die_with_parent
-        from ktrain.worker import PARTITION_ENV
         from ktrain.strategies.multiworker import free_ports
+        from ktrain.supervisor import captured_output_env, describe_exit, die_with_parent
 
         context = BarrierTaskContext.get()
         rank = context.partitionId()
@@ -193,7 +208,7 @@ def _barrier_task(plan_json: str, output_dir: str, columns=None):
         peers = [address for address, _ in gathered]
         env = {**os.environ, "KTRAIN_PLAN": plan_json, "KTRAIN_RANK": str(rank),
                "KTRAIN_WORLD_SIZE": str(len(infos)), "KTRAIN_LOCAL_RANK": "0",
-               "KTRAIN_PEERS": ",".join(peers), **captured_output_env()}
+               "KTRAIN_PEERS": ",".join(peers), **captured_output_env(console_env)}
         if columns:  # every worker takes as many steps as the smallest partition allows
             steps = min(int(n) for _, n in gathered) // (columns[2] // len(infos))
             env[PARTITION_ENV] = f"{partition}:{steps}"

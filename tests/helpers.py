@@ -146,3 +146,19 @@ def assert_same_weights(one: Path, two: Path, atol: float = 1e-5) -> None:
     for a, b in zip(keras.saving.load_model(one / "model.keras").get_weights(),
                     keras.saving.load_model(two / "model.keras").get_weights()):
         np.testing.assert_allclose(a, b, atol=atol)
+
+
+def assert_quiet_console(result: subprocess.CompletedProcess, out: Path, world_size: int) -> None:
+    """A finished run's console at default verbosity: no TensorFlow start-up lines, rank 0's
+    epoch lines once, one summary."""
+    import json
+
+    console = result.stdout + result.stderr
+    assert result.returncode == 0, console
+    assert not TF_NATIVE_LINE.search(console), console
+    lines = console.splitlines()
+    assert sum(line.startswith("done:") for line in lines) == 1, console
+    assert sum(line.startswith("model:") for line in lines) == 1, console
+    epochs = json.loads((out / "summary.json").read_text())
+    assert console.count(f"epoch {epochs['epochs_completed']}/") == 1, console
+    assert epochs["world_size"] == world_size

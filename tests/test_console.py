@@ -1,28 +1,16 @@
 """What a user sees at default verbosity: no TensorFlow start-up lines, one summary per run,
 whoever started the ranks."""
 
-import json
 import sys
 from pathlib import Path
 
 import pytest
 
-from helpers import (KTRAIN, TF_NATIVE_LINE, base_config, run_cli, run_command, with_strategy,
-                     write_config)
+from helpers import (KTRAIN, TF_NATIVE_LINE, assert_quiet_console, base_config, run_cli,
+                     run_command, with_strategy, write_config)
 
 MPIRUN = [str(Path(sys.executable).parent / "mpirun"), "--allow-run-as-root", "--oversubscribe",
           "--mca", "btl", "self,vader", "-np", "2"]
-
-
-def assert_quiet_console(result, out: Path, world_size: int) -> None:
-    console = result.stdout + result.stderr
-    assert result.returncode == 0, console
-    assert not TF_NATIVE_LINE.search(console), console
-    assert [line for line in console.splitlines() if line.startswith("done:")] == [
-        next(line for line in result.stdout.splitlines() if line.startswith("done:"))], console
-    assert sum(line.startswith("model:") for line in console.splitlines()) == 1, console
-    assert console.count("epoch 3/3") == 1, console  # rank 0's epoch lines, once
-    assert json.loads((out / "summary.json").read_text())["world_size"] == world_size
 
 
 @pytest.mark.parametrize("strategy, world_size", [("mirrored", 1), ("multiworker", 2)])
