@@ -31,6 +31,11 @@ class ClusterEnvironment:
     def master_addr(self) -> str:
         return self.nodes[0]
 
+    @property
+    def launcher(self) -> str:
+        """What started the ranks, as the user typed it."""
+        return _LAUNCHERS.get(self.name, self.name)
+
     def peer_addresses(self) -> list[str]:
         """host:port of every rank, ranks numbered node by node (SLURM's block distribution)."""
         return [f"{node}:{self.master_port + local}"
@@ -45,6 +50,10 @@ _SCHEDULERS = {
     "openmpi": ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_LOCAL_RANK", "OMPI_COMM_WORLD_SIZE"),
     "mpich": ("PMI_RANK", "MPI_LOCALRANKID", "PMI_SIZE"),
 }
+
+
+_LAUNCHERS = {"slurm": "srun", "openmpi": "mpirun", "mpich": "mpiexec", "tf_config": "TF_CONFIG",
+              "ktrain": "ktrain"}
 
 
 def detect(env: dict[str, str] | None = None) -> ClusterEnvironment:

@@ -199,12 +199,32 @@ def local_log_dir(output_dir: str):
 
 
 def worker_session(communicator, device: str) -> Session:
-    """The session of one worker process that owns one device and talks over ``communicator``."""
+    """The session of one worker process that owns one device and talks over ``communicator``,
+    once the world it joined is the one its launcher started."""
+    from ktrain.environment import detect
     from ktrain.supervisor import is_supervised
 
+    check_world(detect(), communicator.world_size, communicator.rank,
+                transport=type(communicator).__name__)
     return Session(rank=communicator.rank, world_size=communicator.world_size,
                    num_replicas=communicator.world_size, devices=(device,),
                    communicator=communicator, log_to_file=not is_supervised())
+
+
+def check_world(found, world_size: int, rank: int, *, transport: str) -> None:
+    """A transport that forms its own world (MPI, Horovod) must agree with the launcher: under
+    ``srun`` without a PMI that the MPI library speaks, every task starts MPI alone and N
+    copies would train into one output_dir."""
+    from ktrain.errors import UserError
+
+    if (world_size, rank) == (found.world_size, found.rank):
+        return
+    hint = (f"start the tasks with `srun --mpi=pmix` (see `srun --mpi=list`), or use "
+            f"communicator: collective, which needs no MPI" if found.name == "slurm" else
+            f"start every rank with the same {found.launcher} command")
+    raise UserError(f"{found.launcher} started {found.world_size} tasks (this one is rank "
+                    f"{found.rank}), but {transport} sees {world_size} process(es) and calls this "
+                    f"one rank {rank}", where="strategy", hint=hint)
 
 
 def pin_local_device(local_rank: int) -> str:

@@ -17,11 +17,25 @@ class MirroredConfig(StrategyConfig):
     """``auto``: every GPU, else one CPU. ``N``: N GPUs, or N logical CPU devices when there is no GPU."""
 
 
+_ONE_PROCESS = {"slurm": " (`srun -n 1 ...`)", "openmpi": " (`mpirun -n 1 ...`)",
+                "mpich": " (`mpiexec -n 1 ...`)", "horovodrun": " (`horovodrun -np 1 ...`)",
+                "tf_config": " (unset TF_CONFIG)"}
+
+
 class MirroredStrategy(Strategy):
     name = "mirrored"
     config_type = MirroredConfig
 
     def prepare(self, run) -> None:
+        from ktrain.environment import detect
+
+        found = detect()
+        if found.world_size > 1:  # N copies would train into one output_dir
+            raise UserError(
+                f"strategy mirrored runs in one process, but {found.launcher} started "
+                f"{found.world_size} (this is rank {found.rank})", where="strategy.name",
+                hint="use strategy.name=multiworker (one process per device, each with its "
+                     "share of the batch), or start one process" + _ONE_PROCESS.get(found.name, ""))
         self._devices = self._configure_devices(run.train.global_batch_size)
 
     def launch(self, run):

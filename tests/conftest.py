@@ -4,6 +4,8 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before any test module imports TensorFlow
 
+import shutil  # noqa: E402
+
 import pytest  # noqa: E402
 
 from helpers import FIXTURES, Background, base_config, run_cli, write_config  # noqa: E402
@@ -37,3 +39,17 @@ def single_process_run(tmp_path_factory):
         return done[model_fn]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def slurm():
+    """A real single-node SLURM (munged, slurmctld, slurmd on 127.0.0.1), for the session."""
+    from clusters import LocalSlurm
+
+    if os.geteuid() != 0 or not shutil.which("apt-get"):
+        pytest.skip("a local SLURM needs root and apt-get (Debian) to install slurm-wlm")
+    cluster = LocalSlurm()
+    try:
+        yield cluster.start()
+    finally:
+        cluster.stop()

@@ -1,0 +1,115 @@
+"""Real clusters on this machine for integration tests: each starts the real daemons, on
+loopback, and stops them by their own handles.
+
+- ``LocalSlurm``: MUNGE, ``slurmctld`` and ``slurmd`` (SLURM 22.05 from Debian), one node on
+  127.0.0.1 with 8 declared CPUs (more than the machine has, so several 2-task steps fit).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def stop(process: subprocess.Popen, grace: float = 10) -> None:
+    """SIGTERM, then SIGKILL after ``grace`` seconds; always reaped."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+class LocalSlurm:
+    """A single-node SLURM whose daemons this object starts and stops."""
+
+    CPUS = 8
+
+    def __init__(self):
+        self.folder = Path(tempfile.mkdtemp(prefix="ktrain-slurm-"))
+        self.folder.chmod(0o755)  # the munge user must reach its socket
+        self.node = socket.gethostname().split(".")[0]
+        self.processes: list[subprocess.Popen] = []
+        self.env = {"SLURM_CONF": str(self.folder / "slurm.conf")}
+        """What a client command (srun, sbatch, sinfo) needs in its environment."""
+
+    def start(self, timeout: float = 60) -> LocalSlurm:
+        subprocess.run(["bash", str(REPO / "scripts" / "slurm" / "install_local.sh")],
+                       check=True, capture_output=True)
+        munge = self.folder / "munge"
+        munge.mkdir()
+        shutil.chown(munge, "munge", "munge")
+        socket_path = munge / "munge.socket"
+        self._start(["munged", "--foreground", f"--socket={socket_path}",
+                     f"--pid-file={munge}/munged.pid", f"--log-file={munge}/munged.log",
+                     f"--seed-file={munge}/munged.seed"], user="munge", group="munge")
+        self._wait(socket_path.exists, timeout, "munged did not create its socket")
+        (self.folder / "slurm.conf").write_text(self._config(socket_path))
+        for daemon in ("slurmctld", "slurmd"):
+            self._start([daemon, "-D", "-f", str(self.folder / "slurm.conf")])
+        self._wait(self._idle, timeout, "the SLURM node did not become idle")
+        return self
+
+    def _config(self, munge_socket: Path) -> str:
+        d = self.folder
+        return "\n".join([
+            "ClusterName=ktrain-test", f"SlurmctldHost={self.node}(127.0.0.1)",
+            f"SlurmctldPort={free_port()}", f"SlurmdPort={free_port()}",
+            "SlurmUser=root", "AuthType=auth/munge", "CredType=cred/munge",
+            f"AuthInfo=socket={munge_socket}",
+            f"StateSaveLocation={d}/state", f"SlurmdSpoolDir={d}/spool",
+            f"SlurmctldPidFile={d}/slurmctld.pid", f"SlurmdPidFile={d}/slurmd.pid",
+            f"SlurmctldLogFile={d}/slurmctld.log", f"SlurmdLogFile={d}/slurmd.log",
+            "ProctrackType=proctrack/linuxproc", "TaskPlugin=task/none",
+            "SelectType=select/cons_tres", "SelectTypeParameters=CR_CPU",
+            "SlurmdParameters=config_overrides", "MpiDefault=none", "ReturnToService=2",
+            "KillWait=10", "JobAcctGatherType=jobacct_gather/none",
+            "AccountingStorageType=accounting_storage/none",
+            f"NodeName={self.node} NodeAddr=127.0.0.1 CPUs={self.CPUS} RealMemory=8000 "
+            "State=UNKNOWN",
+            f"PartitionName=debug Nodes={self.node} Default=YES MaxTime=INFINITE State=UP", ""])
+
+    def _start(self, command: list[str], **kwargs) -> None:
+        log = open(self.folder / f"{Path(command[0]).name}.out", "ab")
+        self.processes.append(subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
+                                               start_new_session=True, **kwargs))
+        log.close()
+
+    def _idle(self) -> bool:
+        for process in self.processes:
+            if process.poll() is not None:
+                raise RuntimeError(f"{process.args[0]} exited with {process.returncode}; see "
+                                   f"{self.folder}")
+        state = subprocess.run(["sinfo", "-h", "-o", "%T"], env={**os.environ, **self.env},
+                               capture_output=True, text=True)
+        return state.stdout.strip() == "idle"
+
+    @staticmethod
+    def _wait(condition, timeout: float, message: str) -> None:
+        deadline = time.monotonic() + timeout
+        while not condition():
+            if time.monotonic() > deadline:
+                raise RuntimeError(message)
+            time.sleep(0.2)
+
+    def stop(self) -> None:
+        """Stop the daemons in reverse order of start; the folder goes with them."""
+        for process in reversed(self.processes):
+            stop(process)
+        shutil.rmtree(self.folder, ignore_errors=True)
