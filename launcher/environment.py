@@ -22,8 +22,9 @@ class ClusterEnvironment:
     local_rank: int = 0
     world_size: int = 1
     nodes: tuple[str, ...] = ("127.0.0.1",)
-    tasks_per_node: tuple[int, ...] = (1,)
+    """The hosts of this launch; rank 0 runs on the first."""
     master_port: int = 29500
+    """Where rank 0 listens for the others (see ktrain.rendezvous)."""
     hint: str | None = None
     """A likely misconfiguration worth telling the user about."""
 
@@ -36,10 +37,6 @@ class ClusterEnvironment:
         """What started the ranks, as the user typed it."""
         return _LAUNCHERS.get(self.name, self.name)
 
-    def peer_addresses(self) -> list[str]:
-        """host:port of every rank, ranks numbered node by node (SLURM's block distribution)."""
-        return [f"{node}:{self.master_port + local}"
-                for node, count in zip(self.nodes, self.tasks_per_node) for local in range(count)]
 
 
 # scheduler -> (rank, local rank, world size) variable names
@@ -85,18 +82,24 @@ def _from_tf_config(spec: dict) -> ClusterEnvironment:
     workers = spec.get("cluster", {}).get("worker", [])
     hosts = tuple(w.rsplit(":", 1)[0] for w in workers) or ("127.0.0.1",)
     return ClusterEnvironment("tf_config", spec.get("task", {}).get("index", 0), 0,
-                              max(len(workers), 1), hosts, (1,) * len(hosts))
+                              max(len(workers), 1), hosts)
+
+
+PORT_ENV = "KTRAIN_PORT"
+"""Overrides the port rank 0 listens on for the others."""
 
 
 def _from_slurm(env) -> ClusterEnvironment:
     found = _from_table("slurm", env)
-    nodes = parse_slurm_nodelist(env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST", ""))
-    per_node = parse_tasks_per_node(env.get("SLURM_STEP_TASKS_PER_NODE")
-                                    or env.get("SLURM_TASKS_PER_NODE", str(found.world_size)))
-    # Every task derives the same port from the job id, without talking to the others.
-    port = 20000 + int(env.get("SLURM_JOB_ID", 0)) % 20000
+    nodes = parse_slurm_nodelist(env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST")
+                                 or env.get("SLURM_NODELIST", ""))
+    # Every task derives the same port without talking to the others; concurrent steps of one
+    # job get different ones.
+    job, step = (int(env.get(v, 0)) if str(env.get(v, 0)).isdigit() else 0
+                 for v in ("SLURM_JOB_ID", "SLURM_STEP_ID"))
+    port = int(env.get(PORT_ENV) or 20000 + (job * 64 + step) % 10000)
     return ClusterEnvironment("slurm", found.rank, found.local_rank, found.world_size,
-                              nodes or ("127.0.0.1",), per_node, port)
+                              nodes or ("127.0.0.1",), port)
 
 
 def parse_slurm_nodelist(nodelist: str) -> tuple[str, ...]:
@@ -111,14 +114,6 @@ def parse_slurm_nodelist(nodelist: str) -> tuple[str, ...]:
             for number in range(int(start), int(end or start) + 1):
                 hosts.append(f"{prefix}{number:0{len(start)}d}")
     return tuple(hosts)
-
-
-def parse_tasks_per_node(value: str) -> tuple[int, ...]:
-    """Expand SLURM's ``2(x3),1`` into ``(2, 2, 2, 1)``."""
-    counts = []
-    for count, repeat in re.findall(r"(\d+)(?:\(x(\d+)\))?", value):
-        counts.extend([int(count)] * int(repeat or 1))
-    return tuple(counts)
 
 
 def describe() -> str:

@@ -7,6 +7,7 @@ only then touch output_dir -> restore the newest checkpoint -> fit -> write mode
 from __future__ import annotations
 
 import os
+import re
 import time
 from dataclasses import dataclass
 
@@ -21,7 +22,7 @@ from ktrain.collectives import (GlobalMetrics, broadcast_variables, distribute_o
 from ktrain.config import RunConfig, TrainSpec
 from ktrain.data import (Splits, evaluation_batches, is_ray_dataset, partition_splits,
                          ray_dataset_splits, to_splits, training_batches)
-from ktrain.errors import UserError
+from ktrain.errors import UserError, WorkersFailed
 from ktrain.output import RunOutput
 from ktrain.strategies.base import Session, Strategy
 from ktrain.strategies.spark import PARTITION_ENV
@@ -285,6 +286,10 @@ def _fit(run: RunConfig, session: Session, model: keras.Model, splits: Splits,
                 hint="this usually means the model and the data do not fit together (input "
                      "shape, number of classes, label format): check your model and data fns"
             ) from err
+        except tf.errors.OpError as err:
+            if session.communicator is None:
+                raise
+            raise _peer_lost(session, err, store) from err
     fit_ended = time.perf_counter()
     store.wait()
     undistribute(model.optimizer)
@@ -294,6 +299,21 @@ def _fit(run: RunConfig, session: Session, model: keras.Model, splits: Splits,
     output.write_summary(summary)
     output.flush_log()
     return RunResult(summary, model)
+
+
+def _peer_lost(session: Session, err: Exception, store: CheckpointStore) -> WorkersFailed:
+    """A collective failed mid-training: almost always another rank died. Say so, once."""
+    store.wait()
+    message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    peer = re.search(r"/task:(\d+)", str(err))
+    lost = f"rank {peer.group(1)}" if peer and int(peer.group(1)) != session.rank else "a peer"
+    saved = store.epochs()
+    resume = f" (after epoch {saved[-1]})" if saved else ""
+    return WorkersFailed(
+        f"rank {session.rank} lost contact with {lost} during training, so the group is "
+        f"stopping ({type(err).__name__}: {message})",
+        hint=f"see the other ranks' output for the first failure; re-run the same command to "
+             f"resume from the newest checkpoint{resume}")
 
 
 def _shard_size(size: int, session: Session, partitioned: bool) -> int:

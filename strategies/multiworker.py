@@ -71,11 +71,11 @@ def collective_session(start_timeout: float) -> Session:
 
     found = detect()
     device = pin_local_device(found.local_rank)  # before TensorFlow's runtime starts
-    return worker_session(TensorFlowCollectives(found.rank, _peers(found),
+    return worker_session(TensorFlowCollectives(found.rank, _peers(found, start_timeout),
                                                 timeout_seconds=start_timeout), device)
 
 
-def _peers(found) -> list[str]:
+def _peers(found, start_timeout: float) -> list[str]:
     if os.environ.get(PEERS_ENV):
         return os.environ[PEERS_ENV].split(",")
     if found.name == "tf_config":
@@ -83,10 +83,17 @@ def _peers(found) -> list[str]:
 
         return json.loads(os.environ["TF_CONFIG"])["cluster"]["worker"]
     if found.name == "slurm":
-        return found.peer_addresses()
-    raise UserError(f"the collective communicator cannot find its peers under {found.name}",
+        from ktrain.rendezvous import gather_addresses
+
+        return gather_addresses(found.rank, found.world_size, found.master_addr,
+                                found.master_port, start_timeout)
+    if found.name in ("openmpi", "mpich"):
+        from ktrain.rendezvous import gather_addresses_over_mpi
+
+        return gather_addresses_over_mpi()
+    raise UserError(f"the collective communicator cannot find its peers under {found.launcher}",
                     where="strategy.communicator",
-                    hint="use communicator: mpi under mpirun/srun, or set TF_CONFIG")
+                    hint="start the workers with ktrain, srun or mpirun, or set TF_CONFIG")
 
 
 def free_ports(count: int) -> list[int]:

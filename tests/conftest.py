@@ -15,8 +15,8 @@ from helpers import FIXTURES, Background, base_config, run_cli, write_config  # 
 def background():
     started: list[Background] = []
 
-    def start(*args: str) -> Background:
-        started.append(Background(*args))
+    def start(*args: str, **options) -> Background:
+        started.append(Background(*args, **options))
         return started[-1]
 
     yield start

@@ -43,6 +43,9 @@ def write_config(path: Path, config: dict) -> Path:
 
 KTRAIN = str(Path(sys.executable).parent / "ktrain")
 """The console script, as a user runs it."""
+MPIRUN = [str(Path(sys.executable).parent / "mpirun"), "--allow-run-as-root", "--oversubscribe",
+          "--mca", "btl", "self,vader", "-np", "2"]
+"""Open MPI's mpirun starting 2 ranks on this machine, data over shared memory."""
 
 # What TensorFlow's C++ side prints (absl's format, e.g. "I0000 00:00:17.9 123 port.cc:153] ...").
 TF_NATIVE_LINE = re.compile(r"^[IWEF]\d{4} \d\d:\d\d:\d\d|All log messages before absl|"
@@ -80,14 +83,21 @@ def run_cli(*args: str, timeout: float = 240, cwd: Path | None = None,
     return run_command([KTRAIN, *args], timeout=timeout, cwd=cwd, env=env)
 
 
-class Background:
-    """A ``ktrain`` process the test can signal; always reaped when the test ends."""
+def _like_a_terminal() -> None:
+    """Ctrl-C works as in a terminal, even if the tests run as a background job (which
+    ignores SIGINT, and so would ktrain)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
-    def __init__(self, *args: str, env: dict | None = None):
-        self.process = subprocess.Popen([KTRAIN, *map(str, args)],
+
+class Background:
+    """A ``ktrain`` process (started by ``launcher``, e.g. srun, if given) the test can signal;
+    always reaped when the test ends."""
+
+    def __init__(self, *args: str, launcher: tuple = (), env: dict | None = None):
+        self.process = subprocess.Popen([*launcher, KTRAIN, *map(str, args)],
                                         cwd=REPO, stdout=subprocess.PIPE,
                                         stderr=subprocess.STDOUT, text=True, env=_env(env),
-                                        start_new_session=True)
+                                        start_new_session=True, preexec_fn=_like_a_terminal)
 
     def wait_for(self, condition, timeout: float = 120, interval: float = 0.01) -> None:
         deadline = time.monotonic() + timeout

@@ -1,16 +1,10 @@
 """What a user sees at default verbosity: no TensorFlow start-up lines, one summary per run,
 whoever started the ranks."""
 
-import sys
-from pathlib import Path
-
 import pytest
 
-from helpers import (KTRAIN, TF_NATIVE_LINE, assert_quiet_console, base_config, run_cli,
+from helpers import (KTRAIN, MPIRUN, TF_NATIVE_LINE, assert_quiet_console, base_config, run_cli,
                      run_command, with_strategy, write_config)
-
-MPIRUN = [str(Path(sys.executable).parent / "mpirun"), "--allow-run-as-root", "--oversubscribe",
-          "--mca", "btl", "self,vader", "-np", "2"]
 
 
 @pytest.mark.parametrize("strategy, world_size", [("mirrored", 1), ("multiworker", 2)])

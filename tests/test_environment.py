@@ -2,7 +2,7 @@
 
 import pytest
 
-from ktrain.environment import detect, parse_slurm_nodelist, parse_tasks_per_node
+from ktrain.environment import detect, parse_slurm_nodelist
 
 
 @pytest.mark.parametrize("nodelist, hosts", [
@@ -15,23 +15,19 @@ def test_slurm_nodelists_expand_without_scontrol(nodelist, hosts):
     assert parse_slurm_nodelist(nodelist) == hosts
 
 
-def test_tasks_per_node():
-    assert parse_tasks_per_node("2(x3),1") == (2, 2, 2, 1)
-    assert parse_tasks_per_node("4") == (4,)
-
-
 SLURM_STEP = {"SLURM_PROCID": "3", "SLURM_LOCALID": "1", "SLURM_NTASKS": "4",
-              "SLURM_STEP_ID": "0", "SLURM_JOB_ID": "12345",
-              "SLURM_JOB_NODELIST": "gpu[01-02]", "SLURM_STEP_TASKS_PER_NODE": "2(x2)"}
+              "SLURM_STEP_ID": "0", "SLURM_JOB_ID": "12345", "SLURM_JOB_NODELIST": "gpu[01-02]"}
 
 
 def test_srun_step():
     found = detect(SLURM_STEP)
     assert (found.name, found.rank, found.local_rank, found.world_size) == ("slurm", 3, 1, 4)
-    assert found.master_addr == "gpu01"
-    port = 20000 + 12345 % 20000
-    assert found.peer_addresses() == [f"gpu01:{port}", f"gpu01:{port + 1}",
-                                      f"gpu02:{port}", f"gpu02:{port + 1}"]
+    assert found.nodes == ("gpu01", "gpu02") and found.master_addr == "gpu01"
+    # a step on some of the job's nodes: rank 0 is on the step's first node
+    assert detect({**SLURM_STEP, "SLURM_STEP_NODELIST": "gpu02"}).master_addr == "gpu02"
+    # concurrent steps of one job listen on different ports; KTRAIN_PORT overrides
+    assert detect({**SLURM_STEP, "SLURM_STEP_ID": "1"}).master_port != found.master_port
+    assert detect({**SLURM_STEP, "KTRAIN_PORT": "23456"}).master_port == 23456
 
 
 def test_sbatch_without_srun_is_local_with_a_hint():

@@ -13,10 +13,3 @@ SCRIPTS = sorted((REPO / "scripts").rglob("*.sh")) + sorted((REPO / "scripts").r
 def test_scripts_parse(script):
     result = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
-
-
-@pytest.mark.parametrize("name, strategy", [("multiworker", "multiworker"), ("horovod", "horovod")])
-def test_sbatch_examples_start_ktrain_under_srun(name, strategy):
-    text = (REPO / "scripts" / "slurm" / f"{name}.sbatch").read_text()
-    assert "#SBATCH --ntasks-per-node" in text
-    assert "srun" in text and f"name: {strategy}" in text and "ktrain run" in text

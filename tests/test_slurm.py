@@ -1,10 +1,13 @@
 """ktrain inside a real SLURM (slurmctld + slurmd on 127.0.0.1): srun steps and sbatch jobs."""
 
 import json
+import os
+import signal
 
 import pytest
 
-from helpers import KTRAIN, assert_same_weights, base_config, run_command, with_strategy, write_config
+from helpers import (KTRAIN, assert_same_weights, base_config, run_command, with_strategy,
+                     worker_pid, write_config)
 
 try:
     import horovod.tensorflow  # noqa: F401
@@ -57,3 +60,38 @@ def test_mirrored_under_a_two_task_step_names_the_fix(tmp_path, slurm):
     assert "strategy mirrored runs in one process, but srun started 2" in result.stderr
     assert "strategy.name=multiworker" in result.stderr and "srun -n 1" in result.stderr
     assert not out.exists()
+
+
+def test_two_concurrent_steps_in_one_allocation_both_finish(tmp_path, slurm, single_process_run):
+    outs = [tmp_path / "a", tmp_path / "b"]
+    configs = [write_config(tmp_path / f"{out.name}.yaml", with_strategy(out, "multiworker"))
+               for out in outs]
+    script = tmp_path / "two_steps.sh"
+    script.write_text("#!/bin/bash\n" + "".join(
+        f"srun --exact -n2 {KTRAIN} run {config} &\n" for config in configs) + "wait\n")
+    result = run_command(["sbatch", "--wait", "-n4", f"--output={tmp_path}/job.out", script],
+                         env=slurm.env, timeout=400)
+    assert result.returncode == 0, (tmp_path / "job.out").read_text()
+    for out in outs:
+        assert json.loads((out / "summary.json").read_text())["world_size"] == 2
+        assert_same_weights(single_process_run("mlp"), out)
+
+
+def test_a_killed_task_ends_the_step_with_one_message_and_a_rerun_resumes(tmp_path, slurm,
+                                                                          background):
+    out = tmp_path / "out"
+    config = write_config(tmp_path / "c.yaml", with_strategy(out, "multiworker",
+                                                             train={"epochs": 150}))
+    step = background("run", config, launcher=("srun", "-n2"), env=slurm.env)
+    step.wait_for(lambda: (out / "checkpoints" / "ckpt-000002.npz").exists()
+                  and worker_pid(out, 1), timeout=180)
+    os.kill(worker_pid(out, 1), signal.SIGKILL)
+    step.process.wait(timeout=120)
+    output = step.process.stdout.read()
+    assert step.process.returncode != 0, output
+    assert "rank 0 lost contact with" in output and "re-run the same command" in output, output
+    assert "Traceback" not in output, output
+    again = srun(slurm, "-n2", KTRAIN, "run", config)
+    assert again.returncode == 0, again.stdout + again.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["epochs_completed"] == 150 and summary["resumed_from_epoch"] >= 2
