@@ -134,6 +134,19 @@ def describe() -> str:
     found = detect()
     lines.append(f"{'cluster':<15} {found.name}: rank {found.rank} of {found.world_size}, "
                  f"local rank {found.local_rank}, nodes {', '.join(found.nodes)}")
+    if found.name == "slurm":
+        lines.append(f"{'rendezvous':<15} rank 0 listens at {found.master_addr}:"
+                     f"{found.master_port} (TF collectives; {PORT_ENV} overrides the port)")
+        lines.append(f"{'MPI under srun':<15} {_pmix_report(os.environ)}")
     if found.hint:
         lines.append(f"{'HINT':<15} {found.hint}")
     return "\n".join(lines)
+
+
+def _pmix_report(env) -> str:
+    """Whether MPI (communicator: mpi, horovod) would see this step's world."""
+    kind = env.get("SLURM_MPI_TYPE", "none")
+    if "PMIX_RANK" in env:
+        return f"PMIx is available (srun --mpi={kind}): MPI sees every task"
+    return (f"no PMIx in this step (srun --mpi={kind}): MPI would start each task alone; "
+            f"start with `srun --mpi=pmix`")

@@ -2,7 +2,8 @@
 loopback, and stops them by their own handles.
 
 - ``LocalSlurm``: MUNGE, ``slurmctld`` and ``slurmd`` (SLURM 22.05 from Debian), one node on
-  127.0.0.1 with 8 declared CPUs (more than the machine has, so several 2-task steps fit).
+  127.0.0.1 with 8 declared CPUs (more than the machine has, so several 2-task steps fit) and 2
+  stand-in GPUs (jobs that ask for GPUs get scheduled, and train on the CPU).
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ class LocalSlurm:
     """A single-node SLURM whose daemons this object starts and stops."""
 
     CPUS = 8
+    GPUS = 2
 
     def __init__(self):
         self.folder = Path(tempfile.mkdtemp(prefix="ktrain-slurm-"))
@@ -61,8 +63,11 @@ class LocalSlurm:
                      f"--seed-file={munge}/munged.seed"], user="munge", group="munge")
         self._wait(socket_path.exists, timeout, "munged did not create its socket")
         (self.folder / "slurm.conf").write_text(self._config(socket_path))
-        for daemon in ("slurmctld", "slurmd"):
-            self._start([daemon, "-D", "-f", str(self.folder / "slurm.conf")])
+        # Stand-in GPUs (no cgroups confine tasks to device files): --gpus-per-task schedules
+        # and sets CUDA_VISIBLE_DEVICES; TensorFlow's CPU build then trains on the CPU.
+        (self.folder / "gres.conf").write_text("Name=gpu File=/dev/null\nName=gpu File=/dev/zero\n")
+        for daemon in ("slurmctld", "slurmd"):  # SLURM_CONF: where gres.conf is found too
+            self._start([daemon, "-D"], env={**os.environ, **self.env})
         self._wait(self._idle, timeout, "the SLURM node did not become idle")
         return self
 
@@ -81,8 +86,9 @@ class LocalSlurm:
             "SlurmdParameters=config_overrides", "MpiDefault=none", "ReturnToService=2",
             "KillWait=10", "JobAcctGatherType=jobacct_gather/none",
             "AccountingStorageType=accounting_storage/none",
+            "GresTypes=gpu",
             f"NodeName={self.node} NodeAddr=127.0.0.1 CPUs={self.CPUS} RealMemory=8000 "
-            "State=UNKNOWN",
+            f"Gres=gpu:{self.GPUS} State=UNKNOWN",
             f"PartitionName=debug Nodes={self.node} Default=YES MaxTime=INFINITE State=UP", ""])
 
     def _start(self, command: list[str], **kwargs) -> None:

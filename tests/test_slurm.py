@@ -3,10 +3,12 @@
 import json
 import os
 import signal
+import sys
+from pathlib import Path
 
 import pytest
 
-from helpers import (KTRAIN, assert_same_weights, base_config, run_command, with_strategy,
+from helpers import (KTRAIN, REPO, assert_same_weights, base_config, run_command, with_strategy,
                      worker_pid, write_config)
 
 try:
@@ -95,3 +97,28 @@ def test_a_killed_task_ends_the_step_with_one_message_and_a_rerun_resumes(tmp_pa
     assert again.returncode == 0, again.stdout + again.stderr
     summary = json.loads((out / "summary.json").read_text())
     assert summary["epochs_completed"] == 150 and summary["resumed_from_epoch"] >= 2
+
+
+@pytest.mark.parametrize("script", ["cpu.sbatch", "gpu.sbatch"])
+def test_sbatch_examples_run_as_written_from_another_folder(tmp_path, slurm, script):
+    """The examples unchanged but for the size of the job, submitted from a project folder."""
+    assert run_command([KTRAIN, "init", "project"], cwd=tmp_path).returncode == 0
+    project = tmp_path / "project"
+    size = ["--nodes=1", "--ntasks-per-node=2", "--cpus-per-task=1"]
+    result = run_command(["sbatch", "--wait", *size, REPO / "scripts" / "slurm" / script,
+                          "config.yaml", "train.epochs=3"], cwd=project, timeout=300,
+                         env={**slurm.env, "KTRAIN_VENV": str(Path(sys.executable).parent.parent)})
+    job_output = "".join(p.read_text() for p in project.glob("ktrain-*.out"))
+    assert result.returncode == 0, result.stderr + job_output
+    summary = json.loads((project / "runs" / "quickstart" / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["epochs_completed"] == 3
+    assert job_output.count("done:") == 1, job_output
+
+
+def test_env_shows_the_step_world_rendezvous_and_pmix(slurm):
+    with_pmix = srun(slurm, "-n2", "--mpi=pmix", KTRAIN, "env", timeout=120)
+    assert with_pmix.returncode == 0, with_pmix.stderr
+    assert with_pmix.stdout.count("slurm: rank") == 2 and "of 2" in with_pmix.stdout
+    assert "rank 0 listens at" in with_pmix.stdout and "PMIx is available" in with_pmix.stdout
+    without = srun(slurm, "-n1", KTRAIN, "env", timeout=120)
+    assert "start with `srun --mpi=pmix`" in without.stdout
