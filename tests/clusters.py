@@ -4,6 +4,8 @@ loopback, and stops them by their own handles.
 - ``LocalSlurm``: MUNGE, ``slurmctld`` and ``slurmd`` (SLURM 22.05 from Debian), one node on
   127.0.0.1 with 8 declared CPUs (more than the machine has, so several 2-task steps fit) and 2
   stand-in GPUs (jobs that ask for GPUs get scheduled, and train on the CPU).
+- ``TwoHosts``: two Linux network namespaces joined by a veth pair, 10.77.0.1 and 10.77.0.2,
+  each with its own loopback and nothing else: two "hosts" whose traffic cannot leave them.
 """
 
 from __future__ import annotations
@@ -119,3 +121,51 @@ class LocalSlurm:
         for process in reversed(self.processes):
             stop(process)
         shutil.rmtree(self.folder, ignore_errors=True)
+
+
+class TwoHosts:
+    """Two network namespaces joined by a veth pair (PLATFORM.md's recipe); needs root."""
+
+    SUBNET = "10.77.0"
+
+    def __init__(self):
+        tag = f"{os.getpid() % 100000}"
+        self.namespaces = (f"ktns{tag}a", f"ktns{tag}b")
+        self.addresses = (f"{self.SUBNET}.1", f"{self.SUBNET}.2")
+        self.processes: list[subprocess.Popen] = []
+        self._created: list[str] = []
+
+    def start(self) -> TwoHosts:
+        a, b = self.namespaces
+        veth = (f"{a}v", f"{b}v")
+        for namespace in self.namespaces:
+            self._ip("netns", "add", namespace)
+            self._created.append(namespace)
+        self._ip("link", "add", veth[0], "type", "veth", "peer", "name", veth[1])
+        for namespace, device, address in zip(self.namespaces, veth, self.addresses):
+            self._ip("link", "set", device, "netns", namespace)
+            self._ip("-n", namespace, "addr", "add", f"{address}/24", "dev", device)
+            self._ip("-n", namespace, "link", "set", device, "up")
+            self._ip("-n", namespace, "link", "set", "lo", "up")
+        return self
+
+    @staticmethod
+    def _ip(*args: str) -> None:
+        subprocess.run(["ip", *args], check=True, capture_output=True)
+
+    def run_in(self, host: int, command: list, *, env: dict, cwd: Path) -> subprocess.Popen:
+        """Start ``command`` on host 0 or 1; its output goes to a pipe the caller reads."""
+        process = subprocess.Popen(["ip", "netns", "exec", self.namespaces[host],
+                                    *map(str, command)], env=env, cwd=cwd, text=True,
+                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+        self.processes.append(process)
+        return process
+
+    def stop(self) -> None:
+        for process in self.processes:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+        for namespace in self._created:  # removes the veth pair with it
+            subprocess.run(["ip", "netns", "del", namespace], capture_output=True)

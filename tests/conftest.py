@@ -53,3 +53,17 @@ def slurm():
         yield cluster.start()
     finally:
         cluster.stop()
+
+
+@pytest.fixture
+def two_hosts():
+    """Two network namespaces, 10.77.0.1 and 10.77.0.2, removed when the test ends."""
+    from clusters import TwoHosts
+
+    if os.geteuid() != 0 or not shutil.which("ip"):
+        pytest.skip("network namespaces need root and iproute2's `ip`")
+    hosts = TwoHosts()
+    try:
+        yield hosts.start()
+    finally:
+        hosts.stop()

@@ -52,7 +52,7 @@ TF_NATIVE_LINE = re.compile(r"^[IWEF]\d{4} \d\d:\d\d:\d\d|All log messages befor
                             r"oneDNN custom operations", re.M)
 
 
-def _env(extra: dict | None = None) -> dict:
+def cli_env(extra: dict | None = None) -> dict:
     """The test's environment, minus what would change ktrain's console (TF's log level)."""
     env = dict(os.environ, PYTHONUNBUFFERED="1", **(extra or {}))
     for name in ("KTRAIN_VERBOSITY", "TF_CPP_MIN_LOG_LEVEL"):
@@ -65,7 +65,7 @@ def run_command(command: list, *, timeout: float = 240, cwd: Path | None = None,
                 env: dict | None = None) -> subprocess.CompletedProcess:
     """Run ``command`` to completion; killed with its process group if it outlives ``timeout``."""
     with subprocess.Popen(list(map(str, command)), cwd=cwd or REPO, stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, text=True, env=_env(env),
+                          stderr=subprocess.PIPE, text=True, env=cli_env(env),
                           start_new_session=True) as process:
         try:
             out, err = process.communicate(timeout=timeout)
@@ -94,10 +94,10 @@ class Background:
     always reaped when the test ends."""
 
     def __init__(self, *args: str, launcher: tuple = (), env: dict | None = None):
-        self.process = subprocess.Popen([*launcher, KTRAIN, *map(str, args)],
-                                        cwd=REPO, stdout=subprocess.PIPE,
-                                        stderr=subprocess.STDOUT, text=True, env=_env(env),
-                                        start_new_session=True, preexec_fn=_like_a_terminal)
+        self.process = subprocess.Popen([*launcher, KTRAIN, *map(str, args)], cwd=REPO,
+                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                        text=True, env=cli_env(env), start_new_session=True,
+                                        preexec_fn=_like_a_terminal)
 
     def wait_for(self, condition, timeout: float = 120, interval: float = 0.01) -> None:
         deadline = time.monotonic() + timeout
