@@ -1,11 +1,14 @@
 """The spark strategy on a real local Spark (local[2], loopback only)."""
 
 import json
+import sys
+from pathlib import Path
 
 import pytest
 
-from helpers import (FIXTURES, REPO, assert_quiet_console, assert_same_weights, base_config, kill_rank_one_mid_training,
-                     run_cli, with_strategy, write_config)
+from helpers import (FIXTURES, REPO, assert_quiet_console, assert_same_weights, base_config,
+                     kill_rank_one_mid_training, run_cli, run_command, with_strategy,
+                     write_config)
 
 pytest.importorskip("pyspark", reason="pyspark is not installed: bash scripts/setup.sh installs it")
 
@@ -22,6 +25,23 @@ def test_two_barrier_tasks_match_one_process(tmp_path, single_process_run):
     assert (summary["strategy"], summary["world_size"], summary["epochs_completed"]) == ("spark", 2, 3)
     assert_same_weights(single_process_run("mlp"), out)
     assert "epoch 3/3" in (out / "logs" / "rank-1.log").read_text()
+
+
+def test_spark_submit_shows_rank_0_and_one_summary_without_spark_chatter(tmp_path):
+    """spark-submit creates the session (ktrain does not): Spark's INFO log is quieted as the
+    context starts, and rank 0's epoch lines reach the console of spark-submit."""
+    import ktrain
+
+    out = tmp_path / "out"
+    config = write_config(tmp_path / "c.yaml", spark(out))
+    submit = [Path(sys.executable).parent / "spark-submit", "--master", "local[2]",
+              "--conf", "spark.driver.host=127.0.0.1", "--conf", "spark.ui.enabled=false",
+              Path(ktrain.__file__).parent / "__main__.py", "run", config]
+    result = run_command(submit, cwd=tmp_path, timeout=300,
+                         env={"SPARK_LOCAL_IP": "127.0.0.1", "PYSPARK_PYTHON": sys.executable})
+    assert_quiet_console(result, out, 2)
+    spark_info = [line for line in (result.stdout + result.stderr).splitlines() if " INFO " in line]
+    assert len(spark_info) <= 3, spark_info  # those Spark prints before its level can be set
 
 
 def test_too_few_slots_for_the_barrier_stage(tmp_path):
