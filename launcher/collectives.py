@@ -87,7 +87,8 @@ def _indices_by_dtype(tensors: Sequence[tf.Tensor]) -> dict[tf.DType, list[int]]
 
 
 class TensorFlowCollectives(Communicator):
-    """TensorFlow's collective ops (ring all-reduce over gRPC) between the given peers.
+    """TensorFlow's collective ops between the given peers: NCCL when this worker has a GPU
+    (one process per GPU), else a ring all-reduce over gRPC.
 
     ``MultiWorkerMirroredStrategy`` is created only to start TF's collective runtime from
     TF_CONFIG; the model is built outside its scope (Keras 3's fit fails inside it,
@@ -101,8 +102,11 @@ class TensorFlowCollectives(Communicator):
         super().__init__(rank, len(peers))
         os.environ["TF_CONFIG"] = json.dumps({"cluster": {"worker": list(peers)},
                                               "task": {"type": "worker", "index": rank}})
+        implementations = tf.distribute.experimental.CommunicationImplementation
+        gpu = bool(tf.config.list_physical_devices("GPU"))
+        self._hint = "nccl" if gpu else "ring"
         options = tf.distribute.experimental.CommunicationOptions(
-            implementation=tf.distribute.experimental.CommunicationImplementation.RING,
+            implementation=implementations.NCCL if gpu else implementations.RING,
             timeout_seconds=timeout_seconds or None)
         self._runtime = tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
         self._instance_keys = itertools.count(1000)
@@ -112,7 +116,7 @@ class TensorFlowCollectives(Communicator):
         return tf.raw_ops.CollectiveReduceV2(
             input=flat, group_size=self.world_size, group_key=self._GROUP_KEY,
             instance_key=next(self._instance_keys), ordering_token=[], merge_op="Add",
-            final_op="Id")
+            final_op="Id", communication_hint=self._hint)
 
 
 class MpiCommunicator(Communicator):
