@@ -1,9 +1,10 @@
 """Real clusters on this machine for integration tests: each starts the real daemons, on
 loopback, and stops them by their own handles.
 
-- ``LocalSlurm``: MUNGE, ``slurmctld`` and ``slurmd`` (SLURM 22.05 from Debian), one node on
+- ``LocalSlurm``: MUNGE, ``slurmctld`` and ``slurmd`` (SLURM 22.05 from Debian). One node on
   127.0.0.1 with 8 declared CPUs (more than the machine has, so several 2-task steps fit) and 2
-  stand-in GPUs (jobs that ask for GPUs get scheduled, and train on the CPU).
+  stand-in GPUs (jobs that ask for GPUs get scheduled, and train on the CPU); or one node per
+  namespace of ``TwoHosts``.
 - ``TwoHosts``: two Linux network namespaces joined by a veth pair, 10.77.0.1 and 10.77.0.2,
   each with its own loopback and nothing else: two "hosts" whose traffic cannot leave them.
 """
@@ -40,23 +41,32 @@ def stop(process: subprocess.Popen, grace: float = 10) -> None:
 
 
 class LocalSlurm:
-    """A single-node SLURM whose daemons this object starts and stops."""
+    """A SLURM whose daemons this object starts and stops: one node on 127.0.0.1, or, given
+    ``hosts``, one node per network namespace (its address is its node name), with
+    ``slurmctld`` on the first."""
 
     CPUS = 8
     GPUS = 2
 
-    def __init__(self):
+    def __init__(self, hosts: TwoHosts | None = None):
         self.folder = Path(tempfile.mkdtemp(prefix="ktrain-slurm-"))
         self.folder.chmod(0o755)  # the munge user must reach its socket
-        self.node = socket.gethostname().split(".")[0]
+        self.hostname = socket.gethostname().split(".")[0]
+        self.hosts = hosts
+        self.nodes = list(hosts.addresses) if hosts else [self.hostname]
         self.processes: list[subprocess.Popen] = []
         self.env = {"SLURM_CONF": str(self.folder / "slurm.conf")}
         """What a client command (srun, sbatch, sinfo) needs in its environment."""
 
+    def command(self, *args) -> list[str]:
+        """A client command (srun, sbatch, ...) as run where the controller is reachable."""
+        inside = ["ip", "netns", "exec", self.hosts.namespaces[0]] if self.hosts else []
+        return [*inside, *map(str, args)]
+
     def start(self, timeout: float = 60) -> LocalSlurm:
         subprocess.run(["bash", str(REPO / "scripts" / "slurm" / "install_local.sh")],
                        check=True, capture_output=True)
-        munge = self.folder / "munge"
+        munge = self.folder / "munge"  # a file-system socket: reachable from every namespace
         munge.mkdir()
         shutil.chown(munge, "munge", "munge")
         socket_path = munge / "munge.socket"
@@ -68,33 +78,49 @@ class LocalSlurm:
         # Stand-in GPUs (no cgroups confine tasks to device files): --gpus-per-task schedules
         # and sets CUDA_VISIBLE_DEVICES; TensorFlow's CPU build then trains on the CPU.
         (self.folder / "gres.conf").write_text("Name=gpu File=/dev/null\nName=gpu File=/dev/zero\n")
-        for daemon in ("slurmctld", "slurmd"):  # SLURM_CONF: where gres.conf is found too
-            self._start([daemon, "-D"], env={**os.environ, **self.env})
-        self._wait(self._idle, timeout, "the SLURM node did not become idle")
+        env = {**os.environ, **self.env}  # SLURM_CONF: where gres.conf is found too
+        self._start(self._on(0, "slurmctld", "-D"), env=env)
+        for index, node in enumerate(self.nodes):
+            (self.folder / f"tmp-{node}").mkdir()
+            self._start(self._on(index, "slurmd", "-D", "-N", node), env=env)
+        self._wait(self._idle, timeout, "the SLURM nodes did not become idle")
         return self
+
+    def _on(self, index: int, *command: str) -> list[str]:
+        """A daemon's command line on node ``index``: in its namespace's network only (unlike
+        ``ip netns exec``, nsenter keeps /sys, where slurmd finds the cgroup file system)."""
+        if not self.hosts:
+            return list(command)
+        return ["nsenter", f"--net=/var/run/netns/{self.hosts.namespaces[index]}", *command]
 
     def _config(self, munge_socket: Path) -> str:
         d = self.folder
+        controller = self.hosts.addresses[0] if self.hosts else "127.0.0.1"
+        if self.hosts:
+            nodes = [f"NodeName={a} NodeHostname={self.hostname} NodeAddr={a} CPUs=4 "
+                     f"RealMemory=4000" for a in self.nodes]
+        else:
+            nodes = [f"NodeName={self.hostname} NodeAddr=127.0.0.1 CPUs={self.CPUS} "
+                     f"RealMemory=8000 Gres=gpu:{self.GPUS}"]
         return "\n".join([
-            "ClusterName=ktrain-test", f"SlurmctldHost={self.node}(127.0.0.1)",
+            "ClusterName=ktrain-test", f"SlurmctldHost={self.hostname}({controller})",
             f"SlurmctldPort={free_port()}", f"SlurmdPort={free_port()}",
             "SlurmUser=root", "AuthType=auth/munge", "CredType=cred/munge",
-            f"AuthInfo=socket={munge_socket}",
-            f"StateSaveLocation={d}/state", f"SlurmdSpoolDir={d}/spool",
-            f"SlurmctldPidFile={d}/slurmctld.pid", f"SlurmdPidFile={d}/slurmd.pid",
-            f"SlurmctldLogFile={d}/slurmctld.log", f"SlurmdLogFile={d}/slurmd.log",
+            f"AuthInfo=socket={munge_socket}", f"StateSaveLocation={d}/state",
+            # per node (%n): nodes share this file system, and PMIx keeps files in TmpFS
+            f"SlurmdSpoolDir={d}/spool-%n", f"SlurmdPidFile={d}/slurmd-%n.pid",
+            f"SlurmdLogFile={d}/slurmd-%n.log", f"TmpFS={d}/tmp-%n",
+            f"SlurmctldPidFile={d}/slurmctld.pid", f"SlurmctldLogFile={d}/slurmctld.log",
             "ProctrackType=proctrack/linuxproc", "TaskPlugin=task/none",
             "SelectType=select/cons_tres", "SelectTypeParameters=CR_CPU",
             "SlurmdParameters=config_overrides", "MpiDefault=none", "ReturnToService=2",
             "KillWait=10", "JobAcctGatherType=jobacct_gather/none",
-            "AccountingStorageType=accounting_storage/none",
-            "GresTypes=gpu",
-            f"NodeName={self.node} NodeAddr=127.0.0.1 CPUs={self.CPUS} RealMemory=8000 "
-            f"Gres=gpu:{self.GPUS} State=UNKNOWN",
-            f"PartitionName=debug Nodes={self.node} Default=YES MaxTime=INFINITE State=UP", ""])
+            "AccountingStorageType=accounting_storage/none", "GresTypes=gpu", *nodes,
+            f"PartitionName=debug Nodes={','.join(self.nodes)} Default=YES MaxTime=INFINITE "
+            "State=UP", ""])
 
     def _start(self, command: list[str], **kwargs) -> None:
-        log = open(self.folder / f"{Path(command[0]).name}.out", "ab")
+        log = open(self.folder / f"{Path(command[0]).name}-{len(self.processes)}.out", "ab")
         self.processes.append(subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
                                                start_new_session=True, **kwargs))
         log.close()
@@ -102,11 +128,11 @@ class LocalSlurm:
     def _idle(self) -> bool:
         for process in self.processes:
             if process.poll() is not None:
-                raise RuntimeError(f"{process.args[0]} exited with {process.returncode}; see "
+                raise RuntimeError(f"{process.args} exited with {process.returncode}; see "
                                    f"{self.folder}")
-        state = subprocess.run(["sinfo", "-h", "-o", "%T"], env={**os.environ, **self.env},
-                               capture_output=True, text=True)
-        return state.stdout.strip() == "idle"
+        state = subprocess.run(self.command("sinfo", "-h", "-o", "%T %D"),
+                               env={**os.environ, **self.env}, capture_output=True, text=True)
+        return state.stdout.strip() == f"idle {len(self.nodes)}"
 
     @staticmethod
     def _wait(condition, timeout: float, message: str) -> None:

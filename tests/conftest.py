@@ -55,15 +55,35 @@ def slurm():
         cluster.stop()
 
 
-@pytest.fixture
-def two_hosts():
-    """Two network namespaces, 10.77.0.1 and 10.77.0.2, removed when the test ends."""
+def _two_hosts():
     from clusters import TwoHosts
 
     if os.geteuid() != 0 or not shutil.which("ip"):
         pytest.skip("network namespaces need root and iproute2's `ip`")
-    hosts = TwoHosts()
+    return TwoHosts()
+
+
+@pytest.fixture
+def two_hosts():
+    """Two network namespaces, 10.77.0.1 and 10.77.0.2, removed when the test ends."""
+    hosts = _two_hosts()
     try:
         yield hosts.start()
+    finally:
+        hosts.stop()
+
+
+@pytest.fixture(scope="module")
+def slurm_on_two_hosts():
+    """A real two-node SLURM, one slurmd in each of two network namespaces."""
+    from clusters import LocalSlurm
+
+    hosts = _two_hosts()
+    try:
+        cluster = LocalSlurm(hosts.start())
+        try:
+            yield cluster.start()
+        finally:
+            cluster.stop()
     finally:
         hosts.stop()

@@ -1,11 +1,19 @@
 """Two "hosts" (network namespaces with their own addresses, 10.77.0.1 and 10.77.0.2): workers
-that find each other across addresses other than loopback, as on a real cluster."""
+that find each other across addresses other than loopback, as on a real cluster; and a real
+two-node SLURM with one slurmd on each."""
 
 import json
 
 import pytest
 
-from helpers import KTRAIN, assert_same_weights, cli_env, with_strategy, write_config
+from helpers import (KTRAIN, assert_same_weights, cli_env, run_command, with_strategy,
+                     write_config)
+
+try:
+    import horovod.tensorflow  # noqa: F401
+    HOROVOD = None
+except ImportError as err:
+    HOROVOD = f"Horovod is not installed ({err}): run bash scripts/install_horovod.sh"
 
 
 def tf_config(hosts, rank: int) -> dict:
@@ -31,5 +39,40 @@ def test_tf_collectives_across_two_hosts_match_one_process(tmp_path, two_hosts, 
     outputs = [worker.communicate(timeout=300)[0] for worker in workers]
     assert [worker.returncode for worker in workers] == [0, 0], "\n".join(outputs)
     assert "rank 0 of 2 joined" in outputs[0]
+    assert json.loads((out / "summary.json").read_text())["world_size"] == 2
+    assert_same_weights(single_process_run("mlp"), out)
+
+
+@pytest.mark.parametrize("strategy, srun_options", [
+    pytest.param({"name": "multiworker"}, ["-N2", "-n2"], id="tf-collectives"),
+    pytest.param({"name": "multiworker"}, ["-N2", "-n4", "--distribution=cyclic"],
+                 id="tf-collectives-cyclic"),
+    pytest.param({"name": "multiworker", "communicator": "mpi"}, ["-N2", "-n2", "--mpi=pmix"],
+                 id="mpi4py"),
+    pytest.param({"name": "horovod", "controller": "mpi"}, ["-N2", "-n2", "--mpi=pmix"],
+                 id="horovod", marks=pytest.mark.skipif(HOROVOD is not None, reason=str(HOROVOD))),
+])
+def test_srun_across_two_nodes_matches_one_process(tmp_path, slurm_on_two_hosts, strategy,
+                                                   srun_options, single_process_run):
+    slurm, out = slurm_on_two_hosts, tmp_path / "out"
+    config = write_config(tmp_path / "c.yaml", with_strategy(out, strategy["name"], strategy))
+    result = run_command(slurm.command("srun", *srun_options, KTRAIN, "run", config),
+                         env=slurm.env, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["world_size"] == int(srun_options[1][2:])
+    assert_same_weights(single_process_run("mlp"), out)
+
+
+def test_a_step_on_one_node_of_a_two_node_job(tmp_path, slurm_on_two_hosts, single_process_run):
+    """Rank 0 is on the step's first node, not the job's (10.77.0.1 runs nothing here)."""
+    slurm, out = slurm_on_two_hosts, tmp_path / "out"
+    config = write_config(tmp_path / "c.yaml", with_strategy(out, "multiworker"))
+    script = tmp_path / "step.sh"
+    script.write_text(f"#!/bin/bash\nsrun -N1 -n2 --relative=1 {KTRAIN} run {config}\n")
+    result = run_command(slurm.command("sbatch", "--wait", "-N2", "--ntasks-per-node=2",
+                                       f"--output={tmp_path}/job.out", script),
+                         env=slurm.env, timeout=300)
+    assert result.returncode == 0, (tmp_path / "job.out").read_text()
     assert json.loads((out / "summary.json").read_text())["world_size"] == 2
     assert_same_weights(single_process_run("mlp"), out)

@@ -19,8 +19,7 @@ except ImportError as err:
 
 
 def srun(slurm, *args, timeout: float = 300):
-    return run_command(["srun", *args], env=slurm.env,
-                       timeout=timeout)
+    return run_command(slurm.command("srun", *args), env=slurm.env, timeout=timeout)
 
 
 @pytest.mark.parametrize("strategy, mpi", [
@@ -71,8 +70,8 @@ def test_two_concurrent_steps_in_one_allocation_both_finish(tmp_path, slurm, sin
     script = tmp_path / "two_steps.sh"
     script.write_text("#!/bin/bash\n" + "".join(
         f"srun --exact -n2 {KTRAIN} run {config} &\n" for config in configs) + "wait\n")
-    result = run_command(["sbatch", "--wait", "-n4", f"--output={tmp_path}/job.out", script],
-                         env=slurm.env, timeout=400)
+    result = run_command(slurm.command("sbatch", "--wait", "-n4", f"--output={tmp_path}/job.out",
+                                       script), env=slurm.env, timeout=400)
     assert result.returncode == 0, (tmp_path / "job.out").read_text()
     for out in outs:
         assert json.loads((out / "summary.json").read_text())["world_size"] == 2
@@ -84,7 +83,7 @@ def test_a_killed_task_ends_the_step_with_one_message_and_a_rerun_resumes(tmp_pa
     out = tmp_path / "out"
     config = write_config(tmp_path / "c.yaml", with_strategy(out, "multiworker",
                                                              train={"epochs": 150}))
-    step = background("run", config, launcher=("srun", "-n2"), env=slurm.env)
+    step = background("run", config, launcher=slurm.command("srun", "-n2"), env=slurm.env)
     step.wait_for(lambda: (out / "checkpoints" / "ckpt-000002.npz").exists()
                   and worker_pid(out, 1), timeout=180)
     os.kill(worker_pid(out, 1), signal.SIGKILL)
@@ -105,8 +104,9 @@ def test_sbatch_examples_run_as_written_from_another_folder(tmp_path, slurm, scr
     assert run_command([KTRAIN, "init", "project"], cwd=tmp_path).returncode == 0
     project = tmp_path / "project"
     size = ["--nodes=1", "--ntasks-per-node=2", "--cpus-per-task=1"]
-    result = run_command(["sbatch", "--wait", *size, REPO / "scripts" / "slurm" / script,
-                          "config.yaml", "train.epochs=3"], cwd=project, timeout=300,
+    result = run_command(slurm.command("sbatch", "--wait", *size,
+                                       REPO / "scripts" / "slurm" / script, "config.yaml",
+                                       "train.epochs=3"), cwd=project, timeout=300,
                          env={**slurm.env, "KTRAIN_VENV": str(Path(sys.executable).parent.parent)})
     job_output = "".join(p.read_text() for p in project.glob("ktrain-*.out"))
     assert result.returncode == 0, result.stderr + job_output
