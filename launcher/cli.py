@@ -81,6 +81,13 @@ def _parser() -> argparse.ArgumentParser:
     init.add_argument("dir", nargs="?", default=".", help="folder to write into (default: .)")
     init.set_defaults(command=_init)
 
+    entry = commands.add_parser(
+        "spark-entry", parents=[common], help="print the file spark-submit runs ktrain from",
+        description="Print the path of ktrain's entry file, for spark-submit (which runs a "
+                    "Python app only from a .py file): spark-submit ... \"$(ktrain "
+                    "spark-entry)\" run config.yaml")
+    entry.set_defaults(command=_spark_entry)
+
     env = commands.add_parser("env", parents=[common],
                               help="show versions, devices and the detected cluster environment",
                               description="Print versions of Python, TensorFlow, Keras and the "
@@ -126,6 +133,11 @@ def _init(args) -> int:
         (target / name).write_text(source.joinpath(template).read_text())
     console.info(f"wrote {target / 'digits.py'} and {target / 'config.yaml'}\n"
                  f"train it with:  ktrain run {target / 'config.yaml'}")
+    return 0
+
+
+def _spark_entry(args) -> int:
+    print(Path(__file__).with_name("__main__.py"))
     return 0
 
 

@@ -10,10 +10,8 @@ master=${1:?$usage}
 config=${2:?$usage}
 model_file=${3:?$usage}
 shift 3
-# spark-submit runs a Python app only from a file ending in .py: ktrain's own __main__.py.
-python=${PYSPARK_DRIVER_PYTHON:-python3}
-ktrain_main=$("$python" -c "import ktrain, os; print(os.path.join(os.path.dirname(ktrain.__file__), '__main__.py'))")
+# spark-submit runs a Python app only from a file ending in .py: ktrain's entry file.
 spark-submit --master "${master}" \
     --conf spark.task.maxFailures=1 \
     --py-files "${model_file}" \
-    "${ktrain_main}" run "${config}" strategy.name=spark "$@"
+    "$(ktrain spark-entry)" run "${config}" strategy.name=spark "$@"

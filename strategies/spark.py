@@ -116,6 +116,7 @@ class SparkStrategy(MultiProcessStrategy):
         from ktrain.supervisor import Failure, echo_log
 
         n = self.config.workers
+        _check_slots(spark.sparkContext, n, min(self.config.start_timeout, 30.0))
         if run.data.fn is None:  # each task trains on its partition of the DataFrame
             columns = (list(run.data.features), run.data.label, run.train.global_batch_size)
             partitions = _dataframe(spark, run, n).rdd
@@ -144,6 +145,25 @@ class SparkStrategy(MultiProcessStrategy):
             summary, _, tail = report.partition("\n")
             return Failure(rank, summary, tail.splitlines(), user_error=kind == "user",
                            log=f"{run.output_dir}/logs/rank-{rank}.log")
+
+
+def _check_slots(context, needed: int, wait: float) -> None:
+    """Fail in seconds, not after Spark's ten minutes of barrier slot-check retries, when the
+    cluster cannot run every task at once. Executors that are still registering get ``wait``
+    seconds."""
+    import time
+
+    scala = context._jsc.sc()
+    profile = scala.resourceProfileManager().defaultResourceProfile()
+    deadline = time.monotonic() + wait
+    while (slots := scala.maxNumConcurrentTasks(profile)) < needed:
+        if time.monotonic() > deadline:
+            raise UserError(f"a barrier stage of {needed} tasks needs {needed} task slots; the "
+                            f"cluster ({context.master}) offers {slots}",
+                            where="strategy.workers",
+                            hint="lower strategy.workers, or add executors or cores "
+                                 "(slots = cores / spark.task.cpus, and GPUs per task if set)")
+        time.sleep(0.5)
 
 
 _VALIDATION_COLUMN = "_ktrain_validation"

@@ -5,6 +5,7 @@ loopback, and stops them by their own handles.
   127.0.0.1 with 8 declared CPUs (more than the machine has, so several 2-task steps fit) and 2
   stand-in GPUs (jobs that ask for GPUs get scheduled, and train on the CPU); or one node per
   namespace of ``TwoHosts``.
+- ``SparkStandalone``: a Spark standalone master and one worker (2 cores), on 127.0.0.1.
 - ``TwoHosts``: two Linux network namespaces joined by a veth pair, 10.77.0.1 and 10.77.0.2,
   each with its own loopback and nothing else: two "hosts" whose traffic cannot leave them.
 """
@@ -195,3 +196,51 @@ class TwoHosts:
             process.wait()
         for namespace in self._created:  # removes the veth pair with it
             subprocess.run(["ip", "netns", "del", namespace], capture_output=True)
+
+
+class SparkStandalone:
+    """A Spark standalone master and worker from the pyspark package (its ``spark-class``, in
+    the foreground, so each is this object's own process), on 127.0.0.1."""
+
+    def __init__(self, cores: int = 2):
+        import pyspark
+
+        self.home = Path(pyspark.__file__).parent
+        self.folder = Path(tempfile.mkdtemp(prefix="ktrain-spark-"))
+        self.cores = cores
+        self.port = free_port()
+        self.url = f"spark://127.0.0.1:{self.port}"
+        self.processes: list[subprocess.Popen] = []
+        self.env = {"SPARK_HOME": str(self.home), "SPARK_LOCAL_IP": "127.0.0.1",
+                    "SPARK_LOG_DIR": str(self.folder), "SPARK_WORKER_DIR": str(self.folder)}
+
+    def start(self, timeout: float = 90) -> SparkStandalone:
+        self._start("master", "org.apache.spark.deploy.master.Master", "--host", "127.0.0.1",
+                    "--port", str(self.port), "--webui-port", str(free_port()))
+        self._start("worker", "org.apache.spark.deploy.worker.Worker", "--host", "127.0.0.1",
+                    "--cores", str(self.cores), "--memory", "4g", "--webui-port",
+                    str(free_port()), self.url)
+        deadline = time.monotonic() + timeout
+        while "Successfully registered with master" not in self._log("worker"):
+            for process in self.processes:
+                if process.poll() is not None:
+                    raise RuntimeError(f"{process.args[-1]} exited; see {self.folder}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the Spark worker did not register; see {self.folder}")
+            time.sleep(0.3)
+        return self
+
+    def _start(self, name: str, *args: str) -> None:
+        log = open(self.folder / f"{name}.log", "ab")
+        self.processes.append(subprocess.Popen(
+            [str(self.home / "bin" / "spark-class"), *args], stdout=log,
+            stderr=subprocess.STDOUT, env={**os.environ, **self.env}, start_new_session=True))
+        log.close()
+
+    def _log(self, name: str) -> str:
+        return (self.folder / f"{name}.log").read_text(errors="replace")
+
+    def stop(self) -> None:
+        for process in reversed(self.processes):
+            stop(process)
+        shutil.rmtree(self.folder, ignore_errors=True)

@@ -87,3 +87,16 @@ def slurm_on_two_hosts():
             cluster.stop()
     finally:
         hosts.stop()
+
+
+@pytest.fixture(scope="module")
+def spark_cluster():
+    """A real Spark standalone master and worker (2 cores) on 127.0.0.1."""
+    pytest.importorskip("pyspark", reason="pyspark is not installed: bash scripts/setup.sh")
+    from clusters import SparkStandalone
+
+    cluster = SparkStandalone(cores=2)
+    try:
+        yield cluster.start()
+    finally:
+        cluster.stop()

@@ -1,14 +1,16 @@
-"""The spark strategy on a real local Spark (local[2], loopback only)."""
+"""The spark strategy on a real Spark: local[2], and a standalone master + worker, loopback only;
+started by ktrain run and by spark-submit."""
 
 import json
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
-from helpers import (FIXTURES, REPO, assert_quiet_console, assert_same_weights, base_config,
-                     kill_rank_one_mid_training, run_cli, run_command, with_strategy,
-                     write_config)
+from helpers import (FIXTURES, KTRAIN, REPO, assert_quiet_console, assert_same_weights,
+                     base_config, kill_rank_one_mid_training, run_cli, run_command,
+                     with_strategy, write_config)
 
 pytest.importorskip("pyspark", reason="pyspark is not installed: bash scripts/setup.sh installs it")
 
@@ -27,21 +29,43 @@ def test_two_barrier_tasks_match_one_process(tmp_path, single_process_run):
     assert "epoch 3/3" in (out / "logs" / "rank-1.log").read_text()
 
 
+def spark_submit(master: str, *args, cwd):
+    """The README's command: spark-submit runs ktrain's entry file (ktrain spark-entry)."""
+    entry = run_command([KTRAIN, "spark-entry"]).stdout.strip()
+    return run_command([Path(sys.executable).parent / "spark-submit", "--master", master,
+                        "--conf", "spark.driver.host=127.0.0.1", "--conf",
+                        "spark.ui.enabled=false", entry, *args], cwd=cwd, timeout=300,
+                       env={"SPARK_LOCAL_IP": "127.0.0.1", "PYSPARK_PYTHON": sys.executable})
+
+
 def test_spark_submit_shows_rank_0_and_one_summary_without_spark_chatter(tmp_path):
     """spark-submit creates the session (ktrain does not): Spark's INFO log is quieted as the
     context starts, and rank 0's epoch lines reach the console of spark-submit."""
-    import ktrain
-
     out = tmp_path / "out"
-    config = write_config(tmp_path / "c.yaml", spark(out))
-    submit = [Path(sys.executable).parent / "spark-submit", "--master", "local[2]",
-              "--conf", "spark.driver.host=127.0.0.1", "--conf", "spark.ui.enabled=false",
-              Path(ktrain.__file__).parent / "__main__.py", "run", config]
-    result = run_command(submit, cwd=tmp_path, timeout=300,
-                         env={"SPARK_LOCAL_IP": "127.0.0.1", "PYSPARK_PYTHON": sys.executable})
+    result = spark_submit("local[2]", "run", write_config(tmp_path / "c.yaml", spark(out)),
+                          cwd=tmp_path)
     assert_quiet_console(result, out, 2)
     spark_info = [line for line in (result.stdout + result.stderr).splitlines() if " INFO " in line]
     assert len(spark_info) <= 3, spark_info  # those Spark prints before its level can be set
+
+
+def test_spark_submit_to_a_standalone_cluster_matches_one_process(tmp_path, spark_cluster,
+                                                                  single_process_run):
+    out = tmp_path / "out"
+    result = spark_submit(spark_cluster.url, "run", write_config(tmp_path / "c.yaml", spark(out)),
+                          cwd=tmp_path)
+    assert_quiet_console(result, out, 2)
+    assert_same_weights(single_process_run("mlp"), out)
+
+
+def test_too_many_workers_for_a_standalone_cluster_fail_fast(tmp_path, spark_cluster):
+    config = spark(tmp_path / "out", {"workers": 3, "master": spark_cluster.url},
+                   train={"global_batch_size": 66})
+    started = time.monotonic()
+    result = run_cli("run", write_config(tmp_path / "c.yaml", config), timeout=120)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert time.monotonic() - started < 60
+    assert "needs 3 task slots; the cluster" in result.stderr and "offers 2" in result.stderr
 
 
 def test_too_few_slots_for_the_barrier_stage(tmp_path):
