@@ -8,7 +8,7 @@ import pytest
 from helpers import REPO, run_cli
 
 
-@pytest.mark.parametrize("command", ["run", "validate", "init", "env"])
+@pytest.mark.parametrize("command", ["run", "validate", "init", "spark-entry", "env"])
 def test_every_command_has_help(command):
     result = run_cli(command, "--help")
     assert result.returncode == 0 and f"usage: ktrain {command}" in result.stdout
