@@ -80,7 +80,14 @@ class RayStrategy(MultiProcessStrategy):
         # Logical CPUs for the actors plus the machine's own, so Ray Data tasks that a data fn
         # starts inside an actor still find CPUs while the actors hold theirs.
         cpus = (os.cpu_count() or 1) + self._needed().get("CPU", 0)
-        ray.init(num_cpus=int(cpus), _node_ip_address="127.0.0.1", **quiet)
+        # "local": a private Ray, even if a cluster runs on this machine (plain ray.init()
+        # would attach to that one, and then refuse num_cpus).
+        try:
+            ray.init(address="local", num_cpus=int(cpus), _node_ip_address="127.0.0.1", **quiet)
+        except (ConnectionError, RuntimeError, ValueError) as err:
+            raise UserError(f"cannot start a local Ray: {err}", where="strategy.address",
+                            hint="see Ray's log in /tmp/ray/session_latest/logs; or set "
+                                 "strategy.address to a running cluster") from None
         return True
 
     def _needed(self) -> dict[str, float]:

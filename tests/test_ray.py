@@ -1,12 +1,15 @@
-"""The ray strategy on a real local Ray (loopback only, no dashboard)."""
+"""The ray strategy on a real local Ray (loopback only, no dashboard), also beside a running
+Ray cluster (in a network namespace the test made)."""
 
 import json
+import sys
 import time
+from pathlib import Path
 
 import pytest
 
-from helpers import (FIXTURES, assert_quiet_console, assert_same_weights, kill_rank_one_mid_training, run_cli,
-                     with_strategy, write_config)
+from helpers import (FIXTURES, assert_quiet_console, assert_same_weights, cli_env,
+                     kill_rank_one_mid_training, run_cli, with_strategy, write_config)
 
 pytest.importorskip("ray", reason="ray is not installed: bash scripts/setup.sh installs it")
 
@@ -64,3 +67,27 @@ def test_each_actor_trains_on_its_split_of_a_ray_dataset(tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
     summary = json.loads((out / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["final_metrics"]["val_accuracy"] >= 0.9
+
+
+def test_without_an_address_ktrain_starts_its_own_ray_beside_a_running_cluster(
+        tmp_path, two_hosts, single_process_run):
+    """A Ray head runs on this machine (in a namespace the test made, at 10.77.0.1); Ray
+    records it in /tmp/ray, where a plain ray.init() would find it and attach."""
+    marker = Path("/tmp/ray/ray_current_cluster")
+    head_address = f"{two_hosts.addresses[0]}:6380"
+    two_hosts.run_in(0, [Path(sys.executable).parent / "ray", "start", "--head", "--block",
+                         f"--node-ip-address={two_hosts.addresses[0]}", "--port=6380",
+                         "--num-cpus=1", "--include-dashboard=false", "--disable-usage-stats"],
+                     env=cli_env(), cwd=tmp_path)
+    try:
+        deadline = time.monotonic() + 90
+        while not (marker.exists() and marker.read_text().strip() == head_address):
+            assert time.monotonic() < deadline, "the Ray head did not start"
+            time.sleep(0.5)
+        out = tmp_path / "out"
+        result = run_cli("run", write_config(tmp_path / "c.yaml", ray_config(out)))
+        assert_quiet_console(result, out, 2)
+        assert_same_weights(single_process_run("mlp"), out)
+    finally:
+        if marker.exists() and marker.read_text().strip() == head_address:
+            marker.unlink()  # the head's record, which its SIGKILL leaves behind
