@@ -102,6 +102,20 @@ def _from_slurm(env) -> ClusterEnvironment:
                               nodes or ("127.0.0.1",), port)
 
 
+RAY_JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
+"""Set by Ray in the driver of a job that ``ray job submit`` started."""
+
+
+def ray_job_working_dir(env: dict[str, str] | None = None) -> str | None:
+    """Under ``ray job submit --working-dir``: the folder of Ray's temporary copy (this
+    process' working directory), which is deleted with the job's cluster. Else None."""
+    env = os.environ if env is None else env
+    if RAY_JOB_ENV not in env:
+        return None
+    runtime_env = json.loads(env[RAY_JOB_ENV]).get("runtime_env") or {}
+    return os.getcwd() if runtime_env.get("working_dir") else None
+
+
 def parse_slurm_nodelist(nodelist: str) -> tuple[str, ...]:
     """Expand ``gpu[01-04,07],cpu1`` into host names without calling ``scontrol``."""
     hosts = []

@@ -16,6 +16,7 @@ from typing import Literal
 
 from pydantic import AliasChoices, Field, NonNegativeFloat, NonNegativeInt
 
+from ktrain.environment import RAY_JOB_ENV, ray_job_working_dir
 from ktrain.errors import UserError
 from ktrain.strategies.base import MultiProcessConfig, MultiProcessStrategy, Session
 from ktrain.strategies.multiworker import collective_session
@@ -44,6 +45,7 @@ class RayStrategy(MultiProcessStrategy):
         except ImportError:
             raise UserError("the ray strategy needs ray, which is not installed",
                             where="strategy.name", hint='pip install "ktrain-launcher[ray]"') from None
+        _check_output_outlives_the_job(run.output_dir)
 
     def open_session(self) -> Session:
         return collective_session(self.config.start_timeout)
@@ -67,11 +69,13 @@ class RayStrategy(MultiProcessStrategy):
         quiet = {"include_dashboard": False, "log_to_driver": True, "logging_level": "ERROR"}
         if not sys.stdout.isatty():  # no colour codes in a file or a pipe
             os.environ.setdefault("RAY_COLOR_PREFIX", "0")
-        if self.config.address:
+        # A job's driver (ray job submit) trains on the job's cluster.
+        address = self.config.address or ("auto" if os.environ.get(RAY_JOB_ENV) else None)
+        if address:
             try:
-                ray.init(address=self.config.address, **quiet)
+                ray.init(address=address, **quiet)
             except (ConnectionError, RuntimeError, ValueError) as err:
-                raise UserError(f"cannot reach the Ray cluster at '{self.config.address}': {err}",
+                raise UserError(f"cannot reach the Ray cluster at '{address}': {err}",
                                 where="strategy.address",
                                 hint="check the address (auto, or ray://head:10001) and that "
                                      "the cluster is up (`ray status`)") from None
@@ -158,6 +162,16 @@ class RayStrategy(MultiProcessStrategy):
             for actor in actors:
                 ray.kill(actor)
             remove_placement_group(group)
+
+
+def _check_output_outlives_the_job(output_dir: str) -> None:
+    copy = ray_job_working_dir()
+    if copy and "://" not in output_dir and os.path.commonpath([copy, output_dir]) == copy:
+        raise UserError(
+            f"output_dir '{output_dir}' is inside Ray's temporary copy of --working-dir, which "
+            f"is deleted with the job's cluster", where="output_dir",
+            hint="set output_dir to an absolute path on storage every node shares, or a URL "
+                 "(e.g. s3://bucket/run), for example output_dir=/shared/runs/my-run")
 
 
 def _first_line(err: Exception) -> str:

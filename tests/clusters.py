@@ -6,6 +6,8 @@ loopback, and stops them by their own handles.
   stand-in GPUs (jobs that ask for GPUs get scheduled, and train on the CPU); or one node per
   namespace of ``TwoHosts``.
 - ``SparkStandalone``: a Spark standalone master and one worker (2 cores), on 127.0.0.1.
+- ``RayHead``: a Ray head with its job server, in a network namespace of ``TwoHosts`` (Ray
+  advertises the machine's external address even when told 127.0.0.1), with token auth.
 - ``TwoHosts``: two Linux network namespaces joined by a veth pair, 10.77.0.1 and 10.77.0.2,
   each with its own loopback and nothing else: two "hosts" whose traffic cannot leave them.
 """
@@ -17,6 +19,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -244,3 +247,52 @@ class SparkStandalone:
         for process in reversed(self.processes):
             stop(process)
         shutil.rmtree(self.folder, ignore_errors=True)
+
+
+class RayHead:
+    """``ray start --head --block`` on host 0 of ``hosts`` (this object's own process; its
+    raylet and GCS are in the same process group), with a token that clients need."""
+
+    PORT, JOBS_PORT = 6380, 8265
+    MARKER = Path("/tmp/ray/ray_current_cluster")  # where Ray records the cluster it started
+
+    def __init__(self, hosts: TwoHosts):
+        import secrets
+
+        self.hosts = hosts
+        self.address = f"{hosts.addresses[0]}:{self.PORT}"
+        self.jobs_url = f"http://{hosts.addresses[0]}:{self.JOBS_PORT}"
+        self.env = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+        """What a client (ray job submit) needs in its environment."""
+        self.process: subprocess.Popen | None = None
+
+    def command(self, *args) -> list[str]:
+        """A client command, run where the head is reachable."""
+        return ["ip", "netns", "exec", self.hosts.namespaces[0], *map(str, args)]
+
+    def start(self, timeout: float = 120) -> RayHead:
+        bin_dir = Path(sys.executable).parent  # ray, and ktrain for the jobs' entrypoints
+        ray = bin_dir / "ray"
+        self.env["PATH"] = f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"
+        self.process = subprocess.Popen(
+            self.command(ray, "start", "--head", "--block", "--disable-usage-stats",
+                         f"--node-ip-address={self.hosts.addresses[0]}", f"--port={self.PORT}",
+                         "--num-cpus=4", f"--dashboard-host={self.hosts.addresses[0]}",
+                         f"--dashboard-port={self.JOBS_PORT}"),
+            env={**os.environ, **self.env}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while subprocess.run(self.command(ray, "job", "list", "--address", self.jobs_url),
+                             env={**os.environ, **self.env}, capture_output=True).returncode:
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("the Ray head did not start")
+            time.sleep(1)
+        return self
+
+    def stop(self) -> None:
+        if self.process is not None:
+            if self.process.poll() is None:
+                os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+        if self.MARKER.exists() and self.MARKER.read_text().strip() == self.address:
+            self.MARKER.unlink()  # what the killed head left behind

@@ -100,3 +100,20 @@ def spark_cluster():
         yield cluster.start()
     finally:
         cluster.stop()
+
+
+@pytest.fixture(scope="module")
+def ray_head():
+    """A real Ray head (with its job server) at 10.77.0.1, in a namespace of its own."""
+    pytest.importorskip("ray", reason="ray is not installed: bash scripts/setup.sh installs it")
+    from clusters import RayHead
+
+    hosts = _two_hosts()
+    try:
+        head = RayHead(hosts.start())
+        try:
+            yield head.start()
+        finally:
+            head.stop()
+    finally:
+        hosts.stop()

@@ -2,14 +2,14 @@
 Ray cluster (in a network namespace the test made)."""
 
 import json
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from helpers import (FIXTURES, assert_quiet_console, assert_same_weights, cli_env,
-                     kill_rank_one_mid_training, run_cli, with_strategy, write_config)
+from helpers import (FIXTURES, assert_quiet_console, assert_same_weights,
+                     kill_rank_one_mid_training, run_cli, run_command, with_strategy,
+                     write_config)
 
 pytest.importorskip("ray", reason="ray is not installed: bash scripts/setup.sh installs it")
 
@@ -70,24 +70,41 @@ def test_each_actor_trains_on_its_split_of_a_ray_dataset(tmp_path):
 
 
 def test_without_an_address_ktrain_starts_its_own_ray_beside_a_running_cluster(
-        tmp_path, two_hosts, single_process_run):
-    """A Ray head runs on this machine (in a namespace the test made, at 10.77.0.1); Ray
-    records it in /tmp/ray, where a plain ray.init() would find it and attach."""
-    marker = Path("/tmp/ray/ray_current_cluster")
-    head_address = f"{two_hosts.addresses[0]}:6380"
-    two_hosts.run_in(0, [Path(sys.executable).parent / "ray", "start", "--head", "--block",
-                         f"--node-ip-address={two_hosts.addresses[0]}", "--port=6380",
-                         "--num-cpus=1", "--include-dashboard=false", "--disable-usage-stats"],
-                     env=cli_env(), cwd=tmp_path)
-    try:
-        deadline = time.monotonic() + 90
-        while not (marker.exists() and marker.read_text().strip() == head_address):
-            assert time.monotonic() < deadline, "the Ray head did not start"
-            time.sleep(0.5)
-        out = tmp_path / "out"
-        result = run_cli("run", write_config(tmp_path / "c.yaml", ray_config(out)))
-        assert_quiet_console(result, out, 2)
-        assert_same_weights(single_process_run("mlp"), out)
-    finally:
-        if marker.exists() and marker.read_text().strip() == head_address:
-            marker.unlink()  # the head's record, which its SIGKILL leaves behind
+        tmp_path, ray_head, single_process_run):
+    """A Ray head runs on this machine (in a namespace); Ray records it in /tmp/ray, where a
+    plain ray.init() would find it and attach."""
+    assert ray_head.MARKER.read_text().strip() == ray_head.address
+    out = tmp_path / "out"
+    result = run_cli("run", write_config(tmp_path / "c.yaml", ray_config(out)))
+    assert_quiet_console(result, out, 2)
+    assert_same_weights(single_process_run("mlp"), out)
+
+
+def ray_job_submit(head, project: Path, *ktrain_args):
+    """The README's command, run from the project folder."""
+    return run_command(head.command("ray", "job", "submit", "--address", head.jobs_url,
+                                    "--working-dir", ".", "--", "ktrain", "run", *ktrain_args),
+                       cwd=project, env=head.env, timeout=300)
+
+
+def test_ray_job_submit_trains_on_the_cluster_like_one_process(tmp_path, ray_head,
+                                                               single_process_run):
+    out = tmp_path / "out"
+    project = tmp_path / "project"
+    project.mkdir()
+    write_config(project / "config.yaml", ray_config(out, {"address": "auto"}))
+    result = ray_job_submit(ray_head, project, "config.yaml")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.count("done:") == 1 and "epoch 3/3" in result.stdout, result.stdout
+    assert json.loads((out / "summary.json").read_text())["world_size"] == 2
+    assert_same_weights(single_process_run("mlp"), out)
+
+
+def test_ray_job_submit_refuses_outputs_that_vanish_with_the_job(tmp_path, ray_head):
+    project = tmp_path / "project"
+    project.mkdir()
+    write_config(project / "config.yaml", ray_config("runs/here"))  # relative: in Ray's copy
+    result = ray_job_submit(ray_head, project, "config.yaml")
+    assert result.returncode != 0
+    assert "inside Ray's temporary copy of --working-dir" in result.stdout, result.stdout
+    assert "Traceback" not in result.stdout
