@@ -219,8 +219,8 @@ def check_world(found, world_size: int, rank: int, *, transport: str) -> None:
 
     if (world_size, rank) == (found.world_size, found.rank):
         return
-    hint = (f"start the tasks with `srun --mpi=pmix` (see `srun --mpi=list`), or use "
-            f"communicator: collective, which needs no MPI" if found.name == "slurm" else
+    hint = ("start the tasks with `srun --mpi=pmix` (see `srun --mpi=list`), or use "
+            "communicator: collective, which needs no MPI" if found.name == "slurm" else
             f"start every rank with the same {found.launcher} command")
     raise UserError(f"{found.launcher} started {found.world_size} tasks (this one is rank "
                     f"{found.rank}), but {transport} sees {world_size} process(es) and calls this "

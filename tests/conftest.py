@@ -4,10 +4,12 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before any test module imports TensorFlow
 
+import contextlib  # noqa: E402
 import shutil  # noqa: E402
 
 import pytest  # noqa: E402
 
+import clusters  # noqa: E402
 from helpers import FIXTURES, Background, base_config, run_cli, write_config  # noqa: E402
 
 
@@ -41,79 +43,56 @@ def single_process_run(tmp_path_factory):
     return get
 
 
-@pytest.fixture(scope="session")
-def slurm():
-    """A real single-node SLURM (munged, slurmctld, slurmd on 127.0.0.1), for the session."""
-    from clusters import LocalSlurm
-
-    if os.geteuid() != 0 or not shutil.which("apt-get"):
-        pytest.skip("a local SLURM needs root and apt-get (Debian) to install slurm-wlm")
-    cluster = LocalSlurm()
+@contextlib.contextmanager
+def running(cluster):
+    """``cluster.start()`` for the block; ``cluster.stop()`` whatever happens."""
     try:
         yield cluster.start()
     finally:
         cluster.stop()
 
 
-def _two_hosts():
-    from clusters import TwoHosts
+def _needs_root(*tools: str) -> None:
+    if os.geteuid() != 0 or not all(shutil.which(tool) for tool in tools):
+        pytest.skip(f"needs root and {', '.join(tools)} (a Debian machine, as in CI)")
 
-    if os.geteuid() != 0 or not shutil.which("ip"):
-        pytest.skip("network namespaces need root and iproute2's `ip`")
-    return TwoHosts()
+
+@pytest.fixture(scope="session")
+def slurm():
+    """A real single-node SLURM (munged, slurmctld, slurmd on 127.0.0.1), for the session."""
+    _needs_root("apt-get")
+    with running(clusters.LocalSlurm()) as cluster:
+        yield cluster
 
 
 @pytest.fixture
 def two_hosts():
     """Two network namespaces, 10.77.0.1 and 10.77.0.2, removed when the test ends."""
-    hosts = _two_hosts()
-    try:
-        yield hosts.start()
-    finally:
-        hosts.stop()
+    _needs_root("ip")
+    with running(clusters.TwoHosts()) as hosts:
+        yield hosts
 
 
 @pytest.fixture(scope="module")
 def slurm_on_two_hosts():
     """A real two-node SLURM, one slurmd in each of two network namespaces."""
-    from clusters import LocalSlurm
-
-    hosts = _two_hosts()
-    try:
-        cluster = LocalSlurm(hosts.start())
-        try:
-            yield cluster.start()
-        finally:
-            cluster.stop()
-    finally:
-        hosts.stop()
+    _needs_root("ip", "apt-get")
+    with running(clusters.TwoHosts()) as hosts, running(clusters.LocalSlurm(hosts)) as cluster:
+        yield cluster
 
 
 @pytest.fixture(scope="module")
 def spark_cluster():
     """A real Spark standalone master and worker (2 cores) on 127.0.0.1."""
     pytest.importorskip("pyspark", reason="pyspark is not installed: bash scripts/setup.sh")
-    from clusters import SparkStandalone
-
-    cluster = SparkStandalone(cores=2)
-    try:
-        yield cluster.start()
-    finally:
-        cluster.stop()
+    with running(clusters.SparkStandalone(cores=2)) as cluster:
+        yield cluster
 
 
 @pytest.fixture(scope="module")
 def ray_head():
     """A real Ray head (with its job server) at 10.77.0.1, in a namespace of its own."""
     pytest.importorskip("ray", reason="ray is not installed: bash scripts/setup.sh installs it")
-    from clusters import RayHead
-
-    hosts = _two_hosts()
-    try:
-        head = RayHead(hosts.start())
-        try:
-            yield head.start()
-        finally:
-            head.stop()
-    finally:
-        hosts.stop()
+    _needs_root("ip")
+    with running(clusters.TwoHosts()) as hosts, running(clusters.RayHead(hosts)) as head:
+        yield head

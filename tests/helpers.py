@@ -10,9 +10,23 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+def _horovod_missing() -> str | None:
+    try:
+        import horovod.tensorflow  # noqa: F401
+    except ImportError as err:
+        return f"Horovod is not installed ({err}): run bash scripts/install_horovod.sh"
+    return None
+
+
+_HOROVOD_MISSING = _horovod_missing()
+needs_horovod = pytest.mark.skipif(_HOROVOD_MISSING is not None, reason=str(_HOROVOD_MISSING))
+"""Marks a test (or a parameter) that runs Horovod."""
 FIXTURES = REPO / "tests" / "fixtures" / "user_models.py"
 
 

@@ -6,14 +6,9 @@ import json
 
 import pytest
 
-from helpers import (KTRAIN, assert_same_weights, cli_env, run_command, with_strategy,
-                     write_config)
+from helpers import (KTRAIN, assert_same_weights, cli_env, needs_horovod, run_command,
+                     with_strategy, write_config)
 
-try:
-    import horovod.tensorflow  # noqa: F401
-    HOROVOD = None
-except ImportError as err:
-    HOROVOD = f"Horovod is not installed ({err}): run bash scripts/install_horovod.sh"
 
 
 def tf_config(hosts, rank: int) -> dict:
@@ -50,7 +45,7 @@ def test_tf_collectives_across_two_hosts_match_one_process(tmp_path, two_hosts, 
     pytest.param({"name": "multiworker", "communicator": "mpi"}, ["-N2", "-n2", "--mpi=pmix"],
                  id="mpi4py"),
     pytest.param({"name": "horovod", "controller": "mpi"}, ["-N2", "-n2", "--mpi=pmix"],
-                 id="horovod", marks=pytest.mark.skipif(HOROVOD is not None, reason=str(HOROVOD))),
+                 id="horovod", marks=needs_horovod),
 ])
 def test_srun_across_two_nodes_matches_one_process(tmp_path, slurm_on_two_hosts, strategy,
                                                    srun_options, single_process_run):

@@ -8,23 +8,19 @@ import numpy as np
 import pytest
 
 from helpers import (FIXTURES, KTRAIN, MPIRUN, assert_same_weights, base_config,
-                     kill_rank_one_mid_training, run_cli, run_command, with_strategy, write_config)
+                     kill_rank_one_mid_training, needs_horovod, run_cli, run_command,
+                     with_strategy, write_config)
 
 RANK_DEPENDENT = FIXTURES.parent / "rank_dependent.py"
 
-try:
-    import horovod.tensorflow  # noqa: F401
-    HOROVOD = None
-except ImportError as err:
-    HOROVOD = f"Horovod is not installed ({err}): run bash scripts/install_horovod.sh"
 
 TRANSPORTS = [
     pytest.param({"name": "multiworker", "communicator": "collective"}, id="tf-collectives"),
     pytest.param({"name": "multiworker", "communicator": "mpi"}, id="mpi4py"),
     pytest.param({"name": "horovod", "controller": "gloo"}, id="horovod-gloo",
-                 marks=pytest.mark.skipif(HOROVOD is not None, reason=str(HOROVOD))),
+                 marks=needs_horovod),
     pytest.param({"name": "horovod", "controller": "mpi"}, id="horovod-mpi",
-                 marks=pytest.mark.skipif(HOROVOD is not None, reason=str(HOROVOD))),
+                 marks=needs_horovod),
 ]
 
 

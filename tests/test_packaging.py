@@ -51,8 +51,8 @@ def test_installed_wheel_trains_the_quickstart_outside_the_checkout(wheel, tmp_p
     installed = subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install",
                                 "--quiet", "--no-deps", str(wheel)], capture_output=True, text=True)
     assert installed.returncode == 0, installed.stdout + installed.stderr
-    venv_site = Path(run_command([python, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
-                                 cwd=tmp_path).stdout.strip())
+    purelib = "import sysconfig; print(sysconfig.get_path('purelib'))"
+    venv_site = Path(run_command([python, "-c", purelib], cwd=tmp_path).stdout.strip())
     (venv_site / "borrowed-dependencies.pth").write_text("\n".join(site.getsitepackages()) + "\n")
 
     where = run_command([python, "-c", textwrap.dedent("""\

@@ -8,14 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from helpers import (KTRAIN, REPO, assert_same_weights, base_config, run_command, with_strategy,
-                     worker_pid, write_config)
+from helpers import (KTRAIN, REPO, assert_same_weights, base_config, needs_horovod,
+                     run_command, with_strategy, worker_pid, write_config)
 
-try:
-    import horovod.tensorflow  # noqa: F401
-    HOROVOD = None
-except ImportError as err:
-    HOROVOD = f"Horovod is not installed ({err}): run bash scripts/install_horovod.sh"
 
 
 def srun(slurm, *args, timeout: float = 300):
@@ -26,7 +21,7 @@ def srun(slurm, *args, timeout: float = 300):
     pytest.param({"name": "multiworker", "communicator": "collective"}, "none", id="tf-collectives"),
     pytest.param({"name": "multiworker", "communicator": "mpi"}, "pmix", id="mpi4py"),
     pytest.param({"name": "horovod", "controller": "mpi"}, "pmix", id="horovod",
-                 marks=pytest.mark.skipif(HOROVOD is not None, reason=str(HOROVOD))),
+                 marks=needs_horovod),
 ])
 def test_two_srun_tasks_match_one_process(tmp_path, slurm, single_process_run, strategy, mpi):
     out = tmp_path / "out"
@@ -41,7 +36,7 @@ def test_two_srun_tasks_match_one_process(tmp_path, slurm, single_process_run, s
 @pytest.mark.parametrize("strategy", [
     pytest.param({"name": "multiworker", "communicator": "mpi"}, id="mpi4py"),
     pytest.param({"name": "horovod", "controller": "mpi"}, id="horovod",
-                 marks=pytest.mark.skipif(HOROVOD is not None, reason=str(HOROVOD))),
+                 marks=needs_horovod),
 ])
 def test_mpi_without_pmi_under_srun_is_a_clear_error(tmp_path, slurm, strategy):
     out = tmp_path / "out"
