@@ -68,7 +68,7 @@ class LocalSlurm:
         return [*inside, *map(str, args)]
 
     def start(self, timeout: float = 60) -> LocalSlurm:
-        subprocess.run(["bash", str(REPO / "scripts" / "slurm" / "install_local.sh")],
+        subprocess.run(["bash", str(REPO / "scripts" / "install_test_system.sh")],
                        check=True, capture_output=True)
         munge = self.folder / "munge"  # a file-system socket: reachable from every namespace
         munge.mkdir()
