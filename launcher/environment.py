@@ -38,7 +38,6 @@ class ClusterEnvironment:
         return _LAUNCHERS.get(self.name, self.name)
 
 
-
 # scheduler -> (rank, local rank, world size) variable names
 _SCHEDULERS = {
     "ktrain": ("KTRAIN_RANK", "KTRAIN_LOCAL_RANK", "KTRAIN_WORLD_SIZE"),
@@ -87,6 +86,8 @@ def _from_tf_config(spec: dict) -> ClusterEnvironment:
 
 PORT_ENV = "KTRAIN_PORT"
 """Overrides the port rank 0 listens on for the others."""
+PARTITION_ENV = "KTRAIN_DATA_PARTITION"
+"""path:steps of a worker's own data partition, set by the Spark barrier task that starts it."""
 
 
 def _from_slurm(env) -> ClusterEnvironment:
@@ -95,7 +96,7 @@ def _from_slurm(env) -> ClusterEnvironment:
                                  or env.get("SLURM_NODELIST", ""))
     # Every task derives the same port without talking to the others; concurrent steps of one
     # job get different ones.
-    job, step = (int(env.get(v, 0)) if str(env.get(v, 0)).isdigit() else 0
+    job, step = (int(env[v]) if env.get(v, "").isdigit() else 0
                  for v in ("SLURM_JOB_ID", "SLURM_STEP_ID"))
     port = int(env.get(PORT_ENV) or 20000 + (job * 64 + step) % 10000)
     return ClusterEnvironment("slurm", found.rank, found.local_rank, found.world_size,

@@ -27,7 +27,7 @@ def gather_addresses(rank: int, world_size: int, root_host: str, root_port: int,
     """Every rank's ``host:port`` for its TensorFlow server, the same list on every rank."""
     root_ip = _resolve(root_host)
     own_ip = _route_to(root_ip)
-    mine = f"{own_ip}:{_free_port(own_ip)}"
+    mine = f"{own_ip}:{free_ports(1, own_ip)[0]}"
     deadline = time.monotonic() + timeout
     if rank == 0:
         return _serve(mine, world_size, root_ip, root_port, deadline)
@@ -41,7 +41,7 @@ def gather_addresses_over_mpi() -> list[str]:
     comm = MPI.COMM_WORLD
     root_ip = comm.bcast(_resolve(socket.gethostname()) if comm.Get_rank() == 0 else None)
     own_ip = _route_to(root_ip)
-    return comm.allgather(f"{own_ip}:{_free_port(own_ip)}")
+    return comm.allgather(f"{own_ip}:{free_ports(1, own_ip)[0]}")
 
 
 def _serve(mine: str, world_size: int, ip: str, port: int, deadline: float) -> list[str]:
@@ -122,7 +122,13 @@ def _route_to(ip: str) -> str:
         return probe.getsockname()[0]
 
 
-def _free_port(ip: str) -> int:
-    with socket.socket() as s:
-        s.bind((ip, 0))
-        return s.getsockname()[1]
+def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
+    """Ports free on ``host`` right now (held open together so they are distinct)."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for s in sockets:
+            s.bind((host, 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()

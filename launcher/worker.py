@@ -22,10 +22,10 @@ from ktrain.collectives import (GlobalMetrics, broadcast_variables, distribute_o
 from ktrain.config import RunConfig, TrainSpec
 from ktrain.data import (Splits, evaluation_batches, is_ray_dataset, partition_splits,
                          ray_dataset_splits, to_splits, training_batches)
+from ktrain.environment import PARTITION_ENV
 from ktrain.errors import UserError, WorkersFailed
 from ktrain.output import RunOutput
 from ktrain.strategies.base import Session, Strategy
-from ktrain.strategies.spark import PARTITION_ENV
 from ktrain.supervisor import mark
 from ktrain.userfn import call_user, load_function
 

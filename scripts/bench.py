@@ -159,7 +159,7 @@ def allreduce_worker(kind: str) -> None:
 
 def _allreduce_commands() -> dict[str, list[list[str]]]:
     """Each transport's launch command(s) for 2 local workers."""
-    from ktrain.strategies.multiworker import free_ports
+    from ktrain.rendezvous import free_ports
 
     bin_dir = os.path.dirname(sys.executable)
     worker = [sys.executable, __file__, "--allreduce-worker"]

@@ -198,13 +198,12 @@ def local_log_dir(output_dir: str):
     return Path(tempfile.mkdtemp(prefix="ktrain-logs-"))
 
 
-def worker_session(communicator, device: str) -> Session:
+def worker_session(communicator, device: str, found) -> Session:
     """The session of one worker process that owns one device and talks over ``communicator``,
-    once the world it joined is the one its launcher started."""
-    from ktrain.environment import detect
+    once the world it joined is the one its launcher (``found``, ktrain.environment) started."""
     from ktrain.supervisor import is_supervised
 
-    check_world(detect(), communicator.world_size, communicator.rank,
+    check_world(found, communicator.world_size, communicator.rank,
                 transport=type(communicator).__name__)
     return Session(rank=communicator.rank, world_size=communicator.world_size,
                    num_replicas=communicator.world_size, devices=(device,),

@@ -58,8 +58,9 @@ class HorovodStrategy(MultiProcessStrategy):
         from ktrain.collectives import HorovodCommunicator
         from ktrain.environment import detect
 
-        device = pin_local_device(detect().local_rank)
-        return worker_session(HorovodCommunicator(), device)
+        found = detect()
+        device = pin_local_device(found.local_rank)
+        return worker_session(HorovodCommunicator(), device, found)
 
 
 def _horovodrun() -> str:

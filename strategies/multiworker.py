@@ -8,10 +8,10 @@ describes instead.
 from __future__ import annotations
 
 import os
-import socket
 from typing import Literal
 
 from ktrain.errors import UserError
+from ktrain.rendezvous import free_ports
 from ktrain.strategies.base import (MultiProcessConfig, MultiProcessStrategy, Session,
                                     find_mpirun, mpirun_command, pin_local_device,
                                     worker_session)
@@ -59,8 +59,9 @@ class MultiWorkerStrategy(MultiProcessStrategy):
             from ktrain.collectives import MpiCommunicator
             from ktrain.environment import detect
 
-            device = pin_local_device(detect().local_rank)
-            return worker_session(MpiCommunicator(), device)
+            found = detect()
+            device = pin_local_device(found.local_rank)
+            return worker_session(MpiCommunicator(), device, found)
         return collective_session(self.config.start_timeout)
 
 
@@ -72,7 +73,7 @@ def collective_session(start_timeout: float) -> Session:
     found = detect()
     device = pin_local_device(found.local_rank)  # before TensorFlow's runtime starts
     return worker_session(TensorFlowCollectives(found.rank, _peers(found, start_timeout),
-                                                timeout_seconds=start_timeout), device)
+                                                timeout_seconds=start_timeout), device, found)
 
 
 def _peers(found, start_timeout: float) -> list[str]:
@@ -94,18 +95,6 @@ def _peers(found, start_timeout: float) -> list[str]:
     raise UserError(f"the collective communicator cannot find its peers under {found.launcher}",
                     where="strategy.communicator",
                     hint="start the workers with ktrain, srun or mpirun, or set TF_CONFIG")
-
-
-def free_ports(count: int) -> list[int]:
-    """Ports free on 127.0.0.1 right now (held open together so they are distinct)."""
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
 
 
 def _require_mpi() -> None:

@@ -190,9 +190,10 @@ class _WorkerActor:
     def address(self) -> str:
         import ray
 
-        from ktrain.strategies.multiworker import free_ports
+        from ktrain.rendezvous import free_ports
 
-        return f"{ray.util.get_node_ip_address()}:{free_ports(1)[0]}"
+        host = ray.util.get_node_ip_address()
+        return f"{host}:{free_ports(1, host)[0]}"
 
     def train(self, plan_json: str, peers: list[str], console_env: dict):
         """Run the worker, speaking like the driver (``console_env``); None on success, else

@@ -25,8 +25,6 @@ from ktrain.strategies.multiworker import collective_session
 
 _FAILURE = re.compile(r"KTRAIN_FAILURE (\d+) (user|crash) (.*?) KTRAIN_END", re.S)
 
-PARTITION_ENV = "KTRAIN_DATA_PARTITION"
-"""path:steps of a worker's own data partition, set by the barrier task that starts it."""
 
 
 class SparkConfig(MultiProcessConfig):
@@ -213,7 +211,8 @@ def _barrier_task(plan_json: str, output_dir: str, console_env: dict, columns=No
         import fsspec
         from pyspark import BarrierTaskContext
 
-        from ktrain.strategies.multiworker import free_ports
+        from ktrain.environment import PARTITION_ENV
+        from ktrain.rendezvous import free_ports
         from ktrain.supervisor import captured_output_env, describe_exit, die_with_parent
 
         context = BarrierTaskContext.get()
@@ -224,7 +223,7 @@ def _barrier_task(plan_json: str, output_dir: str, console_env: dict, columns=No
         partition = os.path.join(scratch, "data.npz")
         examples = _write_partition(rows, columns, partition) if columns else 0
         gathered = [g.split("|") for g in
-                    context.allGather(f"{host}:{free_ports(1)[0]}|{examples}")]
+                    context.allGather(f"{host}:{free_ports(1, host)[0]}|{examples}")]
         peers = [address for address, _ in gathered]
         env = {**os.environ, "KTRAIN_PLAN": plan_json, "KTRAIN_RANK": str(rank),
                "KTRAIN_WORLD_SIZE": str(len(infos)), "KTRAIN_LOCAL_RANK": "0",
