@@ -84,6 +84,8 @@ def _from_tf_config(spec: dict) -> ClusterEnvironment:
                               max(len(workers), 1), hosts)
 
 
+PEERS_ENV = "KTRAIN_PEERS"
+"""host:port of every rank, comma-separated, when ktrain itself started the workers."""
 PORT_ENV = "KTRAIN_PORT"
 """Overrides the port rank 0 listens on for the others."""
 PARTITION_ENV = "KTRAIN_DATA_PARTITION"

@@ -51,6 +51,13 @@ class MultiProcessConfig(StrategyConfig):
         return "off" if value is False else value  # YAML 1.1 reads a bare `off` as false
 
 
+class ClusterProcessConfig(MultiProcessConfig):
+    """Options of the strategies whose workers may run on several hosts under srun or mpirun."""
+
+    network_interface: str | None = None
+    """The interface peers talk over (e.g. ib0, eth1); default: the one routing to rank 0."""
+
+
 @dataclass
 class Session:
     """What one worker knows about the run it is part of."""
@@ -224,6 +231,16 @@ def check_world(found, world_size: int, rank: int, *, transport: str) -> None:
     raise UserError(f"{found.launcher} started {found.world_size} tasks (this one is rank "
                     f"{found.rank}), but {transport} sees {world_size} process(es) and calls this "
                     f"one rank {rank}", where="strategy", hint=hint)
+
+
+def use_network_interface(interface: str | None) -> None:
+    """Make the MPI and NCCL libraries talk over ``interface`` too (before they start), unless
+    the user's environment already says which."""
+    import os
+
+    if interface:
+        for variable in ("OMPI_MCA_btl_tcp_if_include", "NCCL_SOCKET_IFNAME"):
+            os.environ.setdefault(variable, interface)
 
 
 def pin_local_device(local_rank: int) -> str:

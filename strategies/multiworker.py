@@ -7,19 +7,17 @@ describes instead.
 
 from __future__ import annotations
 
-import os
 from typing import Literal
 
 from ktrain.errors import UserError
+from ktrain.environment import PEERS_ENV
 from ktrain.rendezvous import free_ports
-from ktrain.strategies.base import (MultiProcessConfig, MultiProcessStrategy, Session,
+from ktrain.strategies.base import (ClusterProcessConfig, MultiProcessStrategy, Session,
                                     find_mpirun, mpirun_command, pin_local_device,
-                                    worker_session)
-
-PEERS_ENV = "KTRAIN_PEERS"
+                                    use_network_interface, worker_session)
 
 
-class MultiWorkerConfig(MultiProcessConfig):
+class MultiWorkerConfig(ClusterProcessConfig):
     name: Literal["multiworker"] = "multiworker"
     communicator: Literal["collective", "mpi"] = "collective"
     """collective: TensorFlow's collective ops over gRPC; mpi: MPI Allreduce via mpi4py."""
@@ -55,6 +53,7 @@ class MultiWorkerStrategy(MultiProcessStrategy):
             for r in range(n)])
 
     def open_session(self) -> Session:
+        use_network_interface(self.config.network_interface)
         if self.config.communicator == "mpi":
             from ktrain.collectives import MpiCommunicator
             from ktrain.environment import detect
@@ -62,39 +61,20 @@ class MultiWorkerStrategy(MultiProcessStrategy):
             found = detect()
             device = pin_local_device(found.local_rank)
             return worker_session(MpiCommunicator(), device, found)
-        return collective_session(self.config.start_timeout)
+        return collective_session(self.config.start_timeout, self.config.network_interface)
 
 
-def collective_session(start_timeout: float) -> Session:
+def collective_session(start_timeout: float, interface: str | None = None) -> Session:
     """A worker's session over TF collectives, with peers from the environment."""
     from ktrain.collectives import TensorFlowCollectives
     from ktrain.environment import detect
+    from ktrain.rendezvous import peer_addresses
 
     found = detect()
     device = pin_local_device(found.local_rank)  # before TensorFlow's runtime starts
-    return worker_session(TensorFlowCollectives(found.rank, _peers(found, start_timeout),
-                                                timeout_seconds=start_timeout), device, found)
-
-
-def _peers(found, start_timeout: float) -> list[str]:
-    if os.environ.get(PEERS_ENV):
-        return os.environ[PEERS_ENV].split(",")
-    if found.name == "tf_config":
-        import json
-
-        return json.loads(os.environ["TF_CONFIG"])["cluster"]["worker"]
-    if found.name == "slurm":
-        from ktrain.rendezvous import gather_addresses
-
-        return gather_addresses(found.rank, found.world_size, found.master_addr,
-                                found.master_port, start_timeout)
-    if found.name in ("openmpi", "mpich"):
-        from ktrain.rendezvous import gather_addresses_over_mpi
-
-        return gather_addresses_over_mpi()
-    raise UserError(f"the collective communicator cannot find its peers under {found.launcher}",
-                    where="strategy.communicator",
-                    hint="start the workers with ktrain, srun or mpirun, or set TF_CONFIG")
+    peers = peer_addresses(found, start_timeout, interface)
+    return worker_session(TensorFlowCollectives(found.rank, peers, timeout_seconds=start_timeout),
+                          device, found)
 
 
 def _require_mpi() -> None:

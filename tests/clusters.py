@@ -83,19 +83,21 @@ class LocalSlurm:
         # and sets CUDA_VISIBLE_DEVICES; TensorFlow's CPU build then trains on the CPU.
         (self.folder / "gres.conf").write_text("Name=gpu File=/dev/null\nName=gpu File=/dev/zero\n")
         env = {**os.environ, **self.env}  # SLURM_CONF: where gres.conf is found too
-        self._start(self._on(0, "slurmctld", "-D"), env=env)
+        self._start(self._on(0, "slurmctld", "-D", node=False), env=env)
         for index, node in enumerate(self.nodes):
             (self.folder / f"tmp-{node}").mkdir()
             self._start(self._on(index, "slurmd", "-D", "-N", node), env=env)
         self._wait(self._idle, timeout, "the SLURM nodes did not become idle")
         return self
 
-    def _on(self, index: int, *command: str) -> list[str]:
+    def _on(self, index: int, *command: str, node: bool = True) -> list[str]:
         """A daemon's command line on node ``index``: in its namespace's network only (unlike
-        ``ip netns exec``, nsenter keeps /sys, where slurmd finds the cgroup file system)."""
+        ``ip netns exec``, nsenter keeps /sys, where slurmd finds the cgroup file system); a
+        node's daemon (and so its tasks) has the node's own host name."""
         if not self.hosts:
             return list(command)
-        return ["nsenter", f"--net=/var/run/netns/{self.hosts.namespaces[index]}", *command]
+        return ["nsenter", f"--net=/var/run/netns/{self.hosts.namespaces[index]}",
+                *(self.hosts.with_hostname(index, command) if node else command)]
 
     def _config(self, munge_socket: Path) -> str:
         d = self.folder
@@ -157,6 +159,8 @@ class TwoHosts:
     """Two network namespaces joined by a veth pair (PLATFORM.md's recipe); needs root."""
 
     SUBNET = "10.77.0"
+    INTERFACE = "ktnet0"
+    """The veth end's name inside each namespace (the same on both, as on a real cluster)."""
 
     def __init__(self):
         tag = f"{os.getpid() % 100000}"
@@ -174,8 +178,9 @@ class TwoHosts:
         self._ip("link", "add", veth[0], "type", "veth", "peer", "name", veth[1])
         for namespace, device, address in zip(self.namespaces, veth, self.addresses):
             self._ip("link", "set", device, "netns", namespace)
-            self._ip("-n", namespace, "addr", "add", f"{address}/24", "dev", device)
-            self._ip("-n", namespace, "link", "set", device, "up")
+            self._ip("-n", namespace, "link", "set", device, "name", self.INTERFACE)
+            self._ip("-n", namespace, "addr", "add", f"{address}/24", "dev", self.INTERFACE)
+            self._ip("-n", namespace, "link", "set", self.INTERFACE, "up")
             self._ip("-n", namespace, "link", "set", "lo", "up")
         return self
 
@@ -183,14 +188,24 @@ class TwoHosts:
     def _ip(*args: str) -> None:
         subprocess.run(["ip", *args], check=True, capture_output=True)
 
-    def run_in(self, host: int, command: list, *, env: dict, cwd: Path) -> subprocess.Popen:
-        """Start ``command`` on host 0 or 1; its output goes to a pipe the caller reads."""
-        process = subprocess.Popen(["ip", "netns", "exec", self.namespaces[host],
-                                    *map(str, command)], env=env, cwd=cwd, text=True,
+    def run_in(self, host: int, command: list, *, env: dict, cwd: Path,
+               own_hostname: bool = True) -> subprocess.Popen:
+        """Start ``command`` on host 0 or 1; its output goes to a pipe the caller reads.
+        ``own_hostname``: as on a real cluster, the host's name resolves to its address (else it
+        is this machine's, which resolves to loopback)."""
+        inside = self.with_hostname(host, command) if own_hostname else list(map(str, command))
+        process = subprocess.Popen(["ip", "netns", "exec", self.namespaces[host], *inside],
+                                   env=env, cwd=cwd, text=True,
                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                    start_new_session=True)
         self.processes.append(process)
         return process
+
+    def with_hostname(self, host: int, command) -> list[str]:
+        """``command`` in a UTS namespace of its own whose host name is host ``host``'s address
+        (unshare and sh exec, so the process keeps the pid its caller started)."""
+        return ["unshare", "--uts", "sh", "-c", 'hostname "$0" && exec "$@"',
+                self.addresses[host], *map(str, command)]
 
     def stop(self) -> None:
         for process in self.processes:

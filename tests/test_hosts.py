@@ -6,9 +6,9 @@ import json
 
 import pytest
 
+from clusters import TwoHosts
 from helpers import (KTRAIN, assert_same_weights, cli_env, needs_horovod, run_command,
                      with_strategy, write_config)
-
 
 
 def tf_config(hosts, rank: int) -> dict:
@@ -24,11 +24,16 @@ def slurm_step(hosts, rank: int) -> dict:
             "SLURM_STEP_NODELIST": ",".join(hosts.addresses)}
 
 
-@pytest.mark.parametrize("environment", [tf_config, slurm_step], ids=["TF_CONFIG", "srun"])
-def test_tf_collectives_across_two_hosts_match_one_process(tmp_path, two_hosts, environment,
-                                                           single_process_run):
+@pytest.mark.parametrize("environment, strategy", [
+    pytest.param(tf_config, {"name": "multiworker"}, id="tf-collectives-TF_CONFIG"),
+    pytest.param(slurm_step, {"name": "multiworker"}, id="tf-collectives-srun"),
+    pytest.param(slurm_step, {"name": "horovod", "network_interface": TwoHosts.INTERFACE},
+                 id="horovod-gloo-srun", marks=needs_horovod),
+])
+def test_workers_across_two_hosts_match_one_process(tmp_path, two_hosts, environment, strategy,
+                                                    single_process_run):
     out = tmp_path / "out"
-    config = write_config(tmp_path / "c.yaml", with_strategy(out, "multiworker"))
+    config = write_config(tmp_path / "c.yaml", with_strategy(out, strategy["name"], strategy))
     workers = [two_hosts.run_in(rank, [KTRAIN, "run", config], cwd=tmp_path,
                                 env=cli_env(environment(two_hosts, rank))) for rank in (0, 1)]
     outputs = [worker.communicate(timeout=300)[0] for worker in workers]
@@ -38,6 +43,29 @@ def test_tf_collectives_across_two_hosts_match_one_process(tmp_path, two_hosts, 
     assert_same_weights(single_process_run("mlp"), out)
 
 
+def test_a_network_interface_this_host_lacks_is_a_clear_error(tmp_path, two_hosts):
+    config = write_config(tmp_path / "c.yaml", with_strategy(
+        tmp_path / "out", "multiworker", {"network_interface": "ib0"}))
+    worker = two_hosts.run_in(1, [KTRAIN, "run", config], cwd=tmp_path,
+                              env=cli_env(slurm_step(two_hosts, 1)))
+    output = worker.communicate(timeout=120)[0]
+    assert worker.returncode == 2, output
+    assert "strategy.network_interface 'ib0'" in output and TwoHosts.INTERFACE in output
+
+
+@needs_horovod
+def test_horovod_gloo_where_host_names_resolve_to_loopback_is_a_clear_error(tmp_path, two_hosts):
+    """Horovod's Gloo would abort with "connect [127.0.0.1]:N: Connection refused"."""
+    config = write_config(tmp_path / "c.yaml", with_strategy(tmp_path / "out", "horovod"))
+    workers = [two_hosts.run_in(rank, [KTRAIN, "run", config], cwd=tmp_path, own_hostname=False,
+                                env=cli_env(slurm_step(two_hosts, rank))) for rank in (0, 1)]
+    outputs = [worker.communicate(timeout=300)[0] for worker in workers]
+    assert [worker.returncode for worker in workers] == [2, 2], "\n".join(outputs)
+    for output, address in zip(outputs, two_hosts.addresses):
+        assert "resolves to 127.0.0.1" in output and f"to {address}" in output, output
+        assert "Traceback" not in output
+
+
 @pytest.mark.parametrize("strategy, srun_options", [
     pytest.param({"name": "multiworker"}, ["-N2", "-n2"], id="tf-collectives"),
     pytest.param({"name": "multiworker"}, ["-N2", "-n4", "--distribution=cyclic"],
@@ -45,7 +73,9 @@ def test_tf_collectives_across_two_hosts_match_one_process(tmp_path, two_hosts, 
     pytest.param({"name": "multiworker", "communicator": "mpi"}, ["-N2", "-n2", "--mpi=pmix"],
                  id="mpi4py"),
     pytest.param({"name": "horovod", "controller": "mpi"}, ["-N2", "-n2", "--mpi=pmix"],
-                 id="horovod", marks=needs_horovod),
+                 id="horovod-mpi", marks=needs_horovod),
+    pytest.param({"name": "horovod"}, ["-N2", "-n4", "--distribution=cyclic"],
+                 id="horovod-gloo-cyclic", marks=needs_horovod),
 ])
 def test_srun_across_two_nodes_matches_one_process(tmp_path, slurm_on_two_hosts, strategy,
                                                    srun_options, single_process_run):
