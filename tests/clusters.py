@@ -207,6 +207,23 @@ class TwoHosts:
         return ["unshare", "--uts", "sh", "-c", 'hostname "$0" && exec "$@"',
                 self.addresses[host], *map(str, command)]
 
+    def mpirun(self, folder: Path, command: list) -> list[str]:
+        """Open MPI's ``mpirun`` starting one rank of ``command`` on each host, to be run on host
+        0: its agent reaches host 1 by entering that host's namespace where ssh would log in."""
+        agent, hostfile = folder / "enter-host.sh", folder / "hostfile"
+        cases = "".join(f"  {address}) namespace={namespace} ;;\n"
+                        for address, namespace in zip(self.addresses, self.namespaces))
+        agent.write_text(
+            '#!/bin/bash\nhost="$1"; shift\ncase "$host" in\n' + cases +
+            '  *) echo "no simulated host $host" >&2; exit 1 ;;\nesac\n'
+            'exec ip netns exec "$namespace" unshare --uts sh -c '
+            '\'hostname "$0" && exec /bin/sh -c "$1"\' "$host" "$*"\n')
+        agent.chmod(0o755)
+        hostfile.write_text("".join(f"{address} slots=1\n" for address in self.addresses))
+        return [str(Path(sys.executable).parent / "mpirun"), "--allow-run-as-root",
+                "--hostfile", str(hostfile), "--prtemca", "plm_ssh_agent", str(agent),
+                "-np", "2", *map(str, command)]
+
     def stop(self) -> None:
         for process in self.processes:
             if process.poll() is None:

@@ -43,6 +43,24 @@ def test_workers_across_two_hosts_match_one_process(tmp_path, two_hosts, environ
     assert_same_weights(single_process_run("mlp"), out)
 
 
+@pytest.mark.parametrize("strategy", [
+    pytest.param({"name": "multiworker", "communicator": "mpi"}, id="mpi4py"),
+    pytest.param({"name": "multiworker"}, id="tf-collectives"),
+    pytest.param({"name": "horovod"}, id="horovod-gloo", marks=needs_horovod),
+    pytest.param({"name": "horovod", "controller": "mpi"}, id="horovod-mpi", marks=needs_horovod),
+])
+def test_mpirun_across_two_hosts_matches_one_process(tmp_path, two_hosts, strategy,
+                                                     single_process_run):
+    out = tmp_path / "out"
+    config = write_config(tmp_path / "c.yaml", with_strategy(out, strategy["name"], strategy))
+    mpirun = two_hosts.run_in(0, two_hosts.mpirun(tmp_path, [KTRAIN, "run", config]),
+                              cwd=tmp_path, env=cli_env())
+    output = mpirun.communicate(timeout=300)[0]
+    assert mpirun.returncode == 0, output
+    assert json.loads((out / "summary.json").read_text())["world_size"] == 2
+    assert_same_weights(single_process_run("mlp"), out)
+
+
 def test_a_network_interface_this_host_lacks_is_a_clear_error(tmp_path, two_hosts):
     config = write_config(tmp_path / "c.yaml", with_strategy(
         tmp_path / "out", "multiworker", {"network_interface": "ib0"}))

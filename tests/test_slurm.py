@@ -22,6 +22,8 @@ def srun(slurm, *args, timeout: float = 300):
     pytest.param({"name": "multiworker", "communicator": "mpi"}, "pmix", id="mpi4py"),
     pytest.param({"name": "horovod", "controller": "mpi"}, "pmix", id="horovod",
                  marks=needs_horovod),
+    pytest.param({"name": "horovod", "controller": "gloo"}, "none", id="horovod-gloo",
+                 marks=needs_horovod),
 ])
 def test_two_srun_tasks_match_one_process(tmp_path, slurm, single_process_run, strategy, mpi):
     out = tmp_path / "out"
@@ -31,6 +33,7 @@ def test_two_srun_tasks_match_one_process(tmp_path, slurm, single_process_run, s
     assert json.loads((out / "summary.json").read_text())["world_size"] == 2
     assert_same_weights(single_process_run("mlp"), out)
     assert result.stdout.count("done:") == 1, result.stdout
+    assert "help file" not in result.stdout + result.stderr  # Open MPI/PMIx "Sorry!" boxes
 
 
 @pytest.mark.parametrize("strategy", [
