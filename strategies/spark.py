@@ -1,6 +1,9 @@
-"""Workers as one Spark barrier stage: from a laptop's ``local[N]`` to ``spark-submit`` on a cluster.
+"""Workers as one Spark barrier stage: from a laptop's ``local[N]`` to ``spark-submit`` on a
+cluster, or through a Spark Connect server.
 
-The driver runs one barrier stage with ``workers`` tasks. Each task gathers every task's
+The driver runs one barrier stage with ``workers`` tasks, as ``DataFrame.mapInArrow(...,
+barrier=True)``, which classic and Spark Connect sessions both offer (Connect has no RDDs; this
+is how PySpark's TorchDistributor runs there too). Each task gathers every task's
 address with ``BarrierTaskContext.allGather`` (the same rendezvous TF collectives need), then
 starts the ordinary ktrain worker (``ktrain.worker_entry``) in a child process, so TensorFlow
 starts fresh whatever Python worker Spark reuses. A failing worker fails its task, which fails
@@ -30,7 +33,8 @@ _FAILURE = re.compile(r"KTRAIN_FAILURE (\d+) (user|crash) (.*?) KTRAIN_END", re.
 class SparkConfig(MultiProcessConfig):
     name: Literal["spark"] = "spark"
     master: str | None = None
-    """spark://host:7077, yarn, k8s://...; default: the active session (spark-submit), else
+    """spark://host:7077, yarn, k8s://..., or sc://host:15002 for a Spark Connect server;
+    default: the active session (spark-submit), else SPARK_REMOTE (Spark Connect), else
     local[workers] on this machine (loopback only)."""
     spark_conf: dict[str, StrictStr | StrictInt | StrictFloat | StrictBool] = {}
     """Passed to the session builder, e.g. {spark.task.resource.gpu.amount: 1}."""
@@ -84,6 +88,8 @@ class SparkStrategy(MultiProcessStrategy):
         active = SparkSession.getActiveSession()
         if active is not None:
             return active, False
+        if remote := self._connect_url():
+            return self._connect(remote), True
         if self.config.master is None and os.environ.get("PYSPARK_GATEWAY_PORT"):
             # Under spark-submit: its --master and --conf already configure the session.
             return SparkSession.builder.appName("ktrain").config("spark.log.level", "WARN") \
@@ -97,8 +103,8 @@ class SparkStrategy(MultiProcessStrategy):
             os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
             conf.set("spark.driver.host", "127.0.0.1").set("spark.driver.bindAddress", "127.0.0.1") \
                 .set("spark.ui.enabled", "false")
-        for key, value in self.config.spark_conf.items():
-            conf.set(key, str(value).lower() if isinstance(value, bool) else str(value))
+        for key, value in self._spark_conf().items():
+            conf.set(key, value)
         log_dir = local_log_dir(run.output_dir)
         log_dir.mkdir(parents=True, exist_ok=True)
         with open(log_dir / "spark-driver.log", "ab") as log:  # the JVM keeps its own copy
@@ -107,35 +113,65 @@ class SparkStrategy(MultiProcessStrategy):
         context.setLogLevel("ERROR")
         return SparkSession(context), True
 
-    def _barrier_stage(self, spark, run):
-        from py4j.protocol import Py4JJavaError
+    def _spark_conf(self) -> dict[str, str]:
+        return {key: str(value).lower() if isinstance(value, bool) else str(value)
+                for key, value in self.config.spark_conf.items()}
 
+    def _connect_url(self) -> str | None:
+        master = self.config.master
+        if master is None:
+            return os.environ.get("SPARK_REMOTE")
+        return master if master.startswith("sc://") else None
+
+    def _connect(self, url: str):
+        """A Spark Connect session, once the server answers (the client itself would retry an
+        absent server for minutes)."""
+        import socket
+        from urllib.parse import urlparse
+
+        from pyspark.sql import SparkSession
+
+        where = "strategy.master" if self.config.master else "SPARK_REMOTE"
+        try:
+            address = urlparse(url)
+            socket.create_connection((address.hostname, address.port or 15002), timeout=10).close()
+        except (OSError, ValueError) as err:
+            raise UserError(f"no Spark Connect server answers at {url} ({err})", where=where,
+                            hint="start one (the pyspark package's sbin/start-connect-server.sh) "
+                                 "or correct the address") from None
+        builder = SparkSession.builder.remote(url)
+        for key, value in self._spark_conf().items():
+            builder = builder.config(key, value)
+        return builder.getOrCreate()
+
+    def _barrier_stage(self, spark, run):
         from ktrain import console
         from ktrain.supervisor import Failure, echo_log
 
         n = self.config.workers
-        _check_slots(spark.sparkContext, n, min(self.config.start_timeout, 30.0))
+        connect = type(spark).__module__.startswith("pyspark.sql.connect")
+        if not connect:  # Spark Connect does not expose the scheduler: Spark checks the slots
+            _check_slots(spark.sparkContext, n, min(self.config.start_timeout, 30.0))
         if run.data.fn is None:  # each task trains on its partition of the DataFrame
             columns = (list(run.data.features), run.data.label, run.train.global_batch_size)
-            partitions = _dataframe(spark, run, n).rdd
+            partitions = _dataframe(spark, run, n)
         else:  # each task runs the data fn and keeps its interleaved shard
-            columns, partitions = None, spark.sparkContext.parallelize(range(n), n)
+            columns, partitions = None, spark.range(n, numPartitions=n)
         task = _barrier_task(run.model_dump_json(), run.output_dir, console.environment(),
                              columns)
-        console.info(f"training on {n} Spark barrier tasks ({spark.sparkContext.master}); "
+        master = self._connect_url() if connect else spark.sparkContext.master
+        console.info(f"training on {n} Spark barrier tasks ({master}); "
                      f"each rank logs to {run.output_dir}/logs/rank-<r>.log")
         try:
             with echo_log(f"{run.output_dir}/logs/rank-0.log"):
-                partitions.barrier().mapPartitions(task).collect()
+                partitions.mapInArrow(task, "rank long", barrier=True).collect()
             return None
-        except Py4JJavaError as err:
+        except Exception as err:  # Py4J's (classic) or gRPC's (Connect) report of the stage
             text = str(err)
             if "BarrierJobSlotsNumberCheckFailed" in text:
-                slots = spark.sparkContext.defaultParallelism
-                raise UserError(
-                    f"a barrier stage of {n} tasks needs {n} task slots; the cluster offers "
-                    f"about {slots}", where="strategy.workers",
-                    hint="lower strategy.workers or add executors/cores") from None
+                raise UserError(f"a barrier stage of {n} tasks needs {n} task slots, more than "
+                                f"the cluster offers", where="strategy.workers",
+                                hint="lower strategy.workers or add executors/cores") from None
             found = _FAILURE.search(text)
             if not found:
                 raise
@@ -184,16 +220,21 @@ def _dataframe(spark, run, partitions: int):
     return source.select(*wanted).withColumn(_VALIDATION_COLUMN, flag).repartition(partitions)
 
 
-def _write_partition(rows, columns, path: str) -> int:
-    """Save this task's rows as the arrays a worker trains on; return its training rows."""
+def _write_partition(batches, columns, path: str) -> int:
+    """Save this task's rows (Arrow record batches) as the arrays a worker trains on; return
+    its training rows."""
     import numpy as np
 
     features, label, _ = columns
-    rows = list(rows)
-    x = np.array([[row[c] for c in features] for row in rows], dtype=np.float32).reshape(
-        len(rows), len(features))
-    y = np.array([row[label] for row in rows])
-    held_out = np.array([bool(row[_VALIDATION_COLUMN]) for row in rows], dtype=bool)
+    batches = list(batches)
+
+    def column(name: str) -> np.ndarray:
+        parts = [batch.column(name).to_numpy(zero_copy_only=False) for batch in batches]
+        return np.concatenate(parts) if parts else np.zeros(0)
+
+    x = np.stack([column(c) for c in features], axis=1).astype(np.float32)
+    y = column(label)
+    held_out = column(_VALIDATION_COLUMN).astype(bool)
     np.savez(path, x_train=x[~held_out], y_train=y[~held_out], x_validation=x[held_out],
              y_validation=y[held_out])
     return int((~held_out).sum())
@@ -204,11 +245,12 @@ def _barrier_task(plan_json: str, output_dir: str, console_env: dict, columns=No
     driver's console settings; with ``columns`` (features, label, global batch size) the
     task's rows are its worker's data."""
 
-    def run(rows):
+    def run(batches):
         import tempfile
         from collections import deque
 
         import fsspec
+        import pyarrow
         from pyspark import BarrierTaskContext
 
         from ktrain.environment import PARTITION_ENV
@@ -221,7 +263,7 @@ def _barrier_task(plan_json: str, output_dir: str, console_env: dict, columns=No
         host = infos[rank].address.rsplit(":", 1)[0]
         scratch = tempfile.mkdtemp(prefix="ktrain-partition-")
         partition = os.path.join(scratch, "data.npz")
-        examples = _write_partition(rows, columns, partition) if columns else 0
+        examples = _write_partition(batches, columns, partition) if columns else 0
         gathered = [g.split("|") for g in
                     context.allGather(f"{host}:{free_ports(1, host)[0]}|{examples}")]
         peers = [address for address, _ in gathered]
@@ -251,7 +293,7 @@ def _barrier_task(plan_json: str, output_dir: str, console_env: dict, columns=No
             kind = "user" if code == 2 else "crash"
             raise RuntimeError(f"KTRAIN_FAILURE {rank} {kind} rank {rank} {describe_exit(code)}\n"
                                + "\n".join(tail) + " KTRAIN_END")
-        yield rank
+        yield pyarrow.RecordBatch.from_pydict({"rank": [rank]})
 
     return run
 

@@ -255,15 +255,19 @@ class SparkStandalone:
         self._start("worker", "org.apache.spark.deploy.worker.Worker", "--host", "127.0.0.1",
                     "--cores", str(self.cores), "--memory", "4g", "--webui-port",
                     str(free_port()), self.url)
+        self.wait_for("worker", "Successfully registered with master", timeout)
+        return self
+
+    def wait_for(self, name: str, line: str, timeout: float) -> None:
+        """Until process ``name``'s log shows ``line``; an error if any process exits first."""
         deadline = time.monotonic() + timeout
-        while "Successfully registered with master" not in self._log("worker"):
+        while line not in self._log(name):
             for process in self.processes:
                 if process.poll() is not None:
                     raise RuntimeError(f"{process.args[-1]} exited; see {self.folder}")
             if time.monotonic() > deadline:
-                raise RuntimeError(f"the Spark worker did not register; see {self.folder}")
+                raise RuntimeError(f"no '{line}' from the Spark {name}; see {self.folder}")
             time.sleep(0.3)
-        return self
 
     def _start(self, name: str, *args: str) -> None:
         log = open(self.folder / f"{name}.log", "ab")
@@ -279,6 +283,34 @@ class SparkStandalone:
         for process in reversed(self.processes):
             stop(process)
         shutil.rmtree(self.folder, ignore_errors=True)
+
+
+class SparkConnectServer:
+    """A Spark Connect server from the pyspark package (``spark-submit`` of its server class, in
+    the foreground), running its jobs on ``local[cores]``, listening on 127.0.0.1 only."""
+
+    def __init__(self, cores: int = 2):
+        self.spark = SparkStandalone(cores)  # the same pyspark home, folder and JVM start
+        self.port = free_port()
+        self.url = f"sc://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 90) -> SparkConnectServer:
+        spark = self.spark
+        spark.env["PYSPARK_PYTHON"] = sys.executable
+        spark._start("connect", "org.apache.spark.deploy.SparkSubmit",
+                     "--class", "org.apache.spark.sql.connect.service.SparkConnectServer",
+                     "--master", f"local[{spark.cores}]", "--name", "ktrain-test-connect",
+                     *(f"--conf={key}={value}" for key, value in {
+                         "spark.connect.grpc.binding.address": "127.0.0.1",
+                         "spark.connect.grpc.binding.port": self.port,
+                         "spark.driver.host": "127.0.0.1",
+                         "spark.driver.bindAddress": "127.0.0.1",
+                         "spark.ui.enabled": "false", "spark.task.maxFailures": 1}.items()))
+        spark.wait_for("connect", "Spark Connect server started", timeout)
+        return self
+
+    def stop(self) -> None:
+        self.spark.stop()
 
 
 class RayHead:

@@ -82,6 +82,15 @@ def slurm_on_two_hosts():
 
 
 @pytest.fixture(scope="module")
+def spark_connect():
+    """A real Spark Connect server (running its jobs on local[2]) on 127.0.0.1."""
+    pytest.importorskip("pyspark.sql.connect.session",
+                        reason="pyspark's Connect client is not installed: bash scripts/setup.sh")
+    with running(clusters.SparkConnectServer(cores=2)) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
 def spark_cluster():
     """A real Spark standalone master and worker (2 cores) on 127.0.0.1."""
     pytest.importorskip("pyspark", reason="pyspark is not installed: bash scripts/setup.sh")

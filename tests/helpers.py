@@ -143,10 +143,11 @@ def worker_pid(out: Path, rank: int) -> int | None:
     return int(found[-1]) if found else None
 
 
-def kill_rank_one_mid_training(background, config: Path, out: Path) -> tuple[int, str, float]:
+def kill_rank_one_mid_training(background, config: Path, out: Path,
+                               env: dict | None = None) -> tuple[int, str, float]:
     """Start `ktrain run`, SIGKILL rank 1 once epoch 2 is checkpointed; return ktrain's exit
     status, its output and how many seconds it took to exit after the kill."""
-    run = background("run", config)
+    run = background("run", config, env=env)
     run.wait_for(lambda: (out / "checkpoints" / "ckpt-000002.npz").exists() and worker_pid(out, 1),
                  timeout=180)
     os.kill(worker_pid(out, 1), signal.SIGKILL)

@@ -78,13 +78,15 @@ def test_too_few_slots_for_the_barrier_stage(tmp_path):
 
 
 
-@pytest.mark.parametrize("restarts", [0, 1])
-def test_killed_task_fails_clearly_or_restarts(tmp_path, background, restarts):
+@pytest.mark.parametrize("restarts, session", [(0, "classic"), (1, "classic"), (0, "connect")])
+def test_killed_task_fails_clearly_or_restarts(tmp_path, background, restarts, session, request):
     out = tmp_path / "out"
     epochs = 400 if restarts == 0 else 40
     config = write_config(tmp_path / "c.yaml", spark(out, {"max_restarts": restarts},
                                                       train={"epochs": epochs}))
-    code, output, seconds = kill_rank_one_mid_training(background, config, out)
+    env = ({"SPARK_REMOTE": request.getfixturevalue("spark_connect").url}
+           if session == "connect" else None)
+    code, output, seconds = kill_rank_one_mid_training(background, config, out, env)
     if restarts == 0:
         assert seconds < 60
         assert code == 1, output
@@ -142,3 +144,28 @@ def test_parquet_input_needs_the_spark_strategy(tmp_path, digits_parquet):
     config["data"] = {"parquet": str(digits_parquet), "label": "label", "features": ["p0"]}
     result = run_cli("run", write_config(tmp_path / "c.yaml", config))
     assert result.returncode == 2 and "need the spark strategy" in result.stderr
+
+
+def test_a_spark_connect_session_matches_one_process(tmp_path, spark_connect,
+                                                     single_process_run):
+    """SPARK_REMOTE makes PySpark's sessions Spark Connect ones, which have no RDDs: the
+    barrier stage runs as mapInArrow(barrier=True) on the server's executors."""
+    out = tmp_path / "out"
+    result = run_cli("run", write_config(tmp_path / "c.yaml", spark(out)),
+                     env={"SPARK_REMOTE": spark_connect.url})
+    assert_quiet_console(result, out, 2)
+    assert f"({spark_connect.url})" in result.stdout
+    assert_same_weights(single_process_run("mlp"), out)
+
+
+def test_no_spark_connect_server_at_the_address_is_a_clear_error(tmp_path):
+    from clusters import free_port
+
+    url = f"sc://127.0.0.1:{free_port()}"
+    started = time.monotonic()
+    result = run_cli("run", write_config(tmp_path / "c.yaml", spark(tmp_path / "out",
+                                                                    {"master": url})))
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert time.monotonic() - started < 60
+    assert f"no Spark Connect server answers at {url}" in result.stderr
+    assert "strategy.master" in result.stderr and "start-connect-server.sh" in result.stderr
