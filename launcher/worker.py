@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import time
 from dataclasses import dataclass
 
@@ -99,7 +100,8 @@ def _join_group(run: RunConfig, session: Session, model: keras.Model) -> str:
     broadcast_variables(model.variables + list(model.optimizer.variables), communicator)
     mark(session.rank, "joined")
     return (f"rank {session.rank} of {session.world_size} joined "
-            f"({type(communicator).__name__}, pid {os.getpid()}, {', '.join(session.devices)})")
+            f"({type(communicator).__name__}, host {socket.gethostname()}, pid {os.getpid()}, "
+            f"{', '.join(session.devices)})")
 
 
 def _check_model(model) -> None:

@@ -1,6 +1,6 @@
 """Workers as Ray actors, on a local Ray or an existing cluster, restarted the Ray way.
 
-One actor per worker, placed by a placement group (``pack`` or ``spread``) sized from
+One actor per worker, placed by a placement group (``pack``, ``spread``, ...) sized from
 ``resources_per_worker``. Each actor reports an address; the list becomes the TF collectives'
 peers, and each actor runs the ordinary ktrain worker path in its own process. Rank 0's epoch
 lines stream to the driver's console through Ray's log forwarding. When an actor (or its
@@ -28,7 +28,8 @@ class RayConfig(MultiProcessConfig):
     """auto (a running cluster), ray://head:10001, or none: start a local Ray (loopback only)."""
     resources_per_worker: dict[str, NonNegativeFloat] = {"CPU": 1.0}
     """Ray resources each worker actor needs, e.g. {CPU: 4, GPU: 1}."""
-    placement: Literal["pack", "spread"] = "pack"
+    placement: Literal["pack", "spread", "strict_pack", "strict_spread"] = "pack"
+    """Ray's placement-group strategy: strict_spread puts every worker on a node of its own."""
     max_restarts: NonNegativeInt = Field(0, validation_alias=AliasChoices("max_failures",
                                                                           "max_restarts"))
     """Written ``max_failures`` in Ray's terms."""

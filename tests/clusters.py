@@ -235,28 +235,45 @@ class TwoHosts:
 
 class SparkStandalone:
     """A Spark standalone master and worker from the pyspark package (its ``spark-class``, in
-    the foreground, so each is this object's own process), on 127.0.0.1."""
+    the foreground, so each is this object's own process), on 127.0.0.1; or, on ``hosts``, the
+    master on host 0 and one worker on each host, each bound to its host's address."""
 
-    def __init__(self, cores: int = 2):
+    def __init__(self, cores: int = 2, hosts: TwoHosts | None = None):
         import pyspark
 
         self.home = Path(pyspark.__file__).parent
         self.folder = Path(tempfile.mkdtemp(prefix="ktrain-spark-"))
         self.cores = cores
+        """Per worker."""
+        self.hosts = hosts
+        self.addresses = hosts.addresses if hosts else ("127.0.0.1",)
         self.port = free_port()
-        self.url = f"spark://127.0.0.1:{self.port}"
+        self.url = f"spark://{self.addresses[0]}:{self.port}"
         self.processes: list[subprocess.Popen] = []
-        self.env = {"SPARK_HOME": str(self.home), "SPARK_LOCAL_IP": "127.0.0.1",
-                    "SPARK_LOG_DIR": str(self.folder), "SPARK_WORKER_DIR": str(self.folder)}
+        self.env = {"SPARK_HOME": str(self.home), "SPARK_LOG_DIR": str(self.folder),
+                    "SPARK_WORKER_DIR": str(self.folder)}
 
     def start(self, timeout: float = 90) -> SparkStandalone:
-        self._start("master", "org.apache.spark.deploy.master.Master", "--host", "127.0.0.1",
-                    "--port", str(self.port), "--webui-port", str(free_port()))
-        self._start("worker", "org.apache.spark.deploy.worker.Worker", "--host", "127.0.0.1",
-                    "--cores", str(self.cores), "--memory", "4g", "--webui-port",
-                    str(free_port()), self.url)
-        self.wait_for("worker", "Successfully registered with master", timeout)
+        self._start("master", "org.apache.spark.deploy.master.Master", "--host",
+                    self.addresses[0], "--port", str(self.port), "--webui-port", str(free_port()))
+        for index, address in enumerate(self.addresses):
+            self._start(f"worker-{index}", "org.apache.spark.deploy.worker.Worker", "--host",
+                        address, "--cores", str(self.cores), "--memory", "4g", "--webui-port",
+                        str(free_port()), self.url, host=index)
+        for index in range(len(self.addresses)):
+            self.wait_for(f"worker-{index}", "Successfully registered with master", timeout)
         return self
+
+    def _start(self, name: str, *args: str, host: int = 0) -> None:
+        command = [str(self.home / "bin" / "spark-class"), *args]
+        if self.hosts:
+            command = ["ip", "netns", "exec", self.hosts.namespaces[host],
+                       *self.hosts.with_hostname(host, command)]
+        log = open(self.folder / f"{name}.log", "ab")
+        self.processes.append(subprocess.Popen(
+            command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            env={**os.environ, **self.env, "SPARK_LOCAL_IP": self.addresses[host]}))
+        log.close()
 
     def wait_for(self, name: str, line: str, timeout: float) -> None:
         """Until process ``name``'s log shows ``line``; an error if any process exits first."""
@@ -268,13 +285,6 @@ class SparkStandalone:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"no '{line}' from the Spark {name}; see {self.folder}")
             time.sleep(0.3)
-
-    def _start(self, name: str, *args: str) -> None:
-        log = open(self.folder / f"{name}.log", "ab")
-        self.processes.append(subprocess.Popen(
-            [str(self.home / "bin" / "spark-class"), *args], stdout=log,
-            stderr=subprocess.STDOUT, env={**os.environ, **self.env}, start_new_session=True))
-        log.close()
 
     def _log(self, name: str) -> str:
         return (self.folder / f"{name}.log").read_text(errors="replace")
@@ -314,8 +324,9 @@ class SparkConnectServer:
 
 
 class RayHead:
-    """``ray start --head --block`` on host 0 of ``hosts`` (this object's own process; its
-    raylet and GCS are in the same process group), with a token that clients need."""
+    """``ray start --head --block`` on host 0 of ``hosts`` and a worker node on host 1 (this
+    object's own processes; each node's raylet, GCS and workers are in its process group),
+    with a token that clients need."""
 
     PORT, JOBS_PORT = 6380, 8265
     MARKER = Path("/tmp/ray/ray_current_cluster")  # where Ray records the cluster it started
@@ -328,7 +339,7 @@ class RayHead:
         self.jobs_url = f"http://{hosts.addresses[0]}:{self.JOBS_PORT}"
         self.env = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
         """What a client (ray job submit) needs in its environment."""
-        self.process: subprocess.Popen | None = None
+        self.processes: list[subprocess.Popen] = []
 
     def command(self, *args) -> list[str]:
         """A client command, run where the head is reachable."""
@@ -338,25 +349,45 @@ class RayHead:
         bin_dir = Path(sys.executable).parent  # ray, and ktrain for the jobs' entrypoints
         ray = bin_dir / "ray"
         self.env["PATH"] = f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"
-        self.process = subprocess.Popen(
-            self.command(ray, "start", "--head", "--block", "--disable-usage-stats",
-                         f"--node-ip-address={self.hosts.addresses[0]}", f"--port={self.PORT}",
-                         "--num-cpus=4", f"--dashboard-host={self.hosts.addresses[0]}",
-                         f"--dashboard-port={self.JOBS_PORT}"),
-            env={**os.environ, **self.env}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            start_new_session=True)
+        head, node = self.hosts.addresses
+        self._start(0, ray, "start", "--head", f"--port={self.PORT}", "--num-cpus=4",
+                    f"--dashboard-host={head}", f"--dashboard-port={self.JOBS_PORT}")
         deadline = time.monotonic() + timeout
         while subprocess.run(self.command(ray, "job", "list", "--address", self.jobs_url),
                              env={**os.environ, **self.env}, capture_output=True).returncode:
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("the Ray head did not start")
-            time.sleep(1)
+            self._check(deadline, "the Ray head did not start")
+        self._start(1, ray, "start", f"--address={self.address}", "--num-cpus=2")
+        while "2 node(s)" not in self._status(ray):
+            self._check(deadline, "the Ray worker node did not join")
         return self
 
+    def _start(self, host: int, ray: Path, *args: str) -> None:
+        """``ray start ... --block`` on ``host``, with that host's name and address."""
+        command = [ray, *args, "--block", "--disable-usage-stats",
+                   f"--node-ip-address={self.hosts.addresses[host]}"]
+        self.processes.append(subprocess.Popen(
+            ["ip", "netns", "exec", self.hosts.namespaces[host],
+             *self.hosts.with_hostname(host, command)],
+            env={**os.environ, **self.env}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            start_new_session=True))
+
+    def _status(self, ray: Path) -> str:
+        """How many nodes are alive, in words ("2 node(s)")."""
+        probe = ("import ray; ray.init(address='auto', logging_level='ERROR'); "
+                 "print(sum(n['Alive'] for n in ray.nodes()), 'node(s)')")
+        return subprocess.run(self.command(Path(ray).parent / "python", "-c", probe),
+                              env={**os.environ, **self.env, "RAY_ADDRESS": self.address},
+                              capture_output=True, text=True).stdout
+
+    def _check(self, deadline: float, problem: str) -> None:
+        if any(p.poll() is not None for p in self.processes) or time.monotonic() > deadline:
+            raise RuntimeError(problem)
+        time.sleep(1)
+
     def stop(self) -> None:
-        if self.process is not None:
-            if self.process.poll() is None:
-                os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait()
+        for process in reversed(self.processes):
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
         if self.MARKER.exists() and self.MARKER.read_text().strip() == self.address:
             self.MARKER.unlink()  # what the killed head left behind

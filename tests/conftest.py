@@ -82,6 +82,16 @@ def slurm_on_two_hosts():
 
 
 @pytest.fixture(scope="module")
+def spark_on_two_hosts():
+    """A real Spark standalone master at 10.77.0.1 and a 1-core worker on each of two hosts."""
+    pytest.importorskip("pyspark", reason="pyspark is not installed: bash scripts/setup.sh")
+    _needs_root("ip")
+    with running(clusters.TwoHosts()) as hosts, \
+            running(clusters.SparkStandalone(cores=1, hosts=hosts)) as cluster:
+        yield cluster
+
+
+@pytest.fixture(scope="module")
 def spark_connect():
     """A real Spark Connect server (running its jobs on local[2]) on 127.0.0.1."""
     pytest.importorskip("pyspark.sql.connect.session",

@@ -156,6 +156,12 @@ def kill_rank_one_mid_training(background, config: Path, out: Path,
     return run.process.returncode, run.process.stdout.read(), time.monotonic() - killed
 
 
+def hosts_of_ranks(out: Path, world_size: int = 2) -> list[str]:
+    """The host each rank ran on, from its log's "rank r of n joined (..., host H, ...)" line."""
+    return [re.search(r"joined \(\w+, host (\S+),", (out / "logs" / f"rank-{r}.log").read_text())
+            .group(1) for r in range(world_size)]
+
+
 def with_strategy(out: Path, name: str, strategy: dict | None = None, **sections) -> dict:
     """``base_config`` under a 2-worker multi-process strategy."""
     config = base_config(out, **sections)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import (FIXTURES, assert_quiet_console, assert_same_weights,
+from helpers import (FIXTURES, assert_quiet_console, assert_same_weights, hosts_of_ranks,
                      kill_rank_one_mid_training, run_cli, run_command, with_strategy,
                      write_config)
 
@@ -99,6 +99,20 @@ def test_ray_job_submit_trains_on_the_cluster_like_one_process(tmp_path, ray_hea
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.count("done:") == 1 and "epoch 3/3" in result.stdout, result.stdout
     assert json.loads((out / "summary.json").read_text())["world_size"] == 2
+    assert_same_weights(single_process_run("mlp"), out)
+
+
+def test_ray_workers_on_two_hosts_match_one_process(tmp_path, ray_head, single_process_run):
+    """The cluster has a worker node on a second host (10.77.0.2); strict_spread puts one
+    actor on each node, and the ranks talk over the nodes' addresses."""
+    out = tmp_path / "out"
+    project = tmp_path / "project"
+    project.mkdir()
+    write_config(project / "config.yaml",
+                 ray_config(out, {"address": "auto", "placement": "strict_spread"}))
+    result = ray_job_submit(ray_head, project, "config.yaml")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert sorted(hosts_of_ranks(out)) == sorted(ray_head.hosts.addresses)
     assert_same_weights(single_process_run("mlp"), out)
 
 

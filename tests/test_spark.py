@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from helpers import (FIXTURES, KTRAIN, REPO, assert_quiet_console, assert_same_weights,
-                     base_config, kill_rank_one_mid_training, run_cli, run_command,
-                     with_strategy, write_config)
+                     base_config, cli_env, hosts_of_ranks, kill_rank_one_mid_training, run_cli,
+                     run_command, with_strategy, write_config)
 
 pytest.importorskip("pyspark", reason="pyspark is not installed: bash scripts/setup.sh installs it")
 
@@ -55,6 +55,20 @@ def test_spark_submit_to_a_standalone_cluster_matches_one_process(tmp_path, spar
     result = spark_submit(spark_cluster.url, "run", write_config(tmp_path / "c.yaml", spark(out)),
                           cwd=tmp_path)
     assert_quiet_console(result, out, 2)
+    assert_same_weights(single_process_run("mlp"), out)
+
+
+def test_barrier_tasks_on_two_hosts_match_one_process(tmp_path, spark_on_two_hosts,
+                                                      single_process_run):
+    """One 1-core Spark worker per host (network namespaces 10.77.0.1 and 10.77.0.2): the two
+    ranks train on two hosts, talking over the addresses their executors have."""
+    cluster, out = spark_on_two_hosts, tmp_path / "out"
+    config = write_config(tmp_path / "c.yaml", spark(out, {"master": cluster.url}))
+    driver = cluster.hosts.run_in(0, [KTRAIN, "run", config], cwd=tmp_path, env=cli_env(
+        {"SPARK_LOCAL_IP": cluster.addresses[0], "PYSPARK_PYTHON": sys.executable}))
+    output = driver.communicate(timeout=300)[0]
+    assert driver.returncode == 0, output
+    assert sorted(hosts_of_ranks(out)) == sorted(cluster.addresses)
     assert_same_weights(single_process_run("mlp"), out)
 
 
