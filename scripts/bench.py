@@ -212,11 +212,15 @@ WORKER_RUNS = (
 )
 
 
-def bench_workers(config: str, overrides: list[str]) -> None:
-    """samples/s and time from `ktrain run` to the first training step, per strategy."""
+def bench_workers(config: str, overrides: list[str], spark_masters: list[str]) -> None:
+    """samples/s and time from `ktrain run` to the first training step, per strategy; each of
+    ``spark_masters`` (spark://..., sc://...) adds a spark row on that cluster."""
+    runs = [*WORKER_RUNS, *((f"2 workers (spark, {master})",
+                             f"{{name: spark, workers: 2, master: '{master}'}}")
+                            for master in spark_masters)]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for label, strategy in WORKER_RUNS:
+        for label, strategy in runs:
             launched = time.time()
             summary = _ktrain(config, [*overrides, f"strategy={strategy}"],
                               os.path.join(tmp, str(len(rows))))
@@ -319,6 +323,8 @@ def main() -> None:
     parser.add_argument("configs", nargs="*")
     parser.add_argument("--allreduce", action="store_true", help="communicator bandwidth")
     parser.add_argument("--workers", action="store_true", help="1 vs 2 worker processes")
+    parser.add_argument("--spark-master", action="append", default=[], metavar="URL",
+                        help="with --workers: also 2 spark workers on this cluster")
     parser.add_argument("--ray-train", action="store_true",
                         help="ktrain's ray strategy next to Ray Train's TensorflowTrainer")
     parser.add_argument("--set", action="append", default=[], metavar="key.path=value",
@@ -329,7 +335,7 @@ def main() -> None:
         bench_allreduce()
     if args.workers:
         for config in args.configs:
-            bench_workers(os.path.abspath(config), args.set)
+            bench_workers(os.path.abspath(config), args.set, args.spark_master)
     if args.ray_train:
         for config in args.configs:
             bench_ray_train(os.path.abspath(config), args.set)

@@ -27,6 +27,7 @@ from ktrain.strategies.base import MultiProcessConfig, MultiProcessStrategy, Ses
 from ktrain.strategies.multiworker import collective_session
 
 _FAILURE = re.compile(r"KTRAIN_FAILURE (\d+) (user|crash) (.*?) KTRAIN_END", re.S)
+_MISSING_MODULE = re.compile(r"ModuleNotFoundError: No module named '([\w.]+)'")
 
 
 
@@ -173,6 +174,13 @@ class SparkStrategy(MultiProcessStrategy):
                                 f"the cluster offers", where="strategy.workers",
                                 hint="lower strategy.workers or add executors/cores") from None
             found = _FAILURE.search(text)
+            missing = _MISSING_MODULE.search(text)
+            if missing and not found:  # the executors' Python could not even load the task
+                raise UserError(f"Spark's Python workers cannot import '{missing.group(1)}'",
+                                where="strategy",
+                                hint="install ktrain-launcher[spark] (with TensorFlow) in the "
+                                     "Python the executors run, or point them at one that has "
+                                     "it (PYSPARK_PYTHON, spark.pyspark.python)") from None
             if not found:
                 raise
             rank, kind, report = int(found.group(1)), found.group(2), found.group(3)

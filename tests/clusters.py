@@ -162,8 +162,11 @@ class TwoHosts:
     INTERFACE = "ktnet0"
     """The veth end's name inside each namespace (the same on both, as on a real cluster)."""
 
+    _made = 0  # so that two pairs may exist at once in one test session
+
     def __init__(self):
-        tag = f"{os.getpid() % 100000}"
+        TwoHosts._made += 1
+        tag = f"{os.getpid() % 100000}x{TwoHosts._made % 100}"
         self.namespaces = (f"ktns{tag}a", f"ktns{tag}b")
         self.addresses = (f"{self.SUBNET}.1", f"{self.SUBNET}.2")
         self.processes: list[subprocess.Popen] = []

@@ -172,6 +172,15 @@ def test_a_spark_connect_session_matches_one_process(tmp_path, spark_connect,
     assert_same_weights(single_process_run("mlp"), out)
 
 
+def test_executors_whose_python_lacks_ktrain_are_a_clear_error(tmp_path):
+    """The executors run the interpreter this venv was made from, without its packages."""
+    result = run_cli("run", write_config(tmp_path / "c.yaml", spark(tmp_path / "out")),
+                     env={"PYSPARK_PYTHON": sys._base_executable})
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "Spark's Python workers cannot import 'ktrain'" in result.stderr
+    assert "PYSPARK_PYTHON" in result.stderr and "Traceback" not in result.stderr
+
+
 def test_no_spark_connect_server_at_the_address_is_a_clear_error(tmp_path):
     from clusters import free_port
 
