@@ -1,8 +1,11 @@
 """One checkpointing layer for every strategy.
 
-A checkpoint is a single ``ckpt-<epoch>.npz`` file holding the model's variables (weights and
-RNG state), the optimizer's variables and the run's history as plain arrays, so one written
-under any strategy or device count loads under any other. Files are written under a temporary
+A checkpoint is a single file holding the model's variables (weights and RNG state), the
+optimizer's variables, the run's history and the state of stateful callbacks as plain arrays,
+so one written under any strategy or device count loads under any other. It is named by its
+position in the run: ``ckpt-<epochs done>.npz`` at an epoch's end, ``ckpt-<epochs
+done>-<steps into the next>.npz`` mid-epoch (a step is one global batch, whatever the number
+of workers). Files are written under a temporary
 name and committed by a rename, so a crash never leaves a "latest" checkpoint that cannot be
 loaded. Storage goes through fsspec: any URL fsspec knows works (``memory://`` in tests).
 
@@ -21,28 +24,51 @@ import threading
 import uuid
 import warnings
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import fsspec
 import numpy as np
 
 from ktrain.errors import UserError
 
-_NAME = re.compile(r"ckpt-(\d{6})\.npz$")
+_NAME = re.compile(r"ckpt-(\d{6})(?:-(\d{7}))?\.npz$")
+
+
+class Position(NamedTuple):
+    """Where a run stands: ``epoch`` epochs done, and ``step`` global batches into the next."""
+
+    epoch: int
+    step: int = 0
+
+    def __str__(self) -> str:
+        return f"at step {self.step} of epoch {self.epoch + 1}" if self.step else \
+            f"after epoch {self.epoch}"
 
 
 @dataclass
 class TrainingState:
-    """Everything needed to continue a run after ``epoch`` epochs."""
+    """Everything needed to continue a run from ``position``."""
 
     epoch: int
     model_variables: list[np.ndarray]
     optimizer_variables: list[np.ndarray]
     history: list[dict] = field(default_factory=list)
     variable_paths: list[str] = field(default_factory=list)
+    step: int = 0
+    """Global batches done in epoch ``epoch + 1`` (0: the epoch had not started)."""
+    global_batch_size: int | None = None
+    """What a step meant when this was written (a mid-epoch position depends on it)."""
+    callbacks: dict = field(default_factory=dict)
+    """JSON state of stateful callbacks (EarlyStopping's wait and best, ...) by name."""
+
+    @property
+    def position(self) -> Position:
+        return Position(self.epoch, self.step)
 
     def to_bytes(self) -> bytes:
-        meta = {"epoch": self.epoch, "history": self.history, "variable_paths": self.variable_paths,
-                "format": 1}
+        meta = {"epoch": self.epoch, "step": self.step, "history": self.history,
+                "variable_paths": self.variable_paths, "callbacks": self.callbacks,
+                "global_batch_size": self.global_batch_size, "format": 2}
         arrays = {f"model_{i:05d}": v for i, v in enumerate(self.model_variables)}
         arrays |= {f"optimizer_{i:05d}": v for i, v in enumerate(self.optimizer_variables)}
         arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
@@ -56,12 +82,13 @@ class TrainingState:
             meta = json.loads(npz["meta"].tobytes())
             model = [npz[k] for k in sorted(k for k in npz.files if k.startswith("model_"))]
             optimizer = [npz[k] for k in sorted(k for k in npz.files if k.startswith("optimizer_"))]
-        return cls(meta["epoch"], model, optimizer, meta["history"], meta["variable_paths"])
+        return cls(meta["epoch"], model, optimizer, meta["history"], meta["variable_paths"],
+                   meta.get("step", 0), meta.get("global_batch_size"), meta.get("callbacks", {}))
 
 
-def keep_latest(epochs: list[int], keep: int) -> list[int]:
-    """Retention policy: the epochs to delete so that only the newest ``keep`` remain."""
-    return sorted(epochs)[:-keep] if keep else []
+def keep_latest(positions: list, keep: int) -> list:
+    """Retention policy: the positions to delete so that only the newest ``keep`` remain."""
+    return sorted(positions)[:-keep] if keep else []
 
 
 class CheckpointStore:
@@ -75,20 +102,24 @@ class CheckpointStore:
         self._writer: threading.Thread | None = None
         self._write_error: BaseException | None = None
 
-    def epochs(self) -> list[int]:
+    def positions(self) -> list[Position]:
+        """Where the committed checkpoints stand, oldest first."""
         if not self.fs.exists(self.path):
             return []
         names = (os.path.basename(p) for p in self.fs.ls(self.path, detail=False))
-        return sorted(int(m.group(1)) for m in map(_NAME.match, names) if m)
+        return sorted(Position(int(m.group(1)), int(m.group(2) or 0))
+                      for m in map(_NAME.match, names) if m)
 
-    def file_for(self, epoch: int) -> str:
-        return f"{self.path.rstrip('/')}/ckpt-{epoch:06d}.npz"
+    def file_for(self, position: Position | int) -> str:
+        epoch, step = position if isinstance(position, tuple) else (position, 0)
+        suffix = f"-{step:07d}" if step else ""
+        return f"{self.path.rstrip('/')}/ckpt-{epoch:06d}{suffix}.npz"
 
     def save(self, state: TrainingState, *, background: bool = False) -> None:
         """Commit ``state``; with ``background``, return at once and write in a thread."""
         if not self.is_chief:
             return
-        self.wait()  # one write at a time, in epoch order
+        self.wait()  # one write at a time, in order
         if not background:
             self._write(state)
             return
@@ -110,32 +141,32 @@ class CheckpointStore:
             self._write(state)
         except OSError as err:  # surfaced to the training thread by wait()
             self._write_error = UserError(
-                f"cannot write the checkpoint after epoch {state.epoch} to '{self.url}': {err}",
+                f"cannot write the checkpoint {state.position} to '{self.url}': {err}",
                 where="output_dir", hint="check that output_dir is writable and has free space")
         except BaseException as err:
             self._write_error = err
 
     def _write(self, state: TrainingState) -> None:
         self.fs.makedirs(self.path, exist_ok=True)
-        final = self.file_for(state.epoch)
+        final = self.file_for(state.position)
         temporary = f"{self.path.rstrip('/')}/.tmp-{uuid.uuid4().hex}.npz"
         with self.fs.open(temporary, "wb") as f:
             f.write(state.to_bytes())
             _sync(f)
         self.fs.mv(temporary, final)
-        for epoch in keep_latest(self.epochs(), self.keep):
-            self.fs.rm(self.file_for(epoch))
+        for position in keep_latest(self.positions(), self.keep):
+            self.fs.rm(self.file_for(position))
         for stale in self.fs.glob(f"{self.path.rstrip('/')}/.tmp-*"):
             if stale != temporary:
                 self.fs.rm(stale)  # left by a crash during an earlier save
 
     def load_latest(self) -> TrainingState | None:
         """The newest checkpoint that loads; a damaged one is skipped with a warning."""
-        for epoch in reversed(self.epochs()):
+        for position in reversed(self.positions()):
             try:
-                return self.load(self.file_for(epoch))
+                return self.load(self.file_for(position))
             except (OSError, ValueError, KeyError) as err:
-                warnings.warn(f"skipping unreadable checkpoint {self.file_for(epoch)}: {err}")
+                warnings.warn(f"skipping unreadable checkpoint {self.file_for(position)}: {err}")
         return None
 
     def load(self, path: str) -> TrainingState:

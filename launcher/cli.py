@@ -39,7 +39,8 @@ def guarded(action) -> int:
     except KtrainError as err:
         if os.environ.get("KTRAIN_DEBUG"):
             traceback.print_exc()
-        console.error(err.render())
+        if not getattr(err, "shown", False):
+            console.error(err.render())
         return err.exit_code
     except KeyboardInterrupt:
         console.error("interrupted. Every completed checkpoint is intact: run the same command "

@@ -171,9 +171,31 @@ class HorovodCommunicator(Communicator):
         return self._hvd.allreduce(flat, op=self._hvd.Sum)
 
 
+class SharedFlags:
+    """Flags any rank raises (e.g. "stop: a signal arrived") that every rank learns at the
+    same step: their mean travels with the gradients, in the same allreduce, so agreeing costs
+    no extra collective and no rank leaves a collective half-done."""
+
+    def __init__(self, count: int = 1):
+        self.raised = tf.Variable(tf.zeros([count]), trainable=False, name="ktrain_flags")
+        self.agreed = tf.Variable(tf.zeros([count]), trainable=False, name="ktrain_agreed")
+        self.arrivals = tf.Variable(0, dtype=tf.int64, trainable=False, name="ktrain_arrivals")
+        """Gradient allreduces this rank has arrived at: a rank behind the others is the one
+        they wait for (see ktrain.supervisor's stall watchdog)."""
+
+    def raise_flag(self, index: int = 0) -> None:
+        self.raised.scatter_nd_update([[index]], [1.0])
+
+    def agreed_on(self, index: int = 0) -> bool:
+        """Whether any rank had raised flag ``index`` before the last update step."""
+        return bool(self.agreed[index].numpy() > 0)
+
+
 def distribute_optimizer(optimizer: keras.optimizers.Optimizer, communicator: Communicator,
-                         *, fp16: bool = False) -> keras.optimizers.Optimizer:
-    """Make ``optimizer`` average gradients over ``communicator`` before every update.
+                         *, fp16: bool = False,
+                         flags: SharedFlags | None = None) -> keras.optimizers.Optimizer:
+    """Make ``optimizer`` average gradients over ``communicator`` before every update
+    (and ``flags``, if given, with them).
 
     The instance is changed in place (its class becomes a subclass of its own class), so the
     model keeps the same optimizer object, its variables and its config. ``undistribute``
@@ -188,7 +210,17 @@ def distribute_optimizer(optimizer: keras.optimizers.Optimizer, communicator: Co
         _ktrain_communicator = communicator
 
         def _backend_update_step(self, grads, trainable_variables, learning_rate):
-            grads = communicator.allreduce_mean(grads, fp16=fp16)
+            if flags is None:
+                grads = communicator.allreduce_mean(grads, fp16=fp16)
+            else:
+                # Counted once this rank's gradients exist: its data and compute are done.
+                computed = [g.values if isinstance(g, tf.IndexedSlices) else g for g in grads]
+                with tf.control_dependencies(computed):
+                    arrived = flags.arrivals.assign_add(1)
+                with tf.control_dependencies([arrived]):
+                    raised = flags.raised.read_value()
+                *grads, agreed = communicator.allreduce_mean([*grads, raised], fp16=fp16)
+                flags.agreed.assign(agreed)
             return super()._backend_update_step(grads, trainable_variables, learning_rate)
 
     Averaging.__name__ = Averaging.__qualname__ = base.__name__

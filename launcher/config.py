@@ -99,9 +99,28 @@ class TrainSpec(Section):
 
 class CheckpointSpec(Section):
     every_epochs: PositiveInt = 1
+    every_steps: PositiveInt | None = None
+    """Also mid-epoch, every this many global batches (counted from the run's start)."""
+    every_minutes: PositiveFloat | None = None
+    """Also mid-epoch, when this long has passed since the last checkpoint."""
     keep: PositiveInt = 3
     resume: str = "auto"
     """``auto`` (newest checkpoint in output_dir, if any), ``never``, or a checkpoint path."""
+    stop_signals: list[str] = ["SIGTERM", "SIGINT", "SIGUSR1"]
+    """Signals that stop every rank after the same step, with a checkpoint there."""
+
+    @field_validator("stop_signals")
+    @classmethod
+    def _known_signals(cls, names: list[str]) -> list[str]:
+        import signal
+
+        known = {s.name for s in signal.Signals}
+        names = [n if n.startswith("SIG") else f"SIG{n}" for n in map(str.upper, names)]
+        unknown = [n for n in names if n not in known or n in ("SIGKILL", "SIGSTOP")]
+        if unknown:
+            raise ValueError(f"{', '.join(unknown)}: not a signal ktrain can catch; use names "
+                             f"such as SIGTERM, SIGINT, SIGUSR1, SIGUSR2")
+        return names
 
 
 def _strategy_union():

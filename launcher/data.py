@@ -139,22 +139,31 @@ def _dataset_split(dataset: tf.data.Dataset, key: str) -> Split:
     return Split(dataset, size)
 
 
-def training_batches(split: Split, *, global_batch_size: int, rank: int, world_size: int,
-                     shuffle: bool, shuffle_buffer: int, seed: int,
-                     first_epoch: int, epochs: int,
-                     partition_steps: int | None = None) -> tuple[tf.data.Dataset, int]:
-    """Every remaining epoch of this worker's batches, in one dataset; and steps per epoch.
-
-    Each epoch is shuffled with a seed derived from (seed, epoch), then sharded interleaved
-    (worker r takes elements r, r+N, ...), so the union of the workers' batches is the same
-    global batch a single worker would take. With ``partition_steps`` the split is already
-    this worker's own partition: it is not sharded again, and yields that many steps.
-    """
+def steps_per_epoch(split: Split, global_batch_size: int,
+                    partition_steps: int | None = None) -> int:
+    """Global batches per epoch (the last partial one is dropped)."""
     steps = partition_steps if partition_steps is not None else split.size // global_batch_size
     if steps == 0:
         raise UserError(f"the training data has {split.size} examples, fewer than "
                         f"train.global_batch_size {global_batch_size}",
                         where="train.global_batch_size", hint="lower the global batch size")
+    return steps
+
+
+def training_batches(split: Split, *, global_batch_size: int, rank: int, world_size: int,
+                     shuffle: bool, shuffle_buffer: int, seed: int,
+                     first_epoch: int, epochs: int, first_step: int = 0,
+                     partition_steps: int | None = None) -> tuple[tf.data.Dataset, int]:
+    """Every remaining epoch of this worker's batches, in one dataset; and steps per epoch.
+
+    Each epoch is shuffled with a seed derived from (seed, epoch), then sharded interleaved
+    (worker r takes elements r, r+N, ...), so the union of the workers' batches is the same
+    global batch a single worker would take: global batch k is the k-th block of the epoch's
+    order, whatever N. So ``first_step`` (global batches of ``first_epoch`` already done)
+    means the same on any number of workers. With ``partition_steps`` the split is already
+    this worker's own partition: it is not sharded again, and yields that many steps.
+    """
+    steps = steps_per_epoch(split, global_batch_size, partition_steps)
     local_batch = global_batch_size // world_size
     buffer = min(shuffle_buffer, split.size)
     base = split.dataset
@@ -168,7 +177,9 @@ def training_batches(split: Split, *, global_batch_size: int, rank: int, world_s
             data = data.shuffle(buffer, seed=epoch, reshuffle_each_iteration=False)
         if world_size > 1 and partition_steps is None:
             data = data.shard(world_size, rank)
-        return data.batch(local_batch, drop_remainder=True).take(steps)
+        batches = data.batch(local_batch, drop_remainder=True).take(steps)
+        skip = tf.where(epoch == first_epoch, tf.constant(first_step, tf.int64), 0)
+        return batches.skip(skip)
 
     epochs_left = tf.data.Dataset.range(first_epoch, epochs)
     return epochs_left.flat_map(one_epoch).prefetch(tf.data.AUTOTUNE), steps

@@ -34,3 +34,15 @@ class UserError(KtrainError):
 
 class WorkersFailed(KtrainError):
     """A worker process crashed or never joined; the message carries the root cause."""
+
+
+class Stopped(KtrainError):
+    """The run stopped on request (a signal) after committing a checkpoint: exit status
+    128 + the signal's number, as a shell reports a process ended by that signal."""
+
+    def __init__(self, what: str, *, signal_number: int, hint: str | None = None,
+                 shown: bool = False):
+        super().__init__(what, hint=hint)
+        self.exit_code = 128 + signal_number
+        self.shown = shown
+        """Already on the console (rank 0's own words, passed on by its launcher)."""

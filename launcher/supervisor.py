@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ktrain import console
+from ktrain.errors import Stopped
+from ktrain.stopping import StopRequest
 
 _RENDEZVOUS_ENV = "KTRAIN_RENDEZVOUS_DIR"
 # mpirun tags lines "[1,<rank>]<stdout>:", horovodrun's Gloo launcher "[<rank>]<stdout>:"
@@ -59,7 +61,36 @@ def mark(rank: int, stage: str) -> None:
     ``joined`` (that collective completed)."""
     folder = os.environ.get(_RENDEZVOUS_ENV)
     if folder:
-        Path(folder, f"{stage}-{rank}").touch()
+        Path(folder, f"{stage}-{rank}").write_text(str(os.getpid()))
+
+
+STACKS_SIGNAL = signal.SIGUSR2
+"""Makes a worker print every thread's Python stack (faulthandler), e.g. when it stalls."""
+
+
+@contextlib.contextmanager
+def reporting_progress(rank: int, count, every: float = 1.0):
+    """While the block runs, keep ``progress-<rank>`` in the rendezvous folder at ``count()``
+    (how far this rank got), for the launcher's stall watchdog. Nothing without a launcher."""
+    folder = os.environ.get(_RENDEZVOUS_ENV)
+    if not folder:
+        yield
+        return
+    done = threading.Event()
+
+    def report():
+        target, temporary = Path(folder, f"progress-{rank}"), Path(folder, f".progress-{rank}")
+        while not done.wait(every):
+            temporary.write_text(str(count()))
+            temporary.replace(target)  # never half-written
+
+    reporter = threading.Thread(target=report, daemon=True, name="ktrain-progress")
+    reporter.start()
+    try:
+        yield
+    finally:
+        done.set()
+        reporter.join(timeout=5)
 
 
 @dataclass
@@ -98,8 +129,12 @@ def describe_exit(returncode: int) -> str:
 
 class WorkerGroup:
     def __init__(self, specs: list[WorkerSpec], log_dir: Path, rendezvous_dir: Path, *,
-                 start_timeout: float, console_ranks: str = "chief"):
+                 start_timeout: float, console_ranks: str = "chief",
+                 stop_signals: tuple[str, ...] = (), stall_timeout: float | None = None):
         self.specs = specs
+        self.stall_timeout = stall_timeout
+        self._progress: tuple[dict[int, int], float] = ({}, time.monotonic())
+        self.stop = StopRequest(list(stop_signals))
         self.log_dir = log_dir
         self.rendezvous_dir = rendezvous_dir
         self.start_timeout = start_timeout
@@ -110,6 +145,8 @@ class WorkerGroup:
         self._pumps: list[threading.Thread] = []
         self._quiet = console.verbosity() < console.NORMAL
         self._launcher_tail: deque[str] = deque(maxlen=200)
+        self._stop_said: str | None = None
+        """A rank's "stopped by SIG... at step ..." line."""
 
     def run(self) -> Failure | None:
         """Run every worker to the end; return the first failure, or None if all succeeded."""
@@ -118,10 +155,58 @@ class WorkerGroup:
         for marker in self.rendezvous_dir.iterdir():
             marker.unlink()
         try:
-            self._start()
-            return self._watch()
+            with self.stop.listening(on_signal=self._pass_on):
+                self._start()
+                return self._watch()
         finally:
-            self.stop()
+            self.terminate()
+
+    def _stalled(self) -> Failure | None:
+        """Ranks that have not arrived at a gradient allreduce the others have waited at for
+        ``stall_timeout`` seconds: named, with their Python stacks."""
+        if not self.stall_timeout:
+            return None
+        counts = {}
+        for report in self.rendezvous_dir.glob("progress-*"):
+            counts[int(report.name.split("-")[1])] = int(report.read_text())
+        last, since = self._progress
+        now = time.monotonic()
+        if counts != last or len(counts) < self.world_size:
+            self._progress = (counts, now)
+            return None
+        if now - since < self.stall_timeout or len(set(counts.values())) == 1:
+            return None
+        reached = min(counts.values())
+        behind = sorted(rank for rank, count in counts.items() if count == reached)
+        for pid in (self._pids()[rank] for rank in behind):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, STACKS_SIGNAL)
+        time.sleep(1)  # the stacks reach the logs
+        for process in self._processes:  # stuck: a graceful stop would wait forever
+            _signal_group(process, signal.SIGKILL)
+        rank = behind[0]
+        lines = Path(self._log(rank)).read_text(errors="replace").splitlines()[-60:]
+        return Failure(rank, f"rank(s) {behind} stalled: the other ranks have waited "
+                       f"{self.stall_timeout:g}s (strategy.stall_timeout) for them at the "
+                       f"gradient allreduce of step {reached + 1} (counted from this start); "
+                       f"rank {rank}'s Python stacks are below", lines, log=self._log(rank))
+
+    def _pids(self) -> dict[int, int]:
+        """The process id of each rank that has joined its group."""
+        return {int(p.name.split("-")[1]): int(p.read_text() or 0)
+                for p in self.rendezvous_dir.glob("joined-*")}
+
+    def _pass_on(self, sig: signal.Signals) -> None:
+        """A stop signal reached the launcher: hand it to every rank, which stop together
+        after a checkpoint; ranks that have not started training cannot, so they are ended."""
+        pids = self._pids()
+        if len(pids) < self.world_size:
+            raise Stopped(f"stopped by {sig.name} before every rank had started training; "
+                          f"no checkpoint was taken", signal_number=sig.value,
+                          hint="run the same command again to start over")
+        for pid in pids.values():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
 
     def _start(self) -> None:
         for spec in self.specs:
@@ -151,6 +236,8 @@ class WorkerGroup:
                 logs[rank].write(line + "\n")
                 logs[rank].flush()
                 self._tails[rank].append(line)
+                if line.startswith("ktrain: error: stopped by "):  # see _stopped
+                    self._stop_said = line
                 if self._quiet:
                     continue
                 if rank == 0 or self.console_ranks == "all":
@@ -167,11 +254,21 @@ class WorkerGroup:
         deadline = time.monotonic() + self.start_timeout
         while True:
             codes = [p.poll() for p in self._processes]
+            if None not in codes:  # all exited: after their last words, see how
+                for pump in self._pumps:
+                    pump.join(timeout=2)
+                if self._stopping(codes):
+                    return self._stopped(codes)
+                if all(code == 0 for code in codes):
+                    return None
+            if self._stopping(codes):  # wait for every rank, the chief committing
+                time.sleep(0.1)
+                continue
             for spec, code in zip(self.specs, codes):
                 if code not in (None, 0):
                     return self._failure(spec, code)
-            if all(code == 0 for code in codes):
-                return None
+            if stalled := self._stalled():
+                return stalled
             if time.monotonic() > deadline:
                 everyone = set(range(self.world_size))
                 missing = sorted(everyone - self._ranks_at("arrived"))
@@ -182,6 +279,23 @@ class WorkerGroup:
                                    f"strategy.start_timeout ({self.start_timeout:g}s)",
                                    list(self._tails[missing[0]]), log=self._log(missing[0]))
             time.sleep(0.1)
+
+    def _stopping(self, codes: list[int | None]) -> bool:
+        """A stop signal reached the launcher, or a rank (as 128 + N): the ranks are stopping
+        together, the chief committing a checkpoint, so none is ended early."""
+        return self.stop.received is not None or self._stop_said is not None or any(
+            code is not None and code - 128 in [s.value for s in self.stop.signals]
+            for code in codes)
+
+    def _stopped(self, codes: list[int]) -> Failure | None:
+        if not self._stop_said:  # the ranks did not stop as asked: report how they ended
+            failed = [(s, c) for s, c in zip(self.specs, codes) if c]
+            return self._failure(*failed[0]) if failed else None
+        message = self._stop_said.split("stopped by ", 1)[1]
+        number = signal.Signals[message.split()[0]].value
+        raise Stopped(f"stopped by {message}", signal_number=number,
+                      hint="run the same command again to resume from it",
+                      shown=not self._quiet)
 
     def _failure(self, spec: WorkerSpec, code: int) -> Failure:
         for pump in self._pumps:
@@ -212,7 +326,7 @@ class WorkerGroup:
                           exits[0])
         return rank, describe_exit(code)
 
-    def stop(self, grace: float = 5.0) -> None:
+    def terminate(self, grace: float = 5.0) -> None:
         """SIGTERM every worker's process group, then SIGKILL what is left after ``grace``."""
         for process in self._processes:
             if process.poll() is None:

@@ -6,6 +6,7 @@ only then touch output_dir -> restore the newest checkpoint -> fit -> write mode
 
 from __future__ import annotations
 
+import faulthandler
 import os
 import re
 import socket
@@ -17,17 +18,18 @@ import numpy as np
 import tensorflow as tf
 
 from ktrain import STARTED_AT, console
-from ktrain.checkpoint import CheckpointStore, TrainingState, load_checkpoint_url
-from ktrain.collectives import (GlobalMetrics, broadcast_variables, distribute_optimizer,
-                                undistribute)
+from ktrain.checkpoint import CheckpointStore, Position, TrainingState, load_checkpoint_url
+from ktrain.collectives import (GlobalMetrics, SharedFlags, broadcast_variables,
+                                distribute_optimizer, undistribute)
 from ktrain.config import RunConfig, TrainSpec
 from ktrain.data import (Splits, evaluation_batches, is_ray_dataset, partition_splits,
-                         ray_dataset_splits, to_splits, training_batches)
+                         ray_dataset_splits, steps_per_epoch, to_splits, training_batches)
 from ktrain.environment import PARTITION_ENV
 from ktrain.errors import UserError, WorkersFailed
 from ktrain.output import RunOutput
+from ktrain.stopping import StopRequest
 from ktrain.strategies.base import Session, Strategy
-from ktrain.supervisor import mark
+from ktrain.supervisor import STACKS_SIGNAL, is_supervised, mark, reporting_progress
 from ktrain.userfn import call_user, load_function
 
 
@@ -42,6 +44,7 @@ class TrainingFailed(UserError):
 
 
 def run_worker(run: RunConfig, strategy: Strategy) -> RunResult:
+    faulthandler.register(STACKS_SIGNAL, all_threads=True)  # how a stalled rank is shown
     session = strategy.open_session()
     if session.world_size > 1 and session.log_to_file:  # no supervisor sorts our output by rank
         console.share_terminal(session.rank, every_rank=getattr(
@@ -67,9 +70,12 @@ def run_worker(run: RunConfig, strategy: Strategy) -> RunResult:
     output.check_writable()
     if state is not None:
         _restore(model, state)
+    flags = None
     if session.communicator is not None:
-        output.say(_join_group(run, session, model))
-    return _fit(run, session, model, splits, output, store, state)
+        if run.checkpoint.stop_signals or getattr(run.strategy, "stall_timeout", None):
+            flags = SharedFlags()
+        output.say(_join_group(run, session, model, flags))
+    return _fit(run, session, model, splits, output, store, state, flags)
 
 
 def _load_data(run: RunConfig, session: Session) -> Splits:
@@ -90,10 +96,12 @@ def _load_data(run: RunConfig, session: Session) -> Splits:
     return to_splits(result, run.train.validation_split)
 
 
-def _join_group(run: RunConfig, session: Session, model: keras.Model) -> str:
-    """Average gradients over the workers, and start every worker from rank 0's state."""
+def _join_group(run: RunConfig, session: Session, model: keras.Model,
+                flags: SharedFlags | None) -> str:
+    """Average gradients (and ``flags``) over the workers, and start every worker from rank
+    0's state."""
     communicator = session.communicator
-    distribute_optimizer(model.optimizer, communicator,
+    distribute_optimizer(model.optimizer, communicator, flags=flags,
                          fp16=getattr(run.strategy, "compression", "none") == "fp16")
     model.jit_compile = False  # numpy_function, Horovod and collective ops are not XLA ops
     mark(session.rank, "arrived")
@@ -150,11 +158,12 @@ def _build(model: keras.Model, splits: Splits) -> None:
 
 def _starting_state(run: RunConfig, store: CheckpointStore) -> TrainingState | None:
     resume = run.checkpoint.resume
-    existing = store.epochs()
+    existing = store.positions()
     if resume == "never":
         if existing:
             raise UserError(
-                f"output_dir '{run.output_dir}' already holds checkpoints (epochs {existing}) "
+                f"output_dir '{run.output_dir}' already holds checkpoints (the newest "
+                f"{existing[-1]}) "
                 f"and checkpoint.resume is never", where="checkpoint.resume",
                 hint="set checkpoint.resume: auto to continue that run, or choose a new "
                      "output_dir; ktrain never deletes an earlier run")
@@ -164,13 +173,14 @@ def _starting_state(run: RunConfig, store: CheckpointStore) -> TrainingState | N
     return load_checkpoint_url(resume)
 
 
-def _capture(model: keras.Model, epoch: int, history: list[dict]) -> TrainingState:
+def _capture(model: keras.Model, position: Position, history: list[dict],
+             callbacks: dict, global_batch_size: int) -> TrainingState:
     return TrainingState(
-        epoch=epoch,
+        epoch=position.epoch, step=position.step,
         model_variables=[np.asarray(v.numpy()) for v in model.variables],
         optimizer_variables=[np.asarray(v.numpy()) for v in model.optimizer.variables],
-        history=list(history),
-        variable_paths=[v.path for v in model.variables])
+        history=list(history), variable_paths=[v.path for v in model.variables],
+        callbacks=callbacks, global_batch_size=global_batch_size)
 
 
 def _restore(model: keras.Model, state: TrainingState) -> None:
@@ -205,13 +215,11 @@ def _first_mismatch(paths, saved, variables) -> str:
 
 
 class _RunRecorder(keras.callbacks.Callback):
-    """Per epoch: record history, write metrics.csv and the log, print, and checkpoint."""
+    """Per epoch: record history, write metrics.csv and the log, and print."""
 
-    def __init__(self, run: RunConfig, output: RunOutput, store: CheckpointStore,
-                 history: list[dict], session: Session):
+    def __init__(self, run: RunConfig, output: RunOutput, history: list[dict]):
         super().__init__()
-        self.run, self.output, self.store = run, output, store
-        self.history, self.session = history, session
+        self.run, self.output, self.history = run, output, history
         self.first_step_done: float | None = None
         self.first_step_unix_time: float | None = None
         self.steps = 0
@@ -236,71 +244,203 @@ class _RunRecorder(keras.callbacks.Callback):
             self._config_written = True
         seconds = time.perf_counter() - self._epoch_started
         metrics = "  ".join(f"{k} {v:.4f}" for k, v in row.items() if k != "epoch")
-        line = f"epoch {done}/{self.run.train.epochs}  {metrics}  ({seconds:.1f}s)"
-        self.output.say(line)
-        every = self.run.checkpoint.every_epochs
-        if done % every == 0 or done == self.run.train.epochs or self.model.stop_training:
-            started = time.perf_counter()
-            self.store.save(_capture(self.model, done, self.history), background=True)
-            console.debug(f"checkpoint after epoch {done} captured in "
-                          f"{time.perf_counter() - started:.2f}s, writing in the background")
+        self.output.say(f"epoch {done}/{self.run.train.epochs}  {metrics}  ({seconds:.1f}s)")
         self.output.write_metrics(self.history)
         self.output.flush_log()
 
 
+# The state of Keras callbacks that decides a run's outcome, carried across fit calls and
+# restarts (their on_train_begin resets it).
+_CALLBACK_STATE = {keras.callbacks.EarlyStopping: ("wait", "best", "best_epoch", "stopped_epoch"),
+                   keras.callbacks.ReduceLROnPlateau: ("wait", "best", "cooldown_counter")}
+
+
+class _StopNow(Exception):
+    """Raised out of ``fit`` once the checkpoint at ``position`` is taken."""
+
+    def __init__(self, position: Position):
+        super().__init__(str(position))
+        self.position = position
+
+
+class _Checkpoints(keras.callbacks.Callback):
+    """Checkpoints at epoch ends, every ``every_steps`` global batches and every
+    ``every_minutes``; and the stop on a signal, at the step every rank agreed on.
+
+    Goes after the stateful callbacks: its ``on_train_begin`` gives them back their state."""
+
+    def __init__(self, run: RunConfig, store: CheckpointStore, history: list[dict],
+                 steps_per_epoch: int, stop: StopRequest, flags: SharedFlags | None,
+                 callbacks: list[keras.callbacks.Callback], saved_callbacks: dict):
+        super().__init__()
+        self.stateful = [c for c in callbacks if type(c) in _CALLBACK_STATE]
+        self.run, self.store, self.history = run, store, history
+        self.steps_per_epoch, self.stop, self.flags = steps_per_epoch, stop, flags
+        self.callback_state = dict(saved_callbacks)
+        self.first_step = 0
+        """Global batches of the current epoch done before this fit call (a resumed epoch)."""
+        self._epoch = 0
+        self._last_saved = time.monotonic()
+        self._stop_at_epoch_end = False
+
+    def on_train_begin(self, logs=None):
+        for callback in self.stateful:
+            for name, value in self.callback_state.get(type(callback).__name__, {}).items():
+                setattr(callback, name, value)
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        step = self.first_step + batch + 1
+        if self._stop_requested():
+            if step < self.steps_per_epoch:
+                self._save(Position(self._epoch, step), background=False)
+                raise _StopNow(Position(self._epoch, step))
+            self._stop_at_epoch_end = True  # the last step: finish the epoch, then stop
+        if step >= self.steps_per_epoch:
+            return  # the epoch's end checkpoints this position
+        every = self.run.checkpoint
+        if (every.every_steps and (self._epoch * self.steps_per_epoch + step) % every.every_steps
+                == 0) or (every.every_minutes and
+                          time.monotonic() - self._last_saved >= every.every_minutes * 60):
+            self._save(Position(self._epoch, step))
+
+    def on_epoch_end(self, epoch, logs=None):
+        done = epoch + 1
+        if (done % self.run.checkpoint.every_epochs == 0 or done == self.run.train.epochs
+                or self.model.stop_training or self._stop_at_epoch_end):
+            self._save(Position(done, 0))
+        if self._stop_at_epoch_end:
+            raise _StopNow(Position(done, 0))
+
+    def _stop_requested(self) -> bool:
+        if self.flags is not None:  # every rank learns it after the same step
+            return self.flags.agreed_on(0)
+        return self.stop.received is not None
+
+    def _save(self, position: Position, background: bool = True) -> None:
+        self.callback_state = {type(c).__name__: {name: _plain(getattr(c, name))
+                                                  for name in _CALLBACK_STATE[type(c)]}
+                               for c in self.stateful}
+        started = time.perf_counter()
+        self.store.save(_capture(self.model, position, self.history, self.callback_state,
+                                 self.run.train.global_batch_size), background=background)
+        self._last_saved = time.monotonic()
+        console.debug(f"checkpoint {position} captured in {time.perf_counter() - started:.2f}s")
+
+
+def _plain(value):
+    """A callback attribute as JSON can hold it (numpy scalars become Python numbers)."""
+    return value.item() if isinstance(value, np.generic) else value
+
+
 def _fit(run: RunConfig, session: Session, model: keras.Model, splits: Splits,
-         output: RunOutput, store: CheckpointStore, state: TrainingState | None) -> RunResult:
+         output: RunOutput, store: CheckpointStore, state: TrainingState | None,
+         flags: SharedFlags | None) -> RunResult:
     train = run.train
-    first_epoch = state.epoch if state else 0
+    start = state.position if state else Position(0)
     history = list(state.history) if state else []
     if state:
-        output.say(f"resuming from the checkpoint after epoch {state.epoch}")
-    if first_epoch >= train.epochs:
-        output.say(f"all {train.epochs} epochs are already done")
-    batches, steps = training_batches(
-        splits.train, global_batch_size=train.global_batch_size, rank=session.rank,
-        world_size=session.world_size, shuffle=train.shuffle,
-        shuffle_buffer=train.shuffle_buffer, seed=train.seed, first_epoch=first_epoch,
-        epochs=max(train.epochs, first_epoch), partition_steps=splits.partition_steps)
+        _check_resumable(state, train)
+        output.say(f"resuming from the checkpoint {start}")
+    early_stopped = (state.callbacks.get("EarlyStopping", {}).get("stopped_epoch", 0)
+                     if state else 0)
+    if start.epoch >= train.epochs or early_stopped:
+        output.say(f"early stopping ended this run after epoch {start.epoch}" if early_stopped
+                   else f"all {train.epochs} epochs are already done")
     partitioned = splits.partition_steps is not None
     validation = splits.validation and evaluation_batches(
         splits.validation, global_batch_size=train.global_batch_size, rank=session.rank,
         world_size=session.world_size, partitioned=partitioned)
-    recorder = _RunRecorder(run, output, store, history, session)
-    callbacks = [recorder, *_optional_callbacks(run, session, steps)]
+    phases = [] if early_stopped else _phases(start, train.epochs)
+    steps = steps_per_epoch(splits.train, train.global_batch_size, splits.partition_steps)
+    stop = StopRequest(run.checkpoint.stop_signals)
+    recorder = _RunRecorder(run, output, history)
+    optional = _optional_callbacks(run, session, steps)
+    checkpoints = _Checkpoints(run, store, history, steps, stop, flags, optional,
+                               state.callbacks if state else {})
+    callbacks = [recorder, *optional, checkpoints]
     if session.communicator is not None:  # first, so the others see global metrics
         callbacks.insert(0, GlobalMetrics(
             session.communicator, steps * train.global_batch_size // session.world_size,
             _shard_size(splits.validation.size if splits.validation else 0, session,
                         partitioned)))
     fit_started = time.perf_counter()
-    if first_epoch < train.epochs:
-        try:
-            with session.scope():
-                model.fit(batches, epochs=train.epochs, initial_epoch=first_epoch,
-                          steps_per_epoch=steps, validation_data=validation or None,
-                          validation_freq=train.validation_freq, shuffle=False,
-                          callbacks=callbacks,
-                          verbose=1 if console.verbosity() >= console.VERBOSE else 0)
-        except (ValueError, TypeError, tf.errors.InvalidArgumentError) as err:
-            raise TrainingFailed(
-                f"training failed: {type(err).__name__}: {err}".rstrip(), where="model.fit",
-                hint="this usually means the model and the data do not fit together (input "
-                     "shape, number of classes, label format): check your model and data fns"
-            ) from err
-        except tf.errors.OpError as err:
-            if session.communicator is None:
-                raise
-            raise _peer_lost(session, err, store) from err
+    arrivals = (lambda: int(flags.arrivals.numpy())) if flags else (lambda: recorder.steps)
+    try:
+        with stop.listening(on_signal=lambda _: flags and flags.raise_flag(0)), \
+                reporting_progress(session.rank, arrivals):
+            for first_epoch, end_epoch, first_step in phases:
+                batches, _ = training_batches(
+                    splits.train, global_batch_size=train.global_batch_size,
+                    rank=session.rank, world_size=session.world_size, shuffle=train.shuffle,
+                    shuffle_buffer=train.shuffle_buffer, seed=train.seed,
+                    first_epoch=first_epoch, epochs=end_epoch, first_step=first_step,
+                    partition_steps=splits.partition_steps)
+                checkpoints.first_step = first_step
+                _fit_phase(run, session, model, store, batches, first_epoch, end_epoch,
+                           steps - first_step, validation, callbacks)
+                if model.stop_training:  # early stopping
+                    break
+    except _StopNow as stopped:
+        store.wait()
+        if session.communicator is not None:
+            session.communicator.barrier()  # no rank exits before the chief committed
+        error = stop.stopped(str(stopped.position))
+        if is_supervised():  # ktrain's launcher, a Spark task or a Ray actor reports the stop
+            error.exit_code = 0  # so that mpirun or horovodrun do not call it a crash
+        raise error from None
     fit_ended = time.perf_counter()
     store.wait()
     undistribute(model.optimizer)
     model_path = output.save_model(model)
-    summary = _summary(run, session, recorder, history, first_epoch, fit_started, fit_ended,
+    summary = _summary(run, session, recorder, history, start.epoch, fit_started, fit_ended,
                        model_path)
     output.write_summary(summary)
     output.flush_log()
     return RunResult(summary, model)
+
+
+def _phases(start: Position, epochs: int) -> list[tuple[int, int, int]]:
+    """The ``fit`` calls from ``start`` to the end, as (first epoch, end epoch, global batches
+    of the first already done): a resumed epoch's remaining steps are a call of their own."""
+    phases = [(start.epoch, start.epoch + 1, start.step)] if start.step else []
+    rest = start.epoch + bool(start.step)
+    return phases + ([(rest, epochs, 0)] if rest < epochs else [])
+
+
+def _check_resumable(state: TrainingState, train: TrainSpec) -> None:
+    if state.step and state.global_batch_size not in (None, train.global_batch_size):
+        raise UserError(
+            f"the checkpoint stands {state.position}, counted in global batches of "
+            f"{state.global_batch_size}; train.global_batch_size is now "
+            f"{train.global_batch_size}", where="train.global_batch_size",
+            hint=f"resume with global_batch_size {state.global_batch_size}, or from a "
+                 f"checkpoint taken at an epoch's end (checkpoint.resume: <its path>)")
+
+
+def _fit_phase(run, session, model, store, batches, first_epoch, end_epoch, steps, validation,
+               callbacks) -> None:
+    """``model.fit`` over epochs [first_epoch, end_epoch) of ``steps`` steps each, with
+    ktrain's failure messages."""
+    try:
+        with session.scope():
+            model.fit(batches, epochs=end_epoch, initial_epoch=first_epoch,
+                      steps_per_epoch=steps, validation_data=validation or None,
+                      validation_freq=run.train.validation_freq, shuffle=False,
+                      callbacks=callbacks,
+                      verbose=1 if console.verbosity() >= console.VERBOSE else 0)
+    except (ValueError, TypeError, tf.errors.InvalidArgumentError) as err:
+        raise TrainingFailed(
+            f"training failed: {type(err).__name__}: {err}".rstrip(), where="model.fit",
+            hint="this usually means the model and the data do not fit together (input "
+                 "shape, number of classes, label format): check your model and data fns"
+        ) from err
+    except tf.errors.OpError as err:
+        if session.communicator is None:
+            raise
+        raise _peer_lost(session, err, store) from err
 
 
 def _peer_lost(session: Session, err: Exception, store: CheckpointStore) -> WorkersFailed:
@@ -309,8 +449,8 @@ def _peer_lost(session: Session, err: Exception, store: CheckpointStore) -> Work
     message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
     peer = re.search(r"/task:(\d+)", str(err))
     lost = f"rank {peer.group(1)}" if peer and int(peer.group(1)) != session.rank else "a peer"
-    saved = store.epochs()
-    resume = f" (after epoch {saved[-1]})" if saved else ""
+    saved = store.positions()
+    resume = f" ({saved[-1]})" if saved else ""
     return WorkersFailed(
         f"rank {session.rank} lost contact with {lost} during training, so the group is "
         f"stopping ({type(err).__name__}: {message})",
@@ -324,27 +464,30 @@ def _shard_size(size: int, session: Session, partitioned: bool) -> int:
 
 
 class _ScaledLearningRate(keras.callbacks.Callback):
-    """Scale the learning rate by ``factor``, ramping up linearly over ``warmup_epochs``."""
+    """Scale the learning rate by ``factor``, ramping up linearly over ``warmup_epochs``
+    (counted in the optimizer's steps, so a resumed run ramps exactly as an unbroken one)."""
 
     def __init__(self, factor: float, warmup_epochs: int, steps_per_epoch: int):
         super().__init__()
-        self.factor, self.warmup, self.steps = factor, warmup_epochs, steps_per_epoch
+        self.factor, self.warmup_steps = factor, warmup_epochs * steps_per_epoch
         self.base: float | None = None
-        self.epoch = 0
+        self._ramping = True
 
     def on_train_begin(self, logs=None):
         if not isinstance(self.model.optimizer.learning_rate, (tf.Variable, keras.Variable)):
             raise UserError("strategy.lr_scaling needs a constant learning rate, not a schedule",
                             where="strategy.lr_scaling", hint="set lr_scaling: off")
-        self.base = float(self.model.optimizer.learning_rate.numpy())
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self.epoch = epoch
+        if self.base is None:  # fit may be called again (a resumed epoch, then the rest)
+            self.base = float(self.model.optimizer.learning_rate.numpy())
+        self._ramping = True
 
     def on_train_batch_begin(self, batch, logs=None):
-        progress = min(1.0, (self.epoch + batch / self.steps) / self.warmup) if self.warmup else 1.0
-        if progress < 1.0 or batch == 0:
-            self.model.optimizer.learning_rate.assign(self.base * (1 + (self.factor - 1) * progress))
+        if not self._ramping:
+            return
+        done = int(self.model.optimizer.iterations.numpy())
+        progress = min(1.0, done / self.warmup_steps) if self.warmup_steps else 1.0
+        self.model.optimizer.learning_rate.assign(self.base * (1 + (self.factor - 1) * progress))
+        self._ramping = progress < 1.0
 
 
 def _optional_callbacks(run: RunConfig, session: Session,

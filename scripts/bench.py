@@ -15,10 +15,13 @@ tensors, next to a raw mpi4py Allreduce on the same machine.
 and with 2 workers under multiworker, spark and ray.
 
 --ray-train: ktrain's ray strategy (1 worker) next to Ray Train's own TensorflowTrainer.
+--preemption N: 2 workers with checkpoints every N steps, the stop-flag agreement and the stall
+watchdog, next to 2 workers with epoch checkpoints only and those off.
 
     python scripts/bench.py --allreduce
     python scripts/bench.py --workers configs/synthetic.yaml
     python scripts/bench.py --ray-train configs/quickstart.yaml
+    python scripts/bench.py --preemption 10 configs/synthetic.yaml --set data.kwargs.samples=640
 """
 
 from __future__ import annotations
@@ -287,6 +290,29 @@ def ray_train_tensorflow(config_path: str, overrides: list[str]) -> dict:
             return json.load(f)
 
 
+def bench_preemption(config: str, overrides: list[str], every_steps: int, repeats: int) -> None:
+    """The cost of long-job safety on 2 workers: mid-epoch checkpoints every ``every_steps``
+    global batches, the stop-flag agreement and the stall watchdog, against epoch checkpoints
+    only with all of it off, alternating for ``repeats`` rounds (best of each)."""
+    two = "strategy={name: multiworker, workers: 2}"
+    runs = {"epoch checkpoints only, no stop flags or watchdog":
+            [two, "checkpoint.stop_signals=[]", "strategy.stall_timeout=null"],
+            f"+ checkpoints every {every_steps} steps, stop flags, watchdog":
+            [two, f"checkpoint.every_steps={every_steps}"]}
+    best: dict[str, float] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for round_ in range(repeats):
+            for index, (label, extra) in enumerate(runs.items()):
+                out = os.path.join(tmp, f"{round_}-{index}")
+                speed = _ktrain(config, [*overrides, *extra], out)["samples_per_second"]
+                best[label] = max(best.get(label, 0.0), speed)
+    baseline = next(iter(best.values()))
+    print("| run (2 workers) | samples/s | ratio |")
+    print("|---|---|---|")
+    for label, speed in best.items():
+        print(f"| {label} | {speed:.1f} | {speed / baseline:.3f} |")
+
+
 def bench_ray_train(config: str, overrides: list[str]) -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -327,6 +353,8 @@ def main() -> None:
                         help="with --workers: also 2 spark workers on this cluster")
     parser.add_argument("--ray-train", action="store_true",
                         help="ktrain's ray strategy next to Ray Train's TensorflowTrainer")
+    parser.add_argument("--preemption", type=int, metavar="STEPS",
+                        help="cost of checkpoints every STEPS steps, stop flags and watchdog")
     parser.add_argument("--set", action="append", default=[], metavar="key.path=value",
                         help="override applied to both runs of every config")
     parser.add_argument("--repeats", type=int, default=1)
@@ -339,7 +367,10 @@ def main() -> None:
     if args.ray_train:
         for config in args.configs:
             bench_ray_train(os.path.abspath(config), args.set)
-    if args.allreduce or args.workers or args.ray_train or not args.configs:
+    if args.preemption:
+        for config in args.configs:
+            bench_preemption(os.path.abspath(config), args.set, args.preemption, args.repeats)
+    if args.allreduce or args.workers or args.ray_train or args.preemption or not args.configs:
         return
     rows = [compare(os.path.abspath(c), args.set, args.repeats) for c in args.configs]
     columns = list(rows[0])

@@ -42,6 +42,9 @@ class MultiProcessConfig(StrategyConfig):
     """Multiply the learning rate by the world size (linear) or its square root."""
     warmup_epochs: NonNegativeInt = 0
     """Ramp the scaled learning rate up from the unscaled one over this many epochs."""
+    stall_timeout: PositiveFloat | None = 300.0
+    """Seconds the other ranks may wait at a gradient allreduce for a rank that does not come;
+    it is then named, with its Python stacks, and the group stops (or restarts). null: off."""
     console_ranks: Literal["chief", "all"] = "chief"
     """Which ranks' output the console shows (every rank's goes to logs/rank-<r>.log)."""
 
@@ -158,7 +161,9 @@ class MultiProcessStrategy(Strategy):
         with tempfile.TemporaryDirectory(prefix="ktrain-rendezvous-") as rendezvous:
             group = WorkerGroup(specs, local_log_dir(run.output_dir), Path(rendezvous),
                                 start_timeout=self.config.start_timeout,
-                                console_ranks=self.config.console_ranks)
+                                console_ranks=self.config.console_ranks,
+                                stop_signals=tuple(run.checkpoint.stop_signals),
+                                stall_timeout=self.config.stall_timeout)
             return group.run()
 
     def run_with_restarts(self, run: RunConfig, attempt) -> RunResult:

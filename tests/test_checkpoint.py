@@ -35,7 +35,7 @@ def test_round_trip_keeps_every_array_and_the_history(store):
 def test_retention_keeps_the_newest(store):
     for epoch in range(1, 5):
         store.save(state(epoch))
-    assert store.epochs() == [3, 4]
+    assert store.positions() == [(3, 0), (4, 0)]
     assert keep_latest([5, 1, 3], 2) == [1]
 
 
@@ -60,7 +60,7 @@ def test_leftover_temporary_file_is_ignored_and_cleaned(store):
 def test_only_the_chief_writes():
     url = f"memory://{uuid.uuid4().hex}/checkpoints"
     CheckpointStore(url, is_chief=False).save(state(1))
-    assert CheckpointStore(url).epochs() == []
+    assert CheckpointStore(url).positions() == []
 
 
 def test_local_paths_and_explicit_resume(tmp_path):

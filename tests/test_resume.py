@@ -31,7 +31,7 @@ def test_sigkill_mid_training_then_rerun_matches_an_uninterrupted_run(tmp_path, 
     run = background("run", config, "-q")
     run.wait_for(lambda: "ckpt-000004.npz" in checkpoints(killed))
     run.signal(signal.SIGKILL)
-    resumed_from = CheckpointStore(str(killed / "checkpoints")).epochs()[-1]
+    resumed_from = CheckpointStore(str(killed / "checkpoints")).positions()[-1].epoch
     assert resumed_from < 30
 
     result = run_cli("run", config)
@@ -59,8 +59,8 @@ def test_sigkill_during_a_checkpoint_write(tmp_path, background):
                  interval=0.002)
     run.signal(signal.SIGKILL)
     store = CheckpointStore(str(out / "checkpoints"))
-    for epoch in store.epochs():  # whatever was committed is complete
-        assert store.load(store.file_for(epoch)).epoch == epoch
+    for position in store.positions():  # whatever was committed is complete
+        assert store.load(store.file_for(position)).position == position
 
     result = run_cli("run", config, "-q")
     assert result.returncode == 0, result.stderr
@@ -75,7 +75,7 @@ def test_ctrl_c_stops_cleanly_and_the_run_resumes(tmp_path, background):
     run.wait_for(lambda: "ckpt-000002.npz" in checkpoints(out))
     output = run.signal(signal.SIGINT)
     assert run.process.returncode == 130
-    assert "interrupted" in output and "run the same command again to resume" in output
+    assert "stopped by SIGINT" in output and "run the same command again to resume" in output
     assert "Traceback" not in output
     result = run_cli("run", config, "-q")
     assert result.returncode == 0, result.stderr

@@ -1,0 +1,149 @@
+"""Long jobs: checkpoints mid-epoch, a stop on a signal at the same step on every rank, and a
+resume that ends with the weights of the run that was never stopped, on any number of workers."""
+
+import json
+import signal
+import time
+
+import pytest
+
+from helpers import (FIXTURES, assert_same_weights, base_config, needs_horovod, run_cli,
+                     write_config)
+from ktrain.checkpoint import CheckpointStore, Position
+
+STRATEGIES = {
+    "mirrored": {"name": "mirrored", "devices": 1},
+    "tf-collectives": {"name": "multiworker", "workers": 2},
+    "mpi4py": {"name": "multiworker", "workers": 2, "communicator": "mpi"},
+    "horovod-gloo": {"name": "horovod", "workers": 2},
+    "horovod-mpi": {"name": "horovod", "workers": 2, "controller": "mpi"},
+}
+
+
+def long_run(out, strategy: str, **train) -> dict:
+    """Shuffled, 32 global batches an epoch, a checkpoint every 7 of them."""
+    config = base_config(out, train={"epochs": 6, "global_batch_size": 16, "shuffle": True,
+                                     **train},
+                         checkpoint={"every_steps": 7, "keep": 100})
+    config["strategy"] = dict(STRATEGIES[strategy])
+    return config
+
+
+@pytest.fixture(scope="module")
+def unbroken(tmp_path_factory):
+    """One uninterrupted 1-process run (and every checkpoint it took), per train settings."""
+    done = {}
+
+    def get(**train):
+        key = json.dumps(train, sort_keys=True)
+        if key not in done:
+            folder = tmp_path_factory.mktemp("unbroken")
+            config = write_config(folder / "c.yaml", long_run(folder / "out", "mirrored", **train))
+            result = run_cli("run", config, "-q")
+            assert result.returncode == 0, result.stderr
+            done[key] = folder / "out"
+        return done[key]
+
+    return get
+
+
+@pytest.mark.parametrize("written_by, resumed_by", [
+    ("mirrored", "mirrored"), ("mirrored", "tf-collectives"), ("tf-collectives", "mirrored")])
+def test_a_run_resumed_mid_epoch_ends_with_the_unbroken_runs_weights(
+        tmp_path, unbroken, written_by, resumed_by):
+    """The position is counted in global batches, so it means the same on 1 or 2 workers."""
+    reference = unbroken()
+    if written_by == "mirrored":
+        source = reference
+    else:  # the same run on 2 workers, which took the same checkpoints
+        source = tmp_path / "written"
+        result = run_cli("run", write_config(tmp_path / "w.yaml", long_run(source, written_by)),
+                         "-q")
+        assert result.returncode == 0, result.stderr
+    checkpoint = CheckpointStore(str(source / "checkpoints")).file_for(Position(2, 13))
+    resumed = tmp_path / "resumed"
+    config = long_run(resumed, resumed_by)
+    config["checkpoint"]["resume"] = checkpoint
+    result = run_cli("run", write_config(tmp_path / "r.yaml", config))
+    assert result.returncode == 0, result.stderr
+    assert "resuming from the checkpoint at step 13 of epoch 3" in result.stdout
+    assert json.loads((resumed / "summary.json").read_text())["epochs_completed"] == 6
+    assert_same_weights(reference, resumed, atol=1e-6)
+
+
+@pytest.mark.parametrize("strategy", [
+    pytest.param(name, marks=needs_horovod if name.startswith("horovod") else ())
+    for name in STRATEGIES])
+def test_sigterm_stops_every_rank_at_one_step_with_a_checkpoint_and_the_rerun_resumes(
+        tmp_path, background, unbroken, strategy):
+    out = tmp_path / "out"
+    config = write_config(tmp_path / "c.yaml", long_run(out, strategy))
+    store = CheckpointStore(str(out / "checkpoints"))
+    run = background("run", config)
+    run.wait_for(lambda: store.fs.exists(store.path) and store.positions(), timeout=180)
+    output = run.signal(signal.SIGTERM)
+    assert run.process.returncode == 128 + signal.SIGTERM, output
+    said = [line for line in output.splitlines() if "stopped by SIGTERM" in line]
+    assert len(said) == 1, output  # one message, from rank 0, whatever the launcher
+    assert "the checkpoint there is committed" in said[0] and "Traceback" not in output
+    assert "run the same command again to resume" in output
+    newest = store.positions()[-1]
+    assert str(newest) in said[0]  # the checkpoint is at the step where every rank stopped
+    assert not (out / "summary.json").exists()
+
+    result = run_cli("run", config)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"resuming from the checkpoint {newest}" in result.stdout
+    assert json.loads((out / "summary.json").read_text())["epochs_completed"] == 6
+    assert_same_weights(unbroken(), out, atol=1e-6)
+
+
+def test_early_stopping_resumes_its_patience(tmp_path, unbroken):
+    """Resumed from an epoch's end, early stopping ends the run after the same epoch as the
+    unbroken run did: its best value and patience left travel in the checkpoint."""
+    stopping = {"epochs": 40, "early_stopping": {"monitor": "val_loss", "patience": 2}}
+    reference = unbroken(**stopping)
+    completed = json.loads((reference / "summary.json").read_text())["epochs_completed"]
+    assert completed < 40, "the reference run should have stopped early"
+    resumed = tmp_path / "resumed"
+    config = long_run(resumed, "mirrored", **stopping)
+    config["checkpoint"]["resume"] = CheckpointStore(
+        str(reference / "checkpoints")).file_for(Position(completed - 1))
+    result = run_cli("run", write_config(tmp_path / "r.yaml", config), "-q")
+    assert result.returncode == 0, result.stderr
+    assert json.loads((resumed / "summary.json").read_text())["epochs_completed"] == completed
+    assert_same_weights(reference, resumed, atol=1e-6)
+
+
+def hanging_rank_one(tmp_path, strategy: str, **options) -> tuple:
+    """A 2-worker run whose rank 1 stops for good in its input pipeline, the first time."""
+    marker = tmp_path / "rank-1-hung"
+    config = base_config(tmp_path / "out", train={"epochs": 3},
+                         data={"fn": f"{FIXTURES}:digits_hanging_on_rank_one",
+                               "kwargs": {"marker": str(marker)}})
+    config["strategy"] = {**STRATEGIES[strategy], "stall_timeout": 10, **options}
+    return write_config(tmp_path / "c.yaml", config), marker
+
+
+@pytest.mark.parametrize("strategy", [
+    pytest.param(name, marks=needs_horovod if name.startswith("horovod") else ())
+    for name in STRATEGIES if name != "mirrored"])
+def test_a_stalled_rank_is_named_with_its_stack_within_the_stall_timeout(
+        tmp_path, background, strategy):
+    config, marker = hanging_rank_one(tmp_path, strategy)
+    run = background("run", config)
+    run.wait_for(marker.exists, timeout=180)
+    hung = time.monotonic()
+    output = run.process.communicate(timeout=120)[0]
+    assert run.process.returncode == 1, output
+    assert time.monotonic() - hung < 10 + 10
+    assert "rank(s) [1] stalled" in output and "strategy.stall_timeout" in output, output
+    assert "stuck_in_the_input_pipeline" in output  # rank 1's stack, down to the hanging frame
+
+
+def test_a_stalled_group_restarts_and_completes(tmp_path, background):
+    config, marker = hanging_rank_one(tmp_path, "tf-collectives", max_restarts=1)
+    result = run_cli("run", config)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "stalled" in result.stdout + result.stderr and marker.exists()
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["epochs_completed"] == 3
