@@ -108,6 +108,9 @@ class CheckpointSpec(Section):
     """``auto`` (newest checkpoint in output_dir, if any), ``never``, or a checkpoint path."""
     stop_signals: list[str] = ["SIGTERM", "SIGINT", "SIGUSR1"]
     """Signals that stop every rank after the same step, with a checkpoint there."""
+    requeue: bool = False
+    """In a SLURM job, a stop by SIGUSR1 (``sbatch --signal=USR1@90``, a preemption notice)
+    requeues the job, which resumes when it runs again; SIGTERM (scancel) does not."""
 
     @field_validator("stop_signals")
     @classmethod

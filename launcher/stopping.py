@@ -43,8 +43,32 @@ class StopRequest:
             for s, handler in previous.items():
                 signal.signal(s, handler)
 
-    def stopped(self, where: str) -> Stopped:
+    def stopped(self, where: str, requeued: str | None = None) -> Stopped:
         """The error every rank exits with once the checkpoint at ``where`` is committed."""
         return Stopped(f"stopped by {self.received.name} {where}; the checkpoint there is "
-                       f"committed", signal_number=self.received.value,
-                       hint="run the same command again to resume from it")
+                       f"committed" + (f"; {requeued}" if requeued else ""),
+                       signal_number=self.received.value,
+                       hint=None if requeued else "run the same command again to resume from it")
+
+
+REQUEUE_SIGNAL = signal.SIGUSR1
+"""The stop that means "preempted, come back" (``sbatch --signal=USR1@90``), not "cancel"."""
+
+
+def requeue_slurm_job() -> str:
+    """Put this SLURM job back in the queue (``scontrol requeue``); what happened, in words."""
+    import os
+    import subprocess
+
+    array = os.environ.get("SLURM_ARRAY_JOB_ID")
+    job = f"{array}_{os.environ['SLURM_ARRAY_TASK_ID']}" if array else os.environ.get("SLURM_JOB_ID")
+    if not job:
+        return "not requeued: this is not a SLURM job"
+    try:
+        done = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True,
+                              timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as err:
+        return f"could not requeue SLURM job {job} ({err})"
+    if done.returncode:
+        return f"could not requeue SLURM job {job}: {done.stderr.strip()}"
+    return f"SLURM job {job} is requeued and resumes from it when it runs again"

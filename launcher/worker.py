@@ -27,7 +27,7 @@ from ktrain.data import (Splits, evaluation_batches, is_ray_dataset, partition_s
 from ktrain.environment import PARTITION_ENV
 from ktrain.errors import UserError, WorkersFailed
 from ktrain.output import RunOutput
-from ktrain.stopping import StopRequest
+from ktrain.stopping import REQUEUE_SIGNAL, StopRequest, requeue_slurm_job
 from ktrain.strategies.base import Session, Strategy
 from ktrain.supervisor import STACKS_SIGNAL, is_supervised, mark, reporting_progress
 from ktrain.userfn import call_user, load_function
@@ -387,7 +387,13 @@ def _fit(run: RunConfig, session: Session, model: keras.Model, splits: Splits,
         store.wait()
         if session.communicator is not None:
             session.communicator.barrier()  # no rank exits before the chief committed
-        error = stop.stopped(str(stopped.position))
+        requeued = None
+        if run.checkpoint.requeue and stop.received == REQUEUE_SIGNAL and session.is_chief:
+            requeued = requeue_slurm_job()
+        error = stop.stopped(str(stopped.position), requeued)
+        if not session.is_chief:  # rank 0 tells the user; the others say it in their logs
+            console.info(error.render())
+            error.shown = True
         if is_supervised():  # ktrain's launcher, a Spark task or a Ray actor reports the stop
             error.exit_code = 0  # so that mpirun or horovodrun do not call it a crash
         raise error from None

@@ -2,13 +2,16 @@
 resume that ends with the weights of the run that was never stopped, on any number of workers."""
 
 import json
+import os
 import signal
+import subprocess
 import time
+import uuid
 
 import pytest
 
-from helpers import (FIXTURES, assert_same_weights, base_config, needs_horovod, run_cli,
-                     write_config)
+from helpers import (FIXTURES, KTRAIN, assert_same_weights, base_config, needs_horovod,
+                     run_cli, run_command, write_config)
 from ktrain.checkpoint import CheckpointStore, Position
 
 STRATEGIES = {
@@ -147,3 +150,70 @@ def test_a_stalled_group_restarts_and_completes(tmp_path, background):
     assert result.returncode == 0, result.stdout + result.stderr
     assert "stalled" in result.stdout + result.stderr and marker.exists()
     assert json.loads((tmp_path / "out" / "summary.json").read_text())["epochs_completed"] == 3
+
+
+def test_scancel_signal_stops_an_srun_step_at_one_step_and_a_rerun_resumes(
+        tmp_path, slurm, background, unbroken):
+    """`scancel --signal=TERM` reaches every task of the step (TensorFlow's collective runtime
+    would otherwise swallow it and train on): they stop after the same step."""
+    out, name = tmp_path / "out", f"ktrain-{uuid.uuid4().hex[:8]}"
+    config = write_config(tmp_path / "c.yaml", long_run(out, "tf-collectives"))
+    store = CheckpointStore(str(out / "checkpoints"))
+    step = background("run", config, env=slurm.env,
+                      launcher=slurm.command("srun", "-n2", f"--job-name={name}"))
+    step.wait_for(lambda: store.fs.exists(store.path) and store.positions(), timeout=180)
+    scancel = run_command(slurm.command("scancel", "--signal=TERM", f"--name={name}"),
+                          env=slurm.env)
+    assert scancel.returncode == 0, scancel.stderr
+    output = step.process.communicate(timeout=120)[0]
+    assert step.process.returncode == 128 + signal.SIGTERM, output
+    assert output.count("stopped by SIGTERM") == 1 and "Traceback" not in output, output
+    assert str(store.positions()[-1]) in output
+
+    again = run_command(slurm.command("srun", "-n2", KTRAIN, "run", config), env=slurm.env,
+                        timeout=300)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert_same_weights(unbroken(), out, atol=1e-6)
+
+
+def test_a_preempted_sbatch_job_requeues_itself_and_completes(tmp_path, slurm, unbroken):
+    """USR1 (what `sbatch --signal=USR1@90` sends before the time limit) with
+    checkpoint.requeue: the job stops at a step, puts itself back in the queue, runs again,
+    resumes and finishes with the unbroken run's weights."""
+    out, name = tmp_path / "out", f"ktrain-{uuid.uuid4().hex[:8]}"
+    config = write_config(tmp_path / "c.yaml", long_run(out, "tf-collectives"))
+    script = tmp_path / "job.sh"
+    script.write_text(f"#!/bin/bash\n#SBATCH --signal=USR1@90\n"
+                      f"srun {KTRAIN} run {config} checkpoint.requeue=true\n")
+    store = CheckpointStore(str(out / "checkpoints"))
+    job = subprocess.Popen(slurm.command("sbatch", "--wait", "-n2", f"--job-name={name}",
+                                         "--open-mode=append", f"--output={tmp_path}/job.out",
+                                         script),
+                           env={**os.environ, **slurm.env}, stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 180
+        while not (store.fs.exists(store.path) and store.positions()):
+            assert job.poll() is None and time.monotonic() < deadline, job.stdout.read()
+            time.sleep(0.05)
+        scancel = run_command(slurm.command("scancel", "--signal=USR1", f"--name={name}"),
+                              env=slurm.env)
+        assert scancel.returncode == 0, scancel.stderr
+        # SLURM holds a requeued job for two minutes; the test lets it start at once.
+        while job.poll() is None and (state := run_command(slurm.command(
+                "squeue", "-h", f"--name={name}", "-o", "%i %T"), env=slurm.env).stdout.split()
+                ) and state[1] != "PENDING":
+            time.sleep(0.2)
+        if job.poll() is None and state:
+            run_command(slurm.command("scontrol", "update", f"JobId={state[0]}",
+                                      "StartTime=now"), env=slurm.env)
+        job.communicate(timeout=400)
+    finally:
+        if job.poll() is None:
+            job.kill()
+            job.wait()
+        run_command(slurm.command("scancel", f"--name={name}"), env=slurm.env)
+    said = (tmp_path / "job.out").read_text()
+    assert "stopped by SIGUSR1" in said and "is requeued" in said, said
+    assert json.loads((out / "summary.json").read_text())["epochs_completed"] == 6, said
+    assert_same_weights(unbroken(), out, atol=1e-6)
