@@ -74,11 +74,13 @@ def test_a_run_resumed_mid_epoch_ends_with_the_unbroken_runs_weights(
     assert_same_weights(reference, resumed, atol=1e-6)
 
 
-@pytest.mark.parametrize("strategy", [
-    pytest.param(name, marks=needs_horovod if name.startswith("horovod") else ())
-    for name in STRATEGIES])
+@pytest.mark.parametrize("strategy, rerun_with", [
+    *(pytest.param(name, name, marks=needs_horovod if name.startswith("horovod") else ())
+      for name in STRATEGIES),
+    ("tf-collectives", "mirrored"), ("mirrored", "tf-collectives")])
 def test_sigterm_stops_every_rank_at_one_step_with_a_checkpoint_and_the_rerun_resumes(
-        tmp_path, background, unbroken, strategy):
+        tmp_path, background, unbroken, strategy, rerun_with):
+    """Re-run with the same command, or on another number of workers (2 -> 1, 1 -> 2)."""
     out = tmp_path / "out"
     config = write_config(tmp_path / "c.yaml", long_run(out, strategy))
     store = CheckpointStore(str(out / "checkpoints"))
@@ -94,6 +96,8 @@ def test_sigterm_stops_every_rank_at_one_step_with_a_checkpoint_and_the_rerun_re
     assert str(newest) in said[0]  # the checkpoint is at the step where every rank stopped
     assert not (out / "summary.json").exists()
 
+    if rerun_with != strategy:
+        config = write_config(tmp_path / "rerun.yaml", long_run(out, rerun_with))
     result = run_cli("run", config)
     assert result.returncode == 0, result.stdout + result.stderr
     assert f"resuming from the checkpoint {newest}" in result.stdout
