@@ -17,6 +17,9 @@ from typing import Callable
 from ktrain.errors import Stopped
 
 
+RESUME_HINT = "run the same command again to resume from it"
+
+
 class StopRequest:
     """The first of ``signal_names`` this process received while ``listening``."""
 
@@ -48,7 +51,7 @@ class StopRequest:
         return Stopped(f"stopped by {self.received.name} {where}; the checkpoint there is "
                        f"committed" + (f"; {requeued}" if requeued else ""),
                        signal_number=self.received.value,
-                       hint=None if requeued else "run the same command again to resume from it")
+                       hint=None if requeued else RESUME_HINT)
 
 
 REQUEUE_SIGNAL = signal.SIGUSR1

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from ktrain import console
 from ktrain.errors import Stopped
-from ktrain.stopping import StopRequest
+from ktrain.stopping import RESUME_HINT, StopRequest
 
 _RENDEZVOUS_ENV = "KTRAIN_RENDEZVOUS_DIR"
 # mpirun tags lines "[1,<rank>]<stdout>:", horovodrun's Gloo launcher "[<rank>]<stdout>:"
@@ -166,9 +166,7 @@ class WorkerGroup:
         ``stall_timeout`` seconds: named, with their Python stacks."""
         if not self.stall_timeout:
             return None
-        counts = {}
-        for report in self.rendezvous_dir.glob("progress-*"):
-            counts[int(report.name.split("-")[1])] = int(report.read_text())
+        counts = self._markers("progress")
         last, since = self._progress
         now = time.monotonic()
         if counts != last or len(counts) < self.world_size:
@@ -178,9 +176,8 @@ class WorkerGroup:
             return None
         reached = min(counts.values())
         behind = sorted(rank for rank, count in counts.items() if count == reached)
-        for pid in (self._pids()[rank] for rank in behind):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, STACKS_SIGNAL)
+        pids = self._markers("joined")
+        _signal_pids([pids[rank] for rank in behind], STACKS_SIGNAL)
         time.sleep(1)  # the stacks reach the logs
         for process in self._processes:  # stuck: a graceful stop would wait forever
             _signal_group(process, signal.SIGKILL)
@@ -191,22 +188,21 @@ class WorkerGroup:
                        f"gradient allreduce of step {reached + 1} (counted from this start); "
                        f"rank {rank}'s Python stacks are below", lines, log=self._log(rank))
 
-    def _pids(self) -> dict[int, int]:
-        """The process id of each rank that has joined its group."""
+    def _markers(self, stage: str) -> dict[int, int]:
+        """What each rank wrote at ``stage``: its pid (``arrived``, ``joined``, see ``mark``)
+        or its allreduce count (``progress``, see ``reporting_progress``)."""
         return {int(p.name.split("-")[1]): int(p.read_text() or 0)
-                for p in self.rendezvous_dir.glob("joined-*")}
+                for p in self.rendezvous_dir.glob(f"{stage}-*")}
 
     def _pass_on(self, sig: signal.Signals) -> None:
         """A stop signal reached the launcher: hand it to every rank, which stop together
         after a checkpoint; ranks that have not started training cannot, so they are ended."""
-        pids = self._pids()
+        pids = self._markers("joined")
         if len(pids) < self.world_size:
             raise Stopped(f"stopped by {sig.name} before every rank had started training; "
                           f"no checkpoint was taken", signal_number=sig.value,
                           hint="run the same command again to start over")
-        for pid in pids.values():
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, sig)
+        _signal_pids(pids.values(), sig)
 
     def _start(self) -> None:
         for spec in self.specs:
@@ -247,9 +243,6 @@ class WorkerGroup:
             for log in logs.values():
                 log.close()
 
-    def _ranks_at(self, stage: str) -> set[int]:
-        return {int(p.name.split("-")[1]) for p in self.rendezvous_dir.glob(f"{stage}-*")}
-
     def _watch(self) -> Failure | None:
         deadline = time.monotonic() + self.start_timeout
         while True:
@@ -271,9 +264,9 @@ class WorkerGroup:
                 return stalled
             if time.monotonic() > deadline:
                 everyone = set(range(self.world_size))
-                missing = sorted(everyone - self._ranks_at("arrived"))
+                missing = sorted(everyone - set(self._markers("arrived")))
                 verb = "did not arrive" if missing else "arrived but did not join"
-                missing = missing or sorted(everyone - self._ranks_at("joined"))
+                missing = missing or sorted(everyone - set(self._markers("joined")))
                 if missing:
                     return Failure(missing[0], f"rank(s) {missing} {verb} within "
                                    f"strategy.start_timeout ({self.start_timeout:g}s)",
@@ -293,8 +286,7 @@ class WorkerGroup:
             return self._failure(*failed[0]) if failed else None
         message = self._stop_said.split("stopped by ", 1)[1]
         number = signal.Signals[message.split()[0]].value
-        raise Stopped(f"stopped by {message}", signal_number=number,
-                      hint="run the same command again to resume from it",
+        raise Stopped(f"stopped by {message}", signal_number=number, hint=RESUME_HINT,
                       shown=not self._quiet)
 
     def _failure(self, spec: WorkerSpec, code: int) -> Failure:
@@ -348,6 +340,12 @@ def die_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
     except (OSError, AttributeError):
         pass  # not Linux: the launcher's own stop() is the only guard
+
+
+def _signal_pids(pids, sig: int) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
 
 
 def _signal_group(process: subprocess.Popen, sig: int) -> None:
