@@ -181,7 +181,7 @@ class SharedFlags:
         self.agreed = tf.Variable(tf.zeros([count]), trainable=False, name="ktrain_agreed")
         self.arrivals = tf.Variable(0, dtype=tf.int64, trainable=False, name="ktrain_arrivals")
         """Gradient allreduces this rank has arrived at: a rank behind the others is the one
-        they wait for (see ktrain.supervisor's stall watchdog)."""
+        they wait for (see ktrain.watchdog)."""
 
     def raise_flag(self, index: int = 0) -> None:
         self.raised.scatter_nd_update([[index]], [1.0])

@@ -17,6 +17,7 @@ VERBOSITY_ENV = "KTRAIN_VERBOSITY"
 
 _rank: int | None = None
 _every_rank = False
+_through_log = False
 
 
 def set_verbosity(level: int) -> None:
@@ -40,6 +41,13 @@ def share_terminal(rank: int, *, every_rank: bool) -> None:
     unless ``every_rank`` (then each line says whose it is)."""
     global _rank, _every_rank
     _rank, _every_rank = rank, every_rank
+
+
+def speak_through_log() -> None:
+    """This process' terminal does not reliably reach the user (a Ray actor's, forwarded by
+    Ray): its errors go only to its log, which the driver shows (see ktrain.watchdog)."""
+    global _through_log
+    _through_log = True
 
 
 def _speaks() -> bool:
@@ -70,6 +78,8 @@ _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
 def error(message: str) -> None:
+    if _through_log:
+        return
     rank = f"rank {_rank}: " if _rank else ""
     print(f"ktrain: error: {rank}{_ANSI.sub('', message)}", file=sys.stderr, flush=True)
 

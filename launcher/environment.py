@@ -27,6 +27,8 @@ class ClusterEnvironment:
     """Where rank 0 listens for the others (see ktrain.rendezvous)."""
     hint: str | None = None
     """A likely misconfiguration worth telling the user about."""
+    one_host: bool = False
+    """Every rank runs on this host (as far as the launcher tells)."""
 
     @property
     def master_addr(self) -> str:
@@ -38,13 +40,14 @@ class ClusterEnvironment:
         return _LAUNCHERS.get(self.name, self.name)
 
 
-# scheduler -> (rank, local rank, world size) variable names
+# scheduler -> (rank, local rank, world size, ranks on this host) variable names
 _SCHEDULERS = {
-    "ktrain": ("KTRAIN_RANK", "KTRAIN_LOCAL_RANK", "KTRAIN_WORLD_SIZE"),
-    "horovodrun": ("HOROVOD_RANK", "HOROVOD_LOCAL_RANK", "HOROVOD_SIZE"),
-    "slurm": ("SLURM_PROCID", "SLURM_LOCALID", "SLURM_NTASKS"),
-    "openmpi": ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_LOCAL_RANK", "OMPI_COMM_WORLD_SIZE"),
-    "mpich": ("PMI_RANK", "MPI_LOCALRANKID", "PMI_SIZE"),
+    "ktrain": ("KTRAIN_RANK", "KTRAIN_LOCAL_RANK", "KTRAIN_WORLD_SIZE", None),
+    "horovodrun": ("HOROVOD_RANK", "HOROVOD_LOCAL_RANK", "HOROVOD_SIZE", "HOROVOD_LOCAL_SIZE"),
+    "slurm": ("SLURM_PROCID", "SLURM_LOCALID", "SLURM_NTASKS", None),
+    "openmpi": ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_LOCAL_RANK", "OMPI_COMM_WORLD_SIZE",
+                "OMPI_COMM_WORLD_LOCAL_SIZE"),
+    "mpich": ("PMI_RANK", "MPI_LOCALRANKID", "PMI_SIZE", "MPI_LOCALNRANKS"),
 }
 
 
@@ -72,9 +75,10 @@ def detect(env: dict[str, str] | None = None) -> ClusterEnvironment:
 
 
 def _from_table(name: str, env) -> ClusterEnvironment:
-    rank_var, local_var, size_var = _SCHEDULERS[name]
-    return ClusterEnvironment(name, int(env[rank_var]), int(env.get(local_var, 0)),
-                              int(env.get(size_var, 1)))
+    rank_var, local_var, size_var, local_size_var = _SCHEDULERS[name]
+    size = int(env.get(size_var, 1))
+    return ClusterEnvironment(name, int(env[rank_var]), int(env.get(local_var, 0)), size,
+                              one_host=env.get(local_size_var or "", "") == str(size))
 
 
 def _from_tf_config(spec: dict) -> ClusterEnvironment:
@@ -102,7 +106,7 @@ def _from_slurm(env) -> ClusterEnvironment:
                  for v in ("SLURM_JOB_ID", "SLURM_STEP_ID"))
     port = int(env.get(PORT_ENV) or 20000 + (job * 64 + step) % 10000)
     return ClusterEnvironment("slurm", found.rank, found.local_rank, found.world_size,
-                              nodes or ("127.0.0.1",), port)
+                              nodes or ("127.0.0.1",), port, one_host=len(set(nodes)) <= 1)
 
 
 RAY_JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"

@@ -44,6 +44,18 @@ def peer_addresses(found, timeout: float, interface: str | None = None) -> list[
                     hint="start the workers with ktrain, srun or mpirun, or set TF_CONFIG")
 
 
+def chief_address(found, interface: str | None = None) -> str:
+    """On rank 0: the address of this host that the other ranks reach it at, from the same
+    facts ``peer_addresses`` uses (no exchange needed)."""
+    if interface:
+        return own_address("", interface)
+    if os.environ.get(PEERS_ENV) or found.name == "tf_config":
+        return _resolve(peer_addresses(found, timeout=0)[0].rsplit(":", 1)[0])
+    if found.one_host:
+        return "127.0.0.1"
+    return _resolve(found.master_addr if found.name == "slurm" else socket.gethostname())
+
+
 def gather_addresses(rank: int, world_size: int, root_host: str, root_port: int,
                      timeout: float, interface: str | None = None) -> list[str]:
     """Every rank's ``host:port``, exchanged through rank 0: the same list on every rank."""

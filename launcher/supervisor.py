@@ -64,35 +64,6 @@ def mark(rank: int, stage: str) -> None:
         Path(folder, f"{stage}-{rank}").write_text(str(os.getpid()))
 
 
-STACKS_SIGNAL = signal.SIGUSR2
-"""Makes a worker print every thread's Python stack (faulthandler), e.g. when it stalls."""
-
-
-@contextlib.contextmanager
-def reporting_progress(rank: int, count, every: float = 1.0):
-    """While the block runs, keep ``progress-<rank>`` in the rendezvous folder at ``count()``
-    (how far this rank got), for the launcher's stall watchdog. Nothing without a launcher."""
-    folder = os.environ.get(_RENDEZVOUS_ENV)
-    if not folder:
-        yield
-        return
-    done = threading.Event()
-
-    def report():
-        target, temporary = Path(folder, f"progress-{rank}"), Path(folder, f".progress-{rank}")
-        while not done.wait(every):
-            temporary.write_text(str(count()))
-            temporary.replace(target)  # never half-written
-
-    reporter = threading.Thread(target=report, daemon=True, name="ktrain-progress")
-    reporter.start()
-    try:
-        yield
-    finally:
-        done.set()
-        reporter.join(timeout=5)
-
-
 @dataclass
 class WorkerSpec:
     command: list[str]
@@ -110,6 +81,11 @@ class Failure:
     """The worker reported a mistake in the input (exit 2): restarting would not help."""
     log: str | None = None
     """Where the failed rank's whole log is."""
+    shown: bool = False
+    """The rank's own error report already reached the console: nothing to add."""
+
+    def __post_init__(self):
+        self.log_tail = self.log_tail[-_TAIL:]
 
     def render(self) -> str:
         tail = "\n".join(f"    {line}" for line in self.log_tail)
@@ -130,10 +106,8 @@ def describe_exit(returncode: int) -> str:
 class WorkerGroup:
     def __init__(self, specs: list[WorkerSpec], log_dir: Path, rendezvous_dir: Path, *,
                  start_timeout: float, console_ranks: str = "chief",
-                 stop_signals: tuple[str, ...] = (), stall_timeout: float | None = None):
+                 stop_signals: tuple[str, ...] = ()):
         self.specs = specs
-        self.stall_timeout = stall_timeout
-        self._progress: tuple[dict[int, int], float] = ({}, time.monotonic())
         self.stop = StopRequest(list(stop_signals))
         self.log_dir = log_dir
         self.rendezvous_dir = rendezvous_dir
@@ -147,6 +121,8 @@ class WorkerGroup:
         self._launcher_tail: deque[str] = deque(maxlen=200)
         self._stop_said: str | None = None
         """A rank's "stopped by SIG... at step ..." line."""
+        self._reported: set[int] = set()
+        """Ranks whose own error report the console showed."""
 
     def run(self) -> Failure | None:
         """Run every worker to the end; return the first failure, or None if all succeeded."""
@@ -161,36 +137,8 @@ class WorkerGroup:
         finally:
             self.terminate()
 
-    def _stalled(self) -> Failure | None:
-        """Ranks that have not arrived at a gradient allreduce the others have waited at for
-        ``stall_timeout`` seconds: named, with their Python stacks."""
-        if not self.stall_timeout:
-            return None
-        counts = self._markers("progress")
-        last, since = self._progress
-        now = time.monotonic()
-        if counts != last or len(counts) < self.world_size:
-            self._progress = (counts, now)
-            return None
-        if now - since < self.stall_timeout or len(set(counts.values())) == 1:
-            return None
-        reached = min(counts.values())
-        behind = sorted(rank for rank, count in counts.items() if count == reached)
-        pids = self._markers("joined")
-        _signal_pids([pids[rank] for rank in behind], STACKS_SIGNAL)
-        time.sleep(1)  # the stacks reach the logs
-        for process in self._processes:  # stuck: a graceful stop would wait forever
-            _signal_group(process, signal.SIGKILL)
-        rank = behind[0]
-        lines = Path(self._log(rank)).read_text(errors="replace").splitlines()[-60:]
-        return Failure(rank, f"rank(s) {behind} stalled: the other ranks have waited "
-                       f"{self.stall_timeout:g}s (strategy.stall_timeout) for them at the "
-                       f"gradient allreduce of step {reached + 1} (counted from this start); "
-                       f"rank {rank}'s Python stacks are below", lines, log=self._log(rank))
-
     def _markers(self, stage: str) -> dict[int, int]:
-        """What each rank wrote at ``stage``: its pid (``arrived``, ``joined``, see ``mark``)
-        or its allreduce count (``progress``, see ``reporting_progress``)."""
+        """The pid each rank wrote at ``stage`` (``arrived``, ``joined``, see ``mark``)."""
         return {int(p.name.split("-")[1]): int(p.read_text() or 0)
                 for p in self.rendezvous_dir.glob(f"{stage}-*")}
 
@@ -237,6 +185,8 @@ class WorkerGroup:
                 if self._quiet:
                     continue
                 if rank == 0 or self.console_ranks == "all":
+                    if line.startswith("ktrain: error: "):
+                        self._reported.add(rank)
                     prefix = f"[rank {rank}] " if self.console_ranks == "all" else ""
                     print(prefix + line, flush=True)
         finally:
@@ -260,8 +210,6 @@ class WorkerGroup:
             for spec, code in zip(self.specs, codes):
                 if code not in (None, 0):
                     return self._failure(spec, code)
-            if stalled := self._stalled():
-                return stalled
             if time.monotonic() > deadline:
                 everyone = set(range(self.world_size))
                 missing = sorted(everyone - set(self._markers("arrived")))
@@ -296,7 +244,7 @@ class WorkerGroup:
         if len(spec.ranks) > 1:  # mpirun/horovodrun: its own messages name the rank that failed
             rank, how = self._launcher_blames() or (rank, how)
         return Failure(rank, f"rank {rank} {how}", list(self._tails[rank]),
-                       user_error=code == 2, log=self._log(rank))
+                       user_error=code == 2, log=self._log(rank), shown=rank in self._reported)
 
     def _log(self, rank: int) -> str:
         return str(self.log_dir / f"rank-{rank}.log")
@@ -357,6 +305,23 @@ def _signal_group(process: subprocess.Popen, sig: int) -> None:
 
 def python_command(*args: str) -> list[str]:
     return [sys.executable, *args]
+
+
+def log_tail(log_url: str, lines: int = 3 * _TAIL) -> list[str]:
+    """The last ``lines`` of a rank's log (any fsspec URL); none if it has no log."""
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(log_url)
+    if not fs.exists(path):
+        return []
+    return fs.cat_file(path).decode(errors="replace").splitlines()[-lines:]
+
+
+def echoed_report(rank: int, lines: list[str]) -> bool:
+    """Whether ``lines`` (of ``rank``'s log) hold the rank's own error report and ``echo_log``
+    has put them on the console already (rank 0's, unless quiet)."""
+    return rank == 0 and console.verbosity() >= console.NORMAL and any(
+        line.startswith("ktrain: error: ") for line in lines)
 
 
 @contextlib.contextmanager

@@ -6,7 +6,6 @@ only then touch output_dir -> restore the newest checkpoint -> fit -> write mode
 
 from __future__ import annotations
 
-import faulthandler
 import os
 import re
 import socket
@@ -29,8 +28,9 @@ from ktrain.errors import UserError, WorkersFailed
 from ktrain.output import RunOutput
 from ktrain.stopping import REQUEUE_SIGNAL, StopRequest, requeue_slurm_job
 from ktrain.strategies.base import Session, Strategy
-from ktrain.supervisor import STACKS_SIGNAL, is_supervised, mark, reporting_progress
+from ktrain.supervisor import is_supervised, mark
 from ktrain.userfn import call_user, load_function
+from ktrain.watchdog import watching_for_stalls
 
 
 @dataclass
@@ -44,7 +44,6 @@ class TrainingFailed(UserError):
 
 
 def run_worker(run: RunConfig, strategy: Strategy) -> RunResult:
-    faulthandler.register(STACKS_SIGNAL, all_threads=True)  # how a stalled rank is shown
     session = strategy.open_session()
     if session.world_size > 1 and session.log_to_file:  # no supervisor sorts our output by rank
         console.share_terminal(session.rank, every_rank=getattr(
@@ -249,10 +248,6 @@ class _RunRecorder(keras.callbacks.Callback):
         self.output.flush_log()
 
 
-# The state of Keras callbacks that decides a run's outcome, carried across fit calls and
-# restarts (their on_train_begin resets it).
-_CALLBACK_STATE = {keras.callbacks.EarlyStopping: ("wait", "best", "best_epoch", "stopped_epoch"),
-                   keras.callbacks.ReduceLROnPlateau: ("wait", "best", "cooldown_counter")}
 
 
 class _StopNow(Exception):
@@ -370,7 +365,9 @@ def _fit(run: RunConfig, session: Session, model: keras.Model, splits: Splits,
     arrivals = (lambda: int(flags.arrivals.numpy())) if flags else (lambda: recorder.steps)
     try:
         with stop.listening(on_signal=lambda _: flags and flags.raise_flag(0)), \
-                reporting_progress(session.rank, arrivals):
+                watching_for_stalls(session, getattr(run.strategy, "stall_timeout", None),
+                                    arrivals, output,
+                                    getattr(run.strategy, "network_interface", None)):
             for first_epoch, end_epoch, first_step in phases:
                 batches, _ = training_batches(
                     splits.train, global_batch_size=train.global_batch_size,
@@ -494,6 +491,13 @@ class _ScaledLearningRate(keras.callbacks.Callback):
         progress = min(1.0, done / self.warmup_steps) if self.warmup_steps else 1.0
         self.model.optimizer.learning_rate.assign(self.base * (1 + (self.factor - 1) * progress))
         self._ramping = progress < 1.0
+
+
+# The state of callbacks that decides a run's outcome, carried across fit calls and restarts
+# (their on_train_begin resets it; the learning rate a checkpoint holds is already scaled).
+_CALLBACK_STATE = {keras.callbacks.EarlyStopping: ("wait", "best", "best_epoch", "stopped_epoch"),
+                   keras.callbacks.ReduceLROnPlateau: ("wait", "best", "cooldown_counter"),
+                   _ScaledLearningRate: ("base",)}
 
 
 def _optional_callbacks(run: RunConfig, session: Session,

@@ -162,8 +162,7 @@ class MultiProcessStrategy(Strategy):
             group = WorkerGroup(specs, local_log_dir(run.output_dir), Path(rendezvous),
                                 start_timeout=self.config.start_timeout,
                                 console_ranks=self.config.console_ranks,
-                                stop_signals=tuple(run.checkpoint.stop_signals),
-                                stall_timeout=self.config.stall_timeout)
+                                stop_signals=tuple(run.checkpoint.stop_signals))
             return group.run()
 
     def run_with_restarts(self, run: RunConfig, attempt) -> RunResult:
@@ -180,13 +179,14 @@ class MultiProcessStrategy(Strategy):
         restarts = 0
         while (failure := attempt(run)) is not None:
             hint = f"see {failure.log} for the whole log" if failure.log else None
-            if failure.user_error:
-                raise UserError(failure.render(), hint=hint)
-            if restarts >= self.config.max_restarts:
+            if failure.user_error or restarts >= self.config.max_restarts:
                 advice = ("set strategy.max_restarts to restart the group from the newest "
                           "checkpoint" if not self.config.max_restarts else None)
-                raise WorkersFailed(failure.render(),
-                                    hint="; ".join(h for h in (hint, advice) if h) or None)
+                error = (UserError(failure.render(), hint=hint) if failure.user_error else
+                         WorkersFailed(failure.render(),
+                                       hint="; ".join(h for h in (hint, advice) if h) or None))
+                error.shown = failure.shown
+                raise error
             restarts += 1
             console.info(f"{failure.summary}; restarting all workers from the newest "
                          f"checkpoint (restart {restarts} of {self.config.max_restarts})")

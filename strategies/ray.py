@@ -116,7 +116,7 @@ class RayStrategy(MultiProcessStrategy):
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         from ktrain import console
-        from ktrain.supervisor import Failure, echo_log
+        from ktrain.supervisor import Failure, echo_log, echoed_report, log_tail
 
         self._check_resources()
         n = self.config.workers
@@ -151,7 +151,10 @@ class RayStrategy(MultiProcessStrategy):
                     try:
                         outcome = ray.get(done[0])
                     except ray.exceptions.RayActorError as err:
-                        return Failure(rank, f"rank {rank}'s actor died ({_first_line(err)})")
+                        log = f"{run.output_dir}/logs/rank-{rank}.log"
+                        tail = log_tail(log)
+                        return Failure(rank, f"rank {rank}'s actor died ({_first_line(err)})",
+                                       tail, log=log, shown=echoed_report(rank, tail))
                     except ray.exceptions.RayTaskError as err:
                         return Failure(rank, f"rank {rank} failed: {_first_line(err)}")
                     if outcome is not None:
@@ -207,6 +210,7 @@ class _WorkerActor:
         # Ray forwards what an actor prints: its errors, but not its progress, which reaches the
         # driver from rank 0's log (so no line is lost when the run ends).
         console.set_verbosity(console.QUIET)
+        console.speak_through_log()
         console.import_tensorflow()
         from ktrain import strategies
         from ktrain.config import RunConfig

@@ -147,7 +147,7 @@ class SparkStrategy(MultiProcessStrategy):
 
     def _barrier_stage(self, spark, run):
         from ktrain import console
-        from ktrain.supervisor import Failure, echo_log
+        from ktrain.supervisor import Failure, echo_log, echoed_report
 
         n = self.config.workers
         connect = type(spark).__module__.startswith("pyspark.sql.connect")
@@ -185,8 +185,10 @@ class SparkStrategy(MultiProcessStrategy):
                 raise
             rank, kind, report = int(found.group(1)), found.group(2), found.group(3)
             summary, _, tail = report.partition("\n")
-            return Failure(rank, summary, tail.splitlines(), user_error=kind == "user",
-                           log=f"{run.output_dir}/logs/rank-{rank}.log")
+            lines = tail.splitlines()
+            return Failure(rank, summary, lines, user_error=kind == "user",
+                           log=f"{run.output_dir}/logs/rank-{rank}.log",
+                           shown=echoed_report(rank, lines))
 
 
 def _check_slots(context, needed: int, wait: float) -> None:
@@ -286,7 +288,7 @@ def _barrier_task(plan_json: str, output_dir: str, console_env: dict, columns=No
             env["CUDA_VISIBLE_DEVICES"] = ",".join(gpus.addresses)
         fs, out = fsspec.core.url_to_fs(output_dir)
         fs.makedirs(f"{out}/logs", exist_ok=True)
-        tail = deque(maxlen=20)
+        tail = deque(maxlen=60)
         with fs.open(f"{out}/logs/rank-{rank}.log", "a") as log:
             process = subprocess.Popen([sys.executable, "-m", "ktrain.worker_entry"], env=env,
                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,

@@ -122,23 +122,38 @@ def test_early_stopping_resumes_its_patience(tmp_path, unbroken):
     assert_same_weights(reference, resumed, atol=1e-6)
 
 
-def hanging_rank_one(tmp_path, strategy: str, **options) -> tuple:
+def test_a_scaled_learning_rate_resumes_mid_warmup(tmp_path):
+    """strategy.lr_scaling multiplies the configured rate once, also in a resumed run (the rate
+    a checkpoint holds is already scaled): resumed mid-warmup, it ends with the unbroken run's
+    weights."""
+    def scaled(out):
+        config = long_run(out, "tf-collectives", epochs=3)
+        config["strategy"].update(lr_scaling="linear", warmup_epochs=2)
+        return config
+
+    reference = tmp_path / "reference"
+    result = run_cli("run", write_config(tmp_path / "a.yaml", scaled(reference)), "-q")
+    assert result.returncode == 0, result.stderr
+    resumed = scaled(tmp_path / "resumed")
+    resumed["checkpoint"]["resume"] = CheckpointStore(
+        str(reference / "checkpoints")).file_for(Position(1, 3))
+    result = run_cli("run", write_config(tmp_path / "b.yaml", resumed), "-q")
+    assert result.returncode == 0, result.stderr
+    assert_same_weights(reference, tmp_path / "resumed", atol=1e-6)
+
+
+def hanging_rank_one(tmp_path, strategy: dict, **options) -> tuple:
     """A 2-worker run whose rank 1 stops for good in its input pipeline, the first time."""
     marker = tmp_path / "rank-1-hung"
     config = base_config(tmp_path / "out", train={"epochs": 3},
                          data={"fn": f"{FIXTURES}:digits_hanging_on_rank_one",
                                "kwargs": {"marker": str(marker)}})
-    config["strategy"] = {**STRATEGIES[strategy], "stall_timeout": 10, **options}
+    config["strategy"] = {**strategy, "stall_timeout": 10, **options}
     return write_config(tmp_path / "c.yaml", config), marker
 
 
-@pytest.mark.parametrize("strategy", [
-    pytest.param(name, marks=needs_horovod if name.startswith("horovod") else ())
-    for name in STRATEGIES if name != "mirrored"])
-def test_a_stalled_rank_is_named_with_its_stack_within_the_stall_timeout(
-        tmp_path, background, strategy):
-    config, marker = hanging_rank_one(tmp_path, strategy)
-    run = background("run", config)
+def assert_stall_reported(run, marker) -> None:
+    """Within stall_timeout + 10 s of the hang: one message naming rank 1, with its stack."""
     run.wait_for(marker.exists, timeout=180)
     hung = time.monotonic()
     output = run.process.communicate(timeout=120)[0]
@@ -146,10 +161,38 @@ def test_a_stalled_rank_is_named_with_its_stack_within_the_stall_timeout(
     assert time.monotonic() - hung < 10 + 10
     assert "rank(s) [1] stalled" in output and "strategy.stall_timeout" in output, output
     assert "stuck_in_the_input_pipeline" in output  # rank 1's stack, down to the hanging frame
+    assert output.count("ktrain: error:") == 1, output
+
+
+@pytest.mark.parametrize("strategy", [
+    pytest.param(name, marks=needs_horovod if name.startswith("horovod") else ())
+    for name in STRATEGIES if name != "mirrored"])
+def test_a_stalled_rank_is_named_with_its_stack_within_the_stall_timeout(
+        tmp_path, background, strategy):
+    config, marker = hanging_rank_one(tmp_path, STRATEGIES[strategy])
+    assert_stall_reported(background("run", config), marker)
+
+
+@pytest.mark.parametrize("launch", ["srun", "srun --mpi=pmix", "spark", "ray"])
+def test_a_stalled_rank_is_named_under_srun_spark_and_ray(tmp_path, background, request,
+                                                          launch):
+    """No ktrain launcher watches these ranks: they watch themselves, through rank 0."""
+    if launch.startswith("srun"):
+        slurm = request.getfixturevalue("slurm")
+        strategy = STRATEGIES["mpi4py" if "mpi" in launch else "tf-collectives"]
+        config, marker = hanging_rank_one(tmp_path, strategy)
+        run = background("run", config, env=slurm.env,
+                         launcher=slurm.command(*launch.split(), "-n2"))
+    else:
+        pytest.importorskip("pyspark" if launch == "spark" else "ray",
+                            reason=f"{launch} is not installed: bash scripts/setup.sh")
+        config, marker = hanging_rank_one(tmp_path, {"name": launch, "workers": 2})
+        run = background("run", config)
+    assert_stall_reported(run, marker)
 
 
 def test_a_stalled_group_restarts_and_completes(tmp_path, background):
-    config, marker = hanging_rank_one(tmp_path, "tf-collectives", max_restarts=1)
+    config, marker = hanging_rank_one(tmp_path, STRATEGIES["tf-collectives"], max_restarts=1)
     result = run_cli("run", config)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "stalled" in result.stdout + result.stderr and marker.exists()

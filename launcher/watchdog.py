@@ -1,0 +1,206 @@
+"""The stall watchdog: names the rank the others wait for at a gradient allreduce, with its
+Python stacks, and ends the group, wherever the ranks run (ktrain's launcher, ``srun``,
+``mpirun``, Spark tasks, Ray actors), since the ranks watch themselves.
+
+Every rank reports, once a second, how many gradient allreduces it has arrived at to rank 0,
+over one TCP connection (rank 0's address reaches the others through the communicator as the
+watch starts). When the counts have not moved for ``strategy.stall_timeout`` seconds and are
+not all equal, rank 0 asks the ranks behind for their stacks, tells every rank to end, prints
+one message and ends first, so that its launcher reports it (and restarts the group, if
+``max_restarts`` allows); the others end as soon as it is gone, since a launcher such as
+``srun`` would leave them waiting forever.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import sys
+import threading
+import time
+import traceback
+from typing import Callable
+
+import tensorflow as tf
+
+from ktrain import console
+from ktrain.errors import WorkersFailed
+
+REPORT_EVERY = 1.0
+_STACKS_WAIT = 5.0
+_FRAMES_PER_THREAD = 6
+STALLED_EXIT = 1
+
+
+@contextlib.contextmanager
+def watching_for_stalls(session, timeout: float | None, arrivals: Callable[[], int], output,
+                        interface: str | None = None):
+    """While the block trains, watch the group for a stalled rank (see the module's doc).
+    Every rank must enter it at the same point: rank 0's address is broadcast."""
+    if not timeout or session.communicator is None:
+        yield
+        return
+    from ktrain.environment import detect
+    from ktrain.rendezvous import chief_address
+
+    server = None
+    address = [0.0] * 5
+    if session.is_chief:
+        ip = chief_address(detect(), interface)
+        server = socket.create_server((ip, 0))
+        address = [float(part) for part in ip.split(".")] + [float(server.getsockname()[1])]
+    shared = session.communicator.broadcast([tf.constant(address, tf.float64)])[0].numpy()
+    ip, port = ".".join(str(int(part)) for part in shared[:4]), int(shared[4])
+    done = threading.Event()
+    if server is not None:
+        board = _Board(server, session.world_size, timeout, arrivals, output, done)
+        threads = [threading.Thread(target=board.serve, daemon=True, name="ktrain-stalls"),
+                   threading.Thread(target=board.judge, daemon=True, name="ktrain-judge")]
+    else:
+        threads = [threading.Thread(target=_report, args=(ip, port, session.rank, arrivals,
+                                                          output, done),
+                                    daemon=True, name="ktrain-stalls")]
+    for thread in threads:
+        thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        if server is not None:
+            server.close()
+
+
+class _Board:
+    """Rank 0's side: the counts every rank reported, and the verdict once one stalled."""
+
+    def __init__(self, server: socket.socket, world_size: int, timeout: float,
+                 own_count: Callable[[], int], output, done: threading.Event):
+        self.server, self.world_size, self.timeout = server, world_size, timeout
+        self.own_count, self.output, self.done = own_count, output, done
+        self.lock = threading.Lock()
+        self.counts: dict[int, int] = {}
+        self.stacks: dict[int, str] = {}
+        self.wanted: set[int] = set()
+        self.verdict: str | None = None
+        self.told: set[int] = set()
+
+    def serve(self) -> None:
+        with contextlib.suppress(OSError):  # closed when training ends
+            while True:
+                connection, _ = self.server.accept()
+                threading.Thread(target=self._answer, args=(connection,), daemon=True).start()
+
+    def _answer(self, connection: socket.socket) -> None:
+        """One rank's reports: each gets an answer (send stacks? end?)."""
+        with connection, contextlib.suppress(OSError, ValueError):
+            stream = connection.makefile("rw")
+            for line in stream:
+                report = json.loads(line)
+                rank = report["rank"]
+                with self.lock:
+                    self.counts[rank] = report["count"]
+                    if "stacks" in report:
+                        self.stacks[rank] = report["stacks"]
+                    answer = {"stacks": rank in self.wanted and rank not in self.stacks,
+                              "end": self.verdict is not None}
+                    if self.verdict is not None:
+                        self.told.add(rank)
+                stream.write(json.dumps(answer) + "\n")
+                stream.flush()
+            # the rank's connection closed: it finished (or died, which its launcher reports)
+
+    def judge(self) -> None:
+        """Every second: have the counts stood still for ``timeout`` seconds, unequal?"""
+        last, since = None, time.monotonic()
+        while not self.done.wait(REPORT_EVERY):
+            with self.lock:
+                counts = {**self.counts, 0: self.own_count()}
+            now = time.monotonic()
+            if counts != last or len(counts) < self.world_size:
+                last, since = counts, now
+                continue
+            if now - since >= self.timeout and len(set(counts.values())) > 1:
+                return self._end_group(counts)
+
+    def _end_group(self, counts: dict[int, int]) -> None:
+        reached = min(counts.values())
+        behind = sorted(rank for rank, count in counts.items() if count == reached)
+        with self.lock:
+            self.wanted = set(behind)
+        deadline = time.monotonic() + _STACKS_WAIT
+        while time.monotonic() < deadline and not self.wanted <= set(self.stacks) | {0}:
+            time.sleep(0.1)
+        shown = [f"rank {rank}'s Python stacks (innermost call last):\n{self.stacks[rank]}"
+                 if rank in self.stacks else f"rank {rank} did not send its stacks (its process "
+                 f"may be frozen, or hold Python's lock in native code)" for rank in behind
+                 if rank != 0] or [f"rank 0's Python stacks:\n{python_stacks()}"]
+        error = WorkersFailed(
+            f"rank(s) {behind} stalled: the other ranks have waited {self.timeout:g}s "
+            f"(strategy.stall_timeout) for them at the gradient allreduce of step {reached + 1} "
+            f"(counted from this start), so the group ends", details="\n".join(shown),
+            hint="the stack shows where the rank is stuck (its input pipeline, I/O, a lock); "
+                 "strategy.max_restarts restarts the group from the newest checkpoint, and a "
+                 "larger strategy.stall_timeout allows longer waits")
+        with self.lock:
+            self.verdict = error.what
+        deadline = time.monotonic() + 2 * REPORT_EVERY + 1  # every rank hears of it
+        while time.monotonic() < deadline and len(self.told) < len(self.counts):
+            time.sleep(0.05)
+        _say(self.output, error.render(), error=True)
+        os._exit(STALLED_EXIT)  # the main thread waits in the allreduce, for good
+
+
+def _report(ip: str, port: int, rank: int, count: Callable[[], int], output,
+            done: threading.Event) -> None:
+    """A rank's side: report the count every second; send the stacks when asked; end, after
+    rank 0, when told."""
+    try:
+        connection = socket.create_connection((ip, port), timeout=30)
+    except OSError as err:
+        _say(output, f"the stall watchdog cannot reach rank 0 at {ip}:{port} ({err}); "
+                     f"training goes on without it")
+        return
+    with connection, contextlib.suppress(OSError, ValueError):
+        connection.settimeout(None)
+        stream = connection.makefile("rw")
+        report: dict = {"rank": rank}
+        while not done.wait(REPORT_EVERY):
+            report["count"] = count()
+            stream.write(json.dumps(report) + "\n")
+            stream.flush()
+            answer = json.loads(stream.readline())
+            report.pop("stacks", None)
+            if answer["stacks"]:
+                report["stacks"] = python_stacks()
+                _say(output, f"rank 0 finds this rank stalled; its Python stacks:\n"
+                             f"{report['stacks']}")
+            if answer["end"]:
+                _say(output, "rank 0 ends the group: a rank stalled (see rank 0's output)")
+                stream.read()  # until rank 0 has ended, so that its launcher blames it
+                os._exit(STALLED_EXIT)
+
+
+def python_stacks() -> str:
+    """The innermost Python frames of every other thread that is not idle, one line each."""
+    names = {thread.ident: thread.name for thread in threading.enumerate()}
+    blocks = []
+    for ident, frame in sys._current_frames().items():
+        if ident == threading.get_ident() or frame.f_code.co_filename == threading.__file__:
+            continue  # this thread, or one idle at an Event or a Condition
+        frames = traceback.extract_stack(frame)[-_FRAMES_PER_THREAD:]
+        lines = [f'  File "{f.filename}", line {f.lineno}, in {f.name}' for f in frames]
+        blocks.append(f"thread {names.get(ident, ident)}:\n" + "\n".join(lines))
+    return "\n".join(blocks)
+
+
+def _say(output, text: str, *, error: bool = False) -> None:
+    """Into this rank's log, and (``error``) onto the console, before the process ends."""
+    if error:
+        console.error(text)
+    elif not output.keep_log:  # the launcher makes this process' output its log
+        print(text, file=sys.stderr, flush=True)
+    output.log(f"ktrain: error: {text}" if error else text)
+    output.flush_log()
+    sys.stdout.flush()
