@@ -178,7 +178,8 @@ class SharedFlags:
 
     def __init__(self, count: int = 1):
         self.raised = tf.Variable(tf.zeros([count]), trainable=False, name="ktrain_flags")
-        self.agreed = tf.Variable(tf.zeros([count]), trainable=False, name="ktrain_agreed")
+        self.agreed_values = tf.Variable(tf.zeros([count]), trainable=False,
+                                         name="ktrain_agreed")
         self.arrivals = tf.Variable(0, dtype=tf.int64, trainable=False, name="ktrain_arrivals")
         """Gradient allreduces this rank has arrived at: a rank behind the others is the one
         they wait for (see ktrain.watchdog)."""
@@ -186,9 +187,9 @@ class SharedFlags:
     def raise_flag(self, index: int = 0) -> None:
         self.raised.scatter_nd_update([[index]], [1.0])
 
-    def agreed_on(self, index: int = 0) -> bool:
-        """Whether any rank had raised flag ``index`` before the last update step."""
-        return bool(self.agreed[index].numpy() > 0)
+    def agreed(self) -> list[int]:
+        """The flags some rank had raised before the last update step."""
+        return [int(i) for i in np.flatnonzero(self.agreed_values.numpy() > 0)]
 
 
 def distribute_optimizer(optimizer: keras.optimizers.Optimizer, communicator: Communicator,
@@ -220,7 +221,7 @@ def distribute_optimizer(optimizer: keras.optimizers.Optimizer, communicator: Co
                 with tf.control_dependencies([arrived]):
                     raised = flags.raised.read_value()
                 *grads, agreed = communicator.allreduce_mean([*grads, raised], fp16=fp16)
-                flags.agreed.assign(agreed)
+                flags.agreed_values.assign(agreed)
             return super()._backend_update_step(grads, trainable_variables, learning_rate)
 
     Averaging.__name__ = Averaging.__qualname__ = base.__name__

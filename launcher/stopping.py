@@ -5,19 +5,27 @@ A worker that receives one of ``checkpoint.stop_signals`` does not die: it raise
 rank learns of it after the same training step (``ktrain.collectives.SharedFlags`` rides on
 the gradient allreduce), the chief commits a checkpoint at that step, and every rank exits
 with 128 + the signal's number and one message. A launcher (``ktrain run`` starting its own
-workers) passes the signal on to its ranks and reports their stop the same way.
+workers) passes the signal on to its ranks and reports their stop the same way; a driver that
+cannot signal its ranks (Spark, Ray) relays it through a request file that rank 0 follows.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
+import threading
 from typing import Callable
 
 from ktrain.errors import Stopped
 
 
 RESUME_HINT = "run the same command again to resume from it"
+STOP_REPORT = "ktrain: error: stopped by "
+"""How rank 0's report of a stop begins, in its output (see ``reported_stop``)."""
+STOP_REQUEST_ENV = "KTRAIN_STOP_REQUEST"
+"""The URL of the file through which a Spark or Ray driver asks rank 0 to stop."""
+_FOLLOW_EVERY = 1.0
 
 
 class StopRequest:
@@ -46,12 +54,69 @@ class StopRequest:
             for s, handler in previous.items():
                 signal.signal(s, handler)
 
+    @contextlib.contextmanager
+    def following_requests(self, on_signal: Callable[[signal.Signals], None], *, follow: bool):
+        """If ``follow`` (rank 0) and a driver cannot signal the ranks: take the signal named
+        in the file at ``$KTRAIN_STOP_REQUEST`` (see ``relaying_stops``) as if it had arrived
+        here."""
+        url = os.environ.get(STOP_REQUEST_ENV)
+        if not url or not follow:
+            yield self
+            return
+        import fsspec
+
+        fs, path = fsspec.core.url_to_fs(url)
+        done = threading.Event()
+
+        def follow():
+            while not done.wait(_FOLLOW_EVERY) and self.received is None:
+                if fs.exists(path):
+                    self.received = signal.Signals[fs.cat_file(path).decode().strip()]
+                    on_signal(self.received)
+
+        follower = threading.Thread(target=follow, daemon=True, name="ktrain-stop-requests")
+        follower.start()
+        try:
+            yield self
+        finally:
+            done.set()
+            follower.join(timeout=5)
+
     def stopped(self, where: str, requeued: str | None = None) -> Stopped:
         """The error every rank exits with once the checkpoint at ``where`` is committed."""
         return Stopped(f"stopped by {self.received.name} {where}; the checkpoint there is "
                        f"committed" + (f"; {requeued}" if requeued else ""),
                        signal_number=self.received.value,
                        hint=None if requeued else RESUME_HINT)
+
+
+@contextlib.contextmanager
+def relaying_stops(signal_names: list[str], output_dir: str):
+    """On a driver whose ranks run out of its reach (Spark tasks, Ray actors): a stop signal
+    becomes a request file that rank 0 follows. Yields the StopRequest and the environment
+    the ranks need."""
+    import fsspec
+
+    url = f"{output_dir.rstrip('/')}/logs/stop-request"
+    fs, path = fsspec.core.url_to_fs(url)
+    if fs.exists(path):
+        fs.rm(path)  # an earlier run's
+    fs.makedirs(os.path.dirname(path), exist_ok=True)
+    stop = StopRequest(signal_names)
+    try:
+        with stop.listening(on_signal=lambda sig: fs.pipe(path, sig.name.encode())):
+            yield stop, {STOP_REQUEST_ENV: url}
+    finally:
+        if fs.exists(path):
+            fs.rm(path)
+
+
+def reported_stop(said: str, *, shown: bool) -> Stopped:
+    """The error a launcher exits with after its ranks stopped, from rank 0's report ("stopped
+    by SIGTERM at step ..."); ``shown``: that report is on the console already."""
+    message = said.split("stopped by ", 1)[1]
+    return Stopped(f"stopped by {message}", signal_number=signal.Signals[message.split()[0]].value,
+                   hint=RESUME_HINT, shown=shown)
 
 
 REQUEUE_SIGNAL = signal.SIGUSR1

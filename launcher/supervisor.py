@@ -28,7 +28,7 @@ from pathlib import Path
 
 from ktrain import console
 from ktrain.errors import Stopped
-from ktrain.stopping import RESUME_HINT, StopRequest
+from ktrain.stopping import STOP_REPORT, StopRequest, reported_stop
 
 _RENDEZVOUS_ENV = "KTRAIN_RENDEZVOUS_DIR"
 # mpirun tags lines "[1,<rank>]<stdout>:", horovodrun's Gloo launcher "[<rank>]<stdout>:"
@@ -180,7 +180,7 @@ class WorkerGroup:
                 logs[rank].write(line + "\n")
                 logs[rank].flush()
                 self._tails[rank].append(line)
-                if line.startswith("ktrain: error: stopped by "):  # see _stopped
+                if line.startswith(STOP_REPORT):  # see _stopped
                     self._stop_said = line
                 if self._quiet:
                     continue
@@ -232,10 +232,7 @@ class WorkerGroup:
         if not self._stop_said:  # the ranks did not stop as asked: report how they ended
             failed = [(s, c) for s, c in zip(self.specs, codes) if c]
             return self._failure(*failed[0]) if failed else None
-        message = self._stop_said.split("stopped by ", 1)[1]
-        number = signal.Signals[message.split()[0]].value
-        raise Stopped(f"stopped by {message}", signal_number=number, hint=RESUME_HINT,
-                      shown=not self._quiet)
+        raise reported_stop(self._stop_said, shown=not self._quiet)
 
     def _failure(self, spec: WorkerSpec, code: int) -> Failure:
         for pump in self._pumps:

@@ -72,7 +72,7 @@ def run_worker(run: RunConfig, strategy: Strategy) -> RunResult:
     flags = None
     if session.communicator is not None:
         if run.checkpoint.stop_signals or getattr(run.strategy, "stall_timeout", None):
-            flags = SharedFlags()
+            flags = SharedFlags(count=max(1, len(run.checkpoint.stop_signals)))
         output.say(_join_group(run, session, model, flags))
     return _fit(run, session, model, splits, output, store, state, flags)
 
@@ -311,7 +311,10 @@ class _Checkpoints(keras.callbacks.Callback):
 
     def _stop_requested(self) -> bool:
         if self.flags is not None:  # every rank learns it after the same step
-            return self.flags.agreed_on(0)
+            agreed = self.flags.agreed()  # one flag per stop signal
+            if agreed:  # every rank names the same signal, received or not
+                self.stop.received = self.stop.signals[agreed[0]]
+            return bool(agreed)
         return self.stop.received is not None
 
     def _save(self, position: Position, background: bool = True) -> None:
@@ -363,8 +366,14 @@ def _fit(run: RunConfig, session: Session, model: keras.Model, splits: Splits,
                         partitioned)))
     fit_started = time.perf_counter()
     arrivals = (lambda: int(flags.arrivals.numpy())) if flags else (lambda: recorder.steps)
+
+    def raise_flag(received) -> None:  # every rank learns of the stop after the same step
+        if flags is not None:
+            flags.raise_flag(stop.signals.index(received))
+
     try:
-        with stop.listening(on_signal=lambda _: flags and flags.raise_flag(0)), \
+        with stop.listening(on_signal=raise_flag), \
+                stop.following_requests(raise_flag, follow=session.is_chief), \
                 watching_for_stalls(session, getattr(run.strategy, "stall_timeout", None),
                                     arrivals, output,
                                     getattr(run.strategy, "network_interface", None)):

@@ -116,6 +116,7 @@ class RayStrategy(MultiProcessStrategy):
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         from ktrain import console
+        from ktrain.stopping import relaying_stops, reported_stop
         from ktrain.supervisor import Failure, echo_log, echoed_report, log_tail
 
         self._check_resources()
@@ -141,10 +142,12 @@ class RayStrategy(MultiProcessStrategy):
             peers = ray.get([actor.address.remote() for actor in actors],
                             timeout=self.config.start_timeout)
             plan = run.model_dump_json()
-            console_env = console.environment()
-            pending = {actor.train.remote(plan, peers, console_env): r
-                       for r, actor in enumerate(actors)}
-            with echo_log(f"{run.output_dir}/logs/rank-0.log"):
+            stopped = {}  # rank -> its "stopped by ..." report
+            with relaying_stops(run.checkpoint.stop_signals, run.output_dir) as (_, env), \
+                    echo_log(f"{run.output_dir}/logs/rank-0.log"):
+                driver_env = {**console.environment(), **env}
+                pending = {actor.train.remote(plan, peers, driver_env): r
+                           for r, actor in enumerate(actors)}
                 while pending:
                     done, _ = ray.wait(list(pending), num_returns=1)
                     rank = pending.pop(done[0])
@@ -157,10 +160,14 @@ class RayStrategy(MultiProcessStrategy):
                                        tail, log=log, shown=echoed_report(rank, tail))
                     except ray.exceptions.RayTaskError as err:
                         return Failure(rank, f"rank {rank} failed: {_first_line(err)}")
-                    if outcome is not None:
+                    if outcome is not None and outcome[0] == "stopped":
+                        stopped[rank] = outcome[1]
+                    elif outcome is not None:
                         kind, message = outcome
                         return Failure(rank, f"rank {rank}: {message}",
                                        user_error=kind == "user")
+            if stopped:  # every rank stopped at one step, as asked
+                raise reported_stop(stopped.get(0) or next(iter(stopped.values())), shown=False)
             return None
         finally:
             for actor in actors:
@@ -199,12 +206,12 @@ class _WorkerActor:
         host = ray.util.get_node_ip_address()
         return f"{host}:{free_ports(1, host)[0]}"
 
-    def train(self, plan_json: str, peers: list[str], console_env: dict):
-        """Run the worker, speaking like the driver (``console_env``); None on success, else
-        (kind, message)."""
+    def train(self, plan_json: str, peers: list[str], driver_env: dict):
+        """Run the worker, speaking like the driver and following its stop requests
+        (``driver_env``); None on success, else (kind, message)."""
         from ktrain import console
 
-        os.environ.update({**console_env, "KTRAIN_RANK": str(self.rank),
+        os.environ.update({**driver_env, "KTRAIN_RANK": str(self.rank),
                            "KTRAIN_WORLD_SIZE": str(len(peers)), "KTRAIN_LOCAL_RANK": "0",
                            "KTRAIN_PEERS": ",".join(peers)})
         # Ray forwards what an actor prints: its errors, but not its progress, which reaches the
@@ -214,12 +221,14 @@ class _WorkerActor:
         console.import_tensorflow()
         from ktrain import strategies
         from ktrain.config import RunConfig
-        from ktrain.errors import KtrainError, UserError
+        from ktrain.errors import KtrainError, Stopped, UserError
         from ktrain.worker import run_worker
 
         run = RunConfig.model_validate_json(plan_json)
         try:
             run_worker(run, strategies.create(run.strategy))
+        except Stopped as err:
+            return ("stopped", err.what)
         except KtrainError as err:
             return ("user" if isinstance(err, UserError) else "crash", err.render())
         return None

@@ -147,7 +147,8 @@ class SparkStrategy(MultiProcessStrategy):
 
     def _barrier_stage(self, spark, run):
         from ktrain import console
-        from ktrain.supervisor import Failure, echo_log, echoed_report
+        from ktrain.stopping import STOP_REPORT, relaying_stops, reported_stop
+        from ktrain.supervisor import Failure, echo_log, echoed_report, log_tail
 
         n = self.config.workers
         connect = type(spark).__module__.startswith("pyspark.sql.connect")
@@ -158,15 +159,16 @@ class SparkStrategy(MultiProcessStrategy):
             partitions = _dataframe(spark, run, n)
         else:  # each task runs the data fn and keeps its interleaved shard
             columns, partitions = None, spark.range(n, numPartitions=n)
-        task = _barrier_task(run.model_dump_json(), run.output_dir, console.environment(),
-                             columns)
         master = self._connect_url() if connect else spark.sparkContext.master
         console.info(f"training on {n} Spark barrier tasks ({master}); "
                      f"each rank logs to {run.output_dir}/logs/rank-<r>.log")
+        chief_log = f"{run.output_dir}/logs/rank-0.log"
         try:
-            with echo_log(f"{run.output_dir}/logs/rank-0.log"):
-                partitions.mapInArrow(task, "rank long", barrier=True).collect()
-            return None
+            with relaying_stops(run.checkpoint.stop_signals, run.output_dir) as (stop, env):
+                task = _barrier_task(run.model_dump_json(), run.output_dir,
+                                     {**console.environment(), **env}, columns)
+                with echo_log(chief_log):
+                    partitions.mapInArrow(task, "rank long", barrier=True).collect()
         except Exception as err:  # Py4J's (classic) or gRPC's (Connect) report of the stage
             text = str(err)
             if "BarrierJobSlotsNumberCheckFailed" in text:
@@ -189,6 +191,10 @@ class SparkStrategy(MultiProcessStrategy):
             return Failure(rank, summary, lines, user_error=kind == "user",
                            log=f"{run.output_dir}/logs/rank-{rank}.log",
                            shown=echoed_report(rank, lines))
+        said = [line for line in log_tail(chief_log) if line.startswith(STOP_REPORT)]
+        if stop.received and said:  # the ranks stopped as asked (so their tasks succeeded)
+            raise reported_stop(said[-1], shown=console.verbosity() >= console.NORMAL)
+        return None
 
 
 def _check_slots(context, needed: int, wait: float) -> None:
@@ -250,9 +256,9 @@ def _write_partition(batches, columns, path: str) -> int:
     return int((~held_out).sum())
 
 
-def _barrier_task(plan_json: str, output_dir: str, console_env: dict, columns=None):
-    """The function each barrier task runs (pickled to the executors). ``console_env`` is the
-    driver's console settings; with ``columns`` (features, label, global batch size) the
+def _barrier_task(plan_json: str, output_dir: str, driver_env: dict, columns=None):
+    """The function each barrier task runs (pickled to the executors). ``driver_env`` is the
+    driver's console settings and stop relay; with ``columns`` (features, label, global batch size) the
     task's rows are its worker's data."""
 
     def run(batches):
@@ -279,7 +285,7 @@ def _barrier_task(plan_json: str, output_dir: str, console_env: dict, columns=No
         peers = [address for address, _ in gathered]
         env = {**os.environ, "KTRAIN_PLAN": plan_json, "KTRAIN_RANK": str(rank),
                "KTRAIN_WORLD_SIZE": str(len(infos)), "KTRAIN_LOCAL_RANK": "0",
-               "KTRAIN_PEERS": ",".join(peers), **captured_output_env(console_env)}
+               "KTRAIN_PEERS": ",".join(peers), **captured_output_env(driver_env)}
         if columns:  # every worker takes as many steps as the smallest partition allows
             steps = min(int(n) for _, n in gathered) // (columns[2] // len(infos))
             env[PARTITION_ENV] = f"{partition}:{steps}"

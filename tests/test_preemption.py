@@ -74,17 +74,10 @@ def test_a_run_resumed_mid_epoch_ends_with_the_unbroken_runs_weights(
     assert_same_weights(reference, resumed, atol=1e-6)
 
 
-@pytest.mark.parametrize("strategy, rerun_with", [
-    *(pytest.param(name, name, marks=needs_horovod if name.startswith("horovod") else ())
-      for name in STRATEGIES),
-    ("tf-collectives", "mirrored"), ("mirrored", "tf-collectives")])
-def test_sigterm_stops_every_rank_at_one_step_with_a_checkpoint_and_the_rerun_resumes(
-        tmp_path, background, unbroken, strategy, rerun_with):
-    """Re-run with the same command, or on another number of workers (2 -> 1, 1 -> 2)."""
-    out = tmp_path / "out"
-    config = write_config(tmp_path / "c.yaml", long_run(out, strategy))
+def stop_with_sigterm(run, out):
+    """SIGTERM to ``ktrain run`` once it has a checkpoint: it stops at one step, with one
+    message and a checkpoint there. Returns that checkpoint's position."""
     store = CheckpointStore(str(out / "checkpoints"))
-    run = background("run", config)
     run.wait_for(lambda: store.fs.exists(store.path) and store.positions(), timeout=180)
     output = run.signal(signal.SIGTERM)
     assert run.process.returncode == 128 + signal.SIGTERM, output
@@ -95,6 +88,19 @@ def test_sigterm_stops_every_rank_at_one_step_with_a_checkpoint_and_the_rerun_re
     newest = store.positions()[-1]
     assert str(newest) in said[0]  # the checkpoint is at the step where every rank stopped
     assert not (out / "summary.json").exists()
+    return newest
+
+
+@pytest.mark.parametrize("strategy, rerun_with", [
+    *(pytest.param(name, name, marks=needs_horovod if name.startswith("horovod") else ())
+      for name in STRATEGIES),
+    ("tf-collectives", "mirrored"), ("mirrored", "tf-collectives")])
+def test_sigterm_stops_every_rank_at_one_step_with_a_checkpoint_and_the_rerun_resumes(
+        tmp_path, background, unbroken, strategy, rerun_with):
+    """Re-run with the same command, or on another number of workers (2 -> 1, 1 -> 2)."""
+    out = tmp_path / "out"
+    config = write_config(tmp_path / "c.yaml", long_run(out, strategy))
+    newest = stop_with_sigterm(background("run", config), out)
 
     if rerun_with != strategy:
         config = write_config(tmp_path / "rerun.yaml", long_run(out, rerun_with))
@@ -102,6 +108,24 @@ def test_sigterm_stops_every_rank_at_one_step_with_a_checkpoint_and_the_rerun_re
     assert result.returncode == 0, result.stdout + result.stderr
     assert f"resuming from the checkpoint {newest}" in result.stdout
     assert json.loads((out / "summary.json").read_text())["epochs_completed"] == 6
+    assert_same_weights(unbroken(), out, atol=1e-6)
+
+
+@pytest.mark.parametrize("engine", ["spark", "ray"])
+def test_a_sigterm_to_the_spark_or_ray_driver_stops_the_ranks_at_one_step(
+        tmp_path, background, unbroken, engine):
+    """The driver cannot signal its ranks: it relays the stop to rank 0, which raises the flag
+    every rank learns of after the same step; a re-run resumes to the unbroken run's weights."""
+    pytest.importorskip("pyspark" if engine == "spark" else "ray",
+                        reason=f"{engine} is not installed: bash scripts/setup.sh")
+    out = tmp_path / "out"
+    config = long_run(out, "tf-collectives")
+    config["strategy"] = {"name": engine, "workers": 2}
+    config = write_config(tmp_path / "c.yaml", config)
+    newest = stop_with_sigterm(background("run", config), out)
+    result = run_cli("run", config)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"resuming from the checkpoint {newest}" in result.stdout
     assert_same_weights(unbroken(), out, atol=1e-6)
 
 
