@@ -21,7 +21,8 @@ watchdog, next to 2 workers with epoch checkpoints only and those off.
     python scripts/bench.py --allreduce
     python scripts/bench.py --workers configs/synthetic.yaml
     python scripts/bench.py --ray-train configs/quickstart.yaml
-    python scripts/bench.py --preemption 10 configs/synthetic.yaml --set data.kwargs.samples=640
+    python scripts/bench.py --preemption 50 configs/synthetic.yaml --set data.kwargs.samples=3200 \
+        --set train.epochs=1
 """
 
 from __future__ import annotations
