@@ -48,15 +48,23 @@ def guarded(action) -> int:
         return INTERRUPTED
 
 
-def _parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("-q", "--quiet", action="store_true", help="print errors only")
-    common.add_argument("-v", "--verbose", action="store_true",
-                        help="show Keras' progress bar and TensorFlow's own log")
-    common.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+def _global_flags(default) -> argparse.ArgumentParser:
+    """-q, -v and --debug, accepted before the command and after it (where ``default`` is
+    SUPPRESS, so that a flag given before the command is not reset)."""
+    flags = argparse.ArgumentParser(add_help=False)
+    flags.add_argument("-q", "--quiet", action="store_true", default=default,
+                       help="print errors only")
+    flags.add_argument("-v", "--verbose", action="store_true", default=default,
+                       help="show Keras' progress bar and TensorFlow's own log")
+    flags.add_argument("--debug", action="store_true", default=default,
+                       help="show full tracebacks on errors")
+    return flags
 
+
+def _parser() -> argparse.ArgumentParser:
+    common = _global_flags(argparse.SUPPRESS)
     parser = argparse.ArgumentParser(
-        prog="ktrain",
+        prog="ktrain", parents=[_global_flags(False)],
         description="Train an ordinary Keras 3 model under the strategy a YAML config names.")
     parser.add_argument("--version", action="version", version=f"ktrain {__version__}")
     commands = parser.add_subparsers(title="commands", required=True, metavar="COMMAND")

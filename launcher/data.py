@@ -12,10 +12,12 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
+from ktrain import console
 from ktrain.errors import UserError
 
-_EXPECTED = ("(x, y), {'train': (x, y), 'validation': (x, y)}, an unbatched tf.data.Dataset "
-             "of (features, label), or a dict of such datasets")
+_EXPECTED = ("(x, y), ((x, y), (x_val, y_val)) as keras.datasets returns, {'train': (x, y), "
+             "'validation': (x, y)}, an unbatched tf.data.Dataset of (features, label), or a "
+             "dict of such datasets; x may be a list or dict of arrays for several inputs")
 
 
 @dataclass(frozen=True)
@@ -53,6 +55,8 @@ def to_splits(result: Any, validation_split: float, key: str = "data.fn") -> Spl
         train = _to_split(result["train"], key)
         validation = _to_split(result["validation"], key) if result.get("validation") is not None else None
         return Splits(train, validation)
+    if _train_and_validation(result):  # what keras.datasets.*.load_data() returns
+        return Splits(_to_split(result[0], key), _to_split(result[1], key))
     train = _to_split(result, key)
     if validation_split and train.size:
         n_val = int(train.size * validation_split)
@@ -94,20 +98,51 @@ def ray_dataset_splits(dataset: Any, *, features: list[str], label: str | None, 
                   n_train // (global_batch_size // world_size))
 
 
+def _train_and_validation(result: Any) -> bool:
+    """``((x, y), (x_val, y_val))``: two pairs whose second items are labels, not a pair of
+    inputs (``([x1, x2], y)`` is one multi-input pair)."""
+    return (_is_pair(result) and all(_is_pair(part) for part in result)
+            and not any(_several_arrays(part[1]) for part in result))
+
+
+def _is_pair(value: Any) -> bool:
+    return isinstance(value, (tuple, list)) and len(value) == 2
+
+
+def _several_arrays(value: Any) -> bool:
+    """A list/tuple of arrays (several inputs or outputs), not a list of labels."""
+    return isinstance(value, (tuple, list)) and bool(value) and np.ndim(value[0]) > 0
+
+
 def _to_split(value: Any, key: str) -> Split:
     if isinstance(value, tf.data.Dataset):
         return _dataset_split(value, key)
-    if isinstance(value, (tuple, list)) and len(value) == 2:
-        x, y = value
-        n = _length(y, "y", key)
-        for name, array in (x.items() if isinstance(x, dict) else [("x", x)]):
-            if _length(array, name, key) != n:
-                raise UserError(f"the data fn returned {name} with {_length(array, name, key)} "
-                                f"rows but y with {n}", where=key,
-                                hint="features and labels need the same number of rows")
-        return Split(tf.data.Dataset.from_tensor_slices((x, y)), n)
+    if _is_pair(value):
+        x, y = (_arrays(part) for part in value)
+        rows = {**_rows(x, "x", key), **_rows(y, "y", key)}
+        if len(set(rows.values())) > 1:
+            counts = ", ".join(f"{name} {n}" for name, n in rows.items())
+            raise UserError(f"the data fn returned arrays with different numbers of rows "
+                            f"({counts})", where=key,
+                            hint="features and labels need one row per example")
+        return Split(tf.data.Dataset.from_tensor_slices((x, y)), next(iter(rows.values())))
     raise UserError(f"the data fn returned a {type(value).__name__}", where=key,
                     hint=f"return {_EXPECTED}")
+
+
+def _arrays(value: Any) -> Any:
+    """Several inputs (or outputs) as a tuple: tf.data would stack a list into one tensor."""
+    return tuple(value) if _several_arrays(value) else value
+
+
+def _rows(value: Any, name: str, key: str) -> dict[str, int]:
+    if isinstance(value, dict):
+        parts = value.items()
+    elif isinstance(value, tuple) and _several_arrays(value):
+        parts = ((f"{name}[{i}]", part) for i, part in enumerate(value))
+    else:
+        parts = [(name, value)]
+    return {part_name: _length(part, part_name, key) for part_name, part in parts}
 
 
 def _length(array: Any, name: str, key: str) -> int:
@@ -124,11 +159,16 @@ def _dataset_split(dataset: tf.data.Dataset, key: str) -> Split:
     if not (isinstance(spec, tuple) and len(spec) == 2):
         raise UserError(f"the data fn returned a tf.data.Dataset whose elements are {spec}",
                         where=key, hint="make each element a (features, label) pair")
-    first = tf.nest.flatten(spec)[0]
-    if first.shape.rank and first.shape[0] is None:
+    steps = _transformations(dataset)
+    if _batched(steps):
         raise UserError("the data fn returned a batched tf.data.Dataset", where=key,
                         hint="return it unbatched (remove .batch()); ktrain batches to "
                              "train.global_batch_size")
+    if "Shuffle" in steps:
+        console.note(f"{key}: the dataset shuffles itself (.shuffle()), so its order differs "
+                     f"from run to run: a resumed run cannot end with an unbroken run's weights. "
+                     f"Remove .shuffle() and set train.shuffle: true (ktrain shuffles each epoch "
+                     f"from train.seed)")
     size = int(dataset.cardinality())
     if size == tf.data.INFINITE_CARDINALITY:
         raise UserError("the data fn returned an infinite tf.data.Dataset", where=key,
@@ -137,6 +177,26 @@ def _dataset_split(dataset: tf.data.Dataset, key: str) -> Split:
         size = int(dataset.reduce(np.int64(0), lambda count, _: count + 1))
         dataset = dataset.apply(tf.data.experimental.assert_cardinality(size))
     return Split(dataset, size)
+
+
+def _transformations(dataset: tf.data.Dataset) -> list[str]:
+    """The dataset's transformations, newest first, by name (Batch, Shuffle, Map, ...)."""
+    names = []
+    while dataset is not None:
+        names.append(type(dataset).__name__.strip("_").removesuffix("Dataset"))
+        inputs = dataset._inputs()  # tf.data's own record of what a dataset was made from
+        dataset = inputs[0] if inputs else None
+    return names
+
+
+def _batched(transformations: list[str]) -> bool:
+    """Batched by the user: a batching step with no unbatch after it."""
+    for name in transformations:
+        if name == "Unbatch":
+            return False
+        if name.endswith("Batch"):
+            return True
+    return False
 
 
 def steps_per_epoch(split: Split, global_batch_size: int,

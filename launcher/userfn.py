@@ -73,11 +73,11 @@ def _import_file(path: Path, key: str):
     if not path.exists():
         raise UserError(f"file '{path}' does not exist", where=key,
                         hint="paths are relative to the config file's folder")
-    module_name = f"ktrain_user_{path.stem}"
-    if module_name in sys.modules:
-        return sys.modules[module_name]
     if str(path.parent) not in sys.path:
         sys.path.insert(0, str(path.parent))  # so the file can import its siblings
+    module_name = _module_name(path)
+    if module_name in sys.modules:
+        return sys.modules[module_name]
     spec = importlib.util.spec_from_file_location(module_name, path)
     module = importlib.util.module_from_spec(spec)
     try:
@@ -88,6 +88,19 @@ def _import_file(path: Path, key: str):
                         hint="the error is in your file; fix it and run again") from err
     sys.modules[module_name] = module
     return module
+
+
+def _module_name(path: Path) -> str:
+    """The name ``import <stem>`` gives the file in its folder, so that classes saved with a
+    model (custom layers) name the module the user's own code imports; a private name where
+    that would shadow another module (a file called json.py)."""
+    try:
+        found = importlib.util.find_spec(path.stem) if path.stem.isidentifier() else None
+    except (ImportError, ValueError):
+        found = None
+    if found and found.origin and Path(found.origin).resolve() == path.resolve():
+        return path.stem
+    return f"ktrain_user_{path.stem}"
 
 
 def _import_module(target: str, key: str, base_dir: str):

@@ -51,7 +51,7 @@ def test_accepted_forms():
 
 @pytest.mark.parametrize("value, message", [
     (42, "returned a int"),
-    ((X, Y[:5]), "x with 20 rows but y with 5"),
+    ((X, Y[:5]), r"different numbers of rows \(x 20, y 5\)"),
     ({"training": (X, Y)}, "needs 'train'"),
     (tf.data.Dataset.from_tensor_slices((X, Y)).batch(4), "batched tf.data.Dataset"),
     (tf.data.Dataset.from_tensor_slices((X, Y)).repeat(), "infinite"),

@@ -1,0 +1,88 @@
+"""Porting real Keras code: the data shapes, command lines and saved models a Keras user
+already has work as they are (issue 12's findings, one test each)."""
+
+import json
+import subprocess
+import sys
+import zipfile
+
+import pytest
+
+from helpers import FIXTURES, REPO, base_config, cli_env, run_cli, write_config
+
+PORTING = FIXTURES.parent / "porting.py"
+
+
+def train(tmp_path, **sections) -> dict:
+    """Run ``base_config`` with ``sections``; the run's summary."""
+    out = tmp_path / "out"
+    result = run_cli("run", write_config(tmp_path / "c.yaml", base_config(out, **sections)), "-q")
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    return json.loads((out / "summary.json").read_text())
+
+
+def test_a_keras_datasets_style_result_trains_with_its_test_part_as_validation(tmp_path):
+    """((x_train, y_train), (x_test, y_test)) was `Dimensions 1500 and 297 are not compatible`."""
+    summary = train(tmp_path, data={"fn": f"{PORTING}:keras_datasets_style"})
+    assert "val_loss" in summary["final_metrics"]
+    assert summary["final_metrics"]["accuracy"] > 0.5
+
+
+def test_multi_input_x_as_a_list_trains(tmp_path):
+    """Was `the data fn returned x with 2 rows but y with 1797`."""
+    summary = train(tmp_path, data={"fn": f"{PORTING}:two_inputs_as_a_list"},
+                    model={"fn": f"{PORTING}:two_inputs_mlp", "kwargs": {}})
+    assert summary["final_metrics"]["accuracy"] > 0.5
+
+
+def test_an_unbatched_generator_with_an_unknown_width_trains(tmp_path):
+    """TensorSpec((None,)) was taken for a batched dataset (`remove .batch()`)."""
+    summary = train(tmp_path, data={"fn": f"{PORTING}:generator_with_unknown_width"})
+    assert summary["final_metrics"]["accuracy"] > 0.5
+
+
+def test_a_dataset_that_shuffles_itself_trains_with_a_note_on_resume(tmp_path):
+    """Its order differs run to run, so resume equivalence cannot hold: the run says so."""
+    config = base_config(tmp_path / "out", data={"fn": f"{PORTING}:shuffles_itself"})
+    result = run_cli("run", write_config(tmp_path / "c.yaml", config))
+    assert result.returncode == 0, result.stderr
+    note = [line for line in result.stderr.splitlines() if ".shuffle()" in line]
+    assert len(note) == 1 and "train.shuffle: true" in note[0], result.stderr
+
+
+def test_a_batched_dataset_is_still_refused(tmp_path):
+    config = base_config(tmp_path / "out", data={"fn": f"{PORTING}:batched"})
+    result = run_cli("run", write_config(tmp_path / "c.yaml", config))
+    assert result.returncode == 2 and "remove .batch()" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "out").exists()
+
+
+def test_a_custom_layer_is_saved_under_the_users_module_and_reloads_in_their_code(tmp_path):
+    """model.keras records the user's module (porting), not ktrain's internal name for it (it
+    was ktrain_user_porting), and plain Keras in the user's folder loads it."""
+    train(tmp_path, model={"fn": f"{PORTING}:mlp_with_a_custom_layer", "kwargs": {}})
+    saved = tmp_path / "out" / "model.keras"
+    with zipfile.ZipFile(saved) as archive:
+        layers = json.loads(archive.read("config.json"))["config"]["layers"]
+    assert [layer["module"] for layer in layers if layer["class_name"] == "Scale"] == ["porting"]
+    load = f"import keras, porting; print(type(keras.saving.load_model({str(saved)!r}).layers[0]))"
+    loaded = subprocess.run([sys.executable, "-c", load], cwd=PORTING.parent, env=cli_env(),
+                            capture_output=True, text=True, timeout=120)
+    assert loaded.returncode == 0, loaded.stderr
+    assert "porting.Scale" in loaded.stdout
+
+
+@pytest.mark.parametrize("command", [
+    ["-q", "validate", "{config}"],
+    ["validate", "-q", "{config}", "train.epochs=2"],
+    ["validate", "{config}", "-q", "output_dir=/tmp/elsewhere", "train.epochs=2"],
+    ["validate", "{config}", "train.epochs=2", "-v", "train.seed=3"],
+])
+def test_global_flags_go_anywhere_on_the_command_line(command):
+    config = str(REPO / "configs" / "quickstart.yaml")
+    result = run_cli(*[part.format(config=config) for part in command])
+    assert result.returncode == 0, result.stderr
+    for override in (part for part in command if "=" in part and part.startswith("train.")):
+        key, value = override.removeprefix("train.").split("=")
+        assert f"  {key}: {value}\n" in result.stdout  # every override counted, wherever it is
