@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
                           console.VERBOSE if args.verbose else console.NORMAL)
     if args.debug:
         os.environ["KTRAIN_DEBUG"] = "1"  # worker processes inherit it
-    if args.command in (_run, _env):
+    if args.command in (_run, _validate, _env):
         console.import_tensorflow()
     return guarded(lambda: args.command(args))
 
@@ -79,8 +79,11 @@ def _parser() -> argparse.ArgumentParser:
 
     validate = commands.add_parser("validate", parents=[common],
                                    help="check a config and print it resolved",
-                                   description="Load and check a config (with overrides), print "
-                                               "the resolved config; exit 0 if valid, 2 if not.")
+                                   description="Check a config (with overrides) as run does "
+                                               "before training: its keys, the model and data "
+                                               "fns (imported, not called), the loss, metrics "
+                                               "and optimizer; print the resolved config. Exit "
+                                               "0 if all is well, 2 with every problem found.")
     validate.add_argument("config", help="path to the YAML config")
     validate.add_argument("overrides", nargs="*", metavar="key.path=value")
     validate.set_defaults(command=_validate)
@@ -122,9 +125,25 @@ def _run(args) -> int:
 
 
 def _validate(args) -> int:
+    """What ``run`` checks before training: the config, the user's functions (imported, not
+    called) and what Keras makes of train's loss, metrics and optimizer; every problem."""
     from ktrain.config import load_config
+    from ktrain.errors import all_of
+    from ktrain.userfn import load_function
 
     config = load_config(args.config, args.overrides)
+    problems = []
+    for key, ref in (("model.fn", config.model.fn), ("data.fn", config.data.fn)):
+        try:
+            if ref:
+                load_function(ref, key, config.base_dir)
+        except UserError as err:
+            problems.append(err)
+    from ktrain.worker import train_option_problems
+
+    problems += train_option_problems(config.train)
+    if problems:
+        raise all_of(problems)
     print(config.dump_yaml(), end="")
     return 0
 

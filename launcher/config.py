@@ -14,7 +14,7 @@ from pydantic import (ConfigDict, Field, NonNegativeFloat, NonNegativeInt, Posit
                       PositiveInt, ValidationError, field_validator, model_validator)
 
 from ktrain import console
-from ktrain.errors import UserError
+from ktrain.errors import UserError, all_of
 from ktrain.schema import Section
 from ktrain.strategies import REGISTRY
 
@@ -260,12 +260,21 @@ def _apply_override(raw: dict, item: str) -> tuple:
 
 def _explain(errors: list[dict], raw: dict, filename: str, lines: dict,
              overrides: dict) -> UserError:
-    """Turn pydantic's errors into one: what, where (file:line or override), and how to fix.
+    """Turn pydantic's errors into one message: for each key that is wrong, what, where
+    (file:line or override), and how to fix it.
 
-    An unknown key is reported first: a typo there is usually why a key is "missing".
+    Unknown keys are reported first: a typo there is usually why a key is "missing".
     """
-    error = min(errors, key=lambda e: e["type"] != "extra_forbidden")
-    loc = _user_path(error["loc"], raw)
+    by_key: dict[tuple, list[dict]] = {}
+    for error in sorted(errors, key=lambda e: e["type"] != "extra_forbidden"):
+        by_key.setdefault(_user_path(error["loc"], raw), []).append(error)
+    return all_of([_explain_key(loc, found, errors, raw, filename, lines, overrides)
+                   for loc, found in by_key.items()])
+
+
+def _explain_key(loc: tuple, found: list[dict], errors: list[dict], raw: dict, filename: str,
+                 lines: dict, overrides: dict) -> UserError:
+    error = found[0]
     if error["type"] == "union_tag_invalid":  # blame the strategy's name, not the whole section
         loc, error = loc + ("name",), {**error, "input": error["input"].get("name")}
     dotted = ".".join(map(str, loc))

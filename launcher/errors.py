@@ -32,6 +32,15 @@ class UserError(KtrainError):
     exit_code = 2
 
 
+def all_of(problems: list[UserError]) -> UserError:
+    """One error for every problem found (``ktrain validate`` reports them all at once)."""
+    if len(problems) == 1:
+        return problems[0]
+    listed = "\n".join(f"{n}. " + problem.render().replace("\n", "\n   ")
+                       for n, problem in enumerate(problems, 1))
+    return UserError(f"{len(problems)} problems:\n{listed}")
+
+
 class WorkersFailed(KtrainError):
     """A worker process crashed or never joined; the message carries the root cause."""
 

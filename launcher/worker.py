@@ -6,6 +6,7 @@ only then touch output_dir -> restore the newest checkpoint -> fit -> write mode
 
 from __future__ import annotations
 
+import inspect
 import os
 import re
 import socket
@@ -24,7 +25,7 @@ from ktrain.config import RunConfig, TrainSpec
 from ktrain.data import (Splits, evaluation_batches, is_ray_dataset, partition_splits,
                          ray_dataset_splits, steps_per_epoch, to_splits, training_batches)
 from ktrain.environment import PARTITION_ENV
-from ktrain.errors import UserError, WorkersFailed
+from ktrain.errors import UserError, WorkersFailed, all_of
 from ktrain.output import RunOutput
 from ktrain.stopping import REQUEUE_SIGNAL, StopRequest, requeue_slurm_job
 from ktrain.strategies.base import Session, Strategy
@@ -55,7 +56,8 @@ def run_worker(run: RunConfig, strategy: Strategy) -> RunResult:
 
     splits = _load_data(run, session)
     with session.scope():
-        model = call_user(model_fn, run.model.kwargs, "model.fn")
+        model = call_user(model_fn, {**_training_data_for(model_fn, splits), **run.model.kwargs},
+                          "model.fn")
         _check_model(model)
         if not model.compiled:
             compile_from_config(model, run.train)
@@ -95,6 +97,20 @@ def _load_data(run: RunConfig, session: Session) -> Splits:
     return to_splits(result, run.train.validation_split)
 
 
+TRAIN_DATA_PARAMETER = "train_data"
+
+
+def _training_data_for(model_fn, splits: Splits) -> dict:
+    """``train_data`` for a model fn that has such a parameter: the training examples as a
+    batched tf.data.Dataset of (features, label), e.g. for a preprocessing layer's
+    ``adapt()``, so the data is not loaded twice."""
+    try:
+        wanted = TRAIN_DATA_PARAMETER in inspect.signature(model_fn).parameters
+    except (TypeError, ValueError):
+        wanted = False
+    return {TRAIN_DATA_PARAMETER: splits.train.dataset.batch(256)} if wanted else {}
+
+
 def _join_group(run: RunConfig, session: Session, model: keras.Model,
                 flags: SharedFlags | None) -> str:
     """Average gradients (and ``flags``) over the workers, and start every worker from rank
@@ -124,27 +140,48 @@ def compile_from_config(model: keras.Model, train: TrainSpec) -> None:
         raise UserError("the model fn returned an uncompiled model and train.loss is not set",
                         where="train.loss", hint="set train.loss (e.g. "
                         "sparse_categorical_crossentropy), or compile the model in your fn")
-    try:
-        loss = keras.losses.get(train.loss)
-    except ValueError:
-        raise UserError(f"unknown loss '{train.loss}'", where="train.loss",
-                        hint="use a Keras loss name such as sparse_categorical_crossentropy, "
-                             "categorical_crossentropy, binary_crossentropy or mse") from None
+    problems = train_option_problems(train)
+    if problems:
+        raise all_of(problems)
+    options = train.optimizer.model_dump()
+    optimizer = type(keras.optimizers.get(options.pop("name")))(**options)
+    model.compile(optimizer=optimizer, loss=keras.losses.get(train.loss),
+                  metrics=list(train.metrics), jit_compile=train.jit_compile)
+
+
+def train_option_problems(train: TrainSpec) -> list[UserError]:
+    """What Keras would reject in train.loss, train.metrics and train.optimizer (names and
+    arguments), all of it, without training."""
+    problems = []
+    if train.loss is not None:
+        try:
+            keras.losses.get(train.loss)
+        except ValueError:
+            problems.append(UserError(
+                f"unknown loss '{train.loss}'", where="train.loss",
+                hint="use a Keras loss name such as sparse_categorical_crossentropy, "
+                     "categorical_crossentropy, binary_crossentropy or mse"))
     for metric in train.metrics:
         try:
             keras.metrics.get(metric)
         except ValueError:
-            raise UserError(f"unknown metric '{metric}'", where="train.metrics",
-                            hint="use Keras metric names such as accuracy, auc, mae") from None
+            problems.append(UserError(f"unknown metric '{metric}'", where="train.metrics",
+                                      hint="use Keras metric names such as accuracy, auc, mae"))
     options = train.optimizer.model_dump()
     name = options.pop("name")
     try:
-        optimizer = type(keras.optimizers.get(name))(**options)
+        kind = type(keras.optimizers.get(name))
+    except ValueError:
+        return problems + [UserError(f"unknown optimizer '{name}'", where="train.optimizer.name",
+                                     hint="use a Keras optimizer name such as adam, sgd, "
+                                          "rmsprop or adamw")]
+    try:
+        kind(**options)
     except (TypeError, ValueError) as err:
-        raise UserError(f"cannot create optimizer '{name}': {err}", where="train.optimizer",
-                        hint=f"check the arguments of keras.optimizers.{type(keras.optimizers.get(name)).__name__}") from None
-    model.compile(optimizer=optimizer, loss=loss, metrics=list(train.metrics),
-                  jit_compile=train.jit_compile)
+        problems.append(UserError(f"cannot create optimizer '{name}': {err}",
+                                  where="train.optimizer",
+                                  hint=f"check the arguments of keras.optimizers.{kind.__name__}"))
+    return problems
 
 
 def _build(model: keras.Model, splits: Splits) -> None:

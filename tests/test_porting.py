@@ -6,8 +6,11 @@ import subprocess
 import sys
 import zipfile
 
+import keras
+import numpy as np
 import pytest
 
+from fixtures.user_models import digits_split
 from helpers import FIXTURES, REPO, base_config, cli_env, run_cli, write_config
 
 PORTING = FIXTURES.parent / "porting.py"
@@ -40,6 +43,14 @@ def test_an_unbatched_generator_with_an_unknown_width_trains(tmp_path):
     """TensorSpec((None,)) was taken for a batched dataset (`remove .batch()`)."""
     summary = train(tmp_path, data={"fn": f"{PORTING}:generator_with_unknown_width"})
     assert summary["final_metrics"]["accuracy"] > 0.5
+
+
+def test_a_model_fn_that_asks_for_train_data_adapts_to_it(tmp_path):
+    """No second load for Normalization.adapt(): the saved layer holds the training mean."""
+    train(tmp_path, model={"fn": f"{PORTING}:adapted_mlp", "kwargs": {}})
+    model = keras.saving.load_model(tmp_path / "out" / "model.keras")
+    x_train = digits_split()["train"][0]
+    np.testing.assert_allclose(np.ravel(model.layers[0].mean), x_train.mean(axis=0), atol=1e-5)
 
 
 def test_a_dataset_that_shuffles_itself_trains_with_a_note_on_resume(tmp_path):
@@ -86,3 +97,21 @@ def test_global_flags_go_anywhere_on_the_command_line(command):
     for override in (part for part in command if "=" in part and part.startswith("train.")):
         key, value = override.removeprefix("train.").split("=")
         assert f"  {key}: {value}\n" in result.stdout  # every override counted, wherever it is
+
+
+def test_validate_reports_every_problem_run_would_find(tmp_path):
+    """A misspelled fn, loss, metric and optimizer argument all exited 0 before."""
+    config = base_config(tmp_path / "out", model={"fn": f"{FIXTURES}:mlpp"},
+                         train={"loss": "sparse_categorical_crossentropyy",
+                                "metrics": ["acuracy"],
+                                "optimizer": {"name": "adam", "momentum": 0.9}})
+    path = write_config(tmp_path / "c.yaml", config)
+    result = run_cli("validate", path, "train.epochs=zero", "train.sed=3")
+    assert result.returncode == 2 and "2 problems" in result.stderr, result.stderr  # keys first
+    assert "'train.epochs'" in result.stderr and "did you mean 'seed'" in result.stderr
+    result = run_cli("validate", path)
+    assert result.returncode == 2 and "4 problems" in result.stderr, result.stderr
+    for said in ("has no function 'mlpp'", "did you mean", "unknown loss",
+                 "unknown metric 'acuracy'", "{'momentum': 0.9}"):
+        assert said in result.stderr, result.stderr
+    assert not (tmp_path / "out").exists()
