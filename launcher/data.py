@@ -125,7 +125,13 @@ def _to_split(value: Any, key: str) -> Split:
             raise UserError(f"the data fn returned arrays with different numbers of rows "
                             f"({counts})", where=key,
                             hint="features and labels need one row per example")
-        return Split(tf.data.Dataset.from_tensor_slices((x, y)), next(iter(rows.values())))
+        try:
+            dataset = tf.data.Dataset.from_tensor_slices((x, y))
+        except (ValueError, TypeError) as err:
+            raise UserError(f"the data fn returned arrays TensorFlow cannot hold ({err})",
+                            where=key, hint="return numeric NumPy arrays (convert object or "
+                                            "mixed columns with .astype(...))") from None
+        return Split(dataset, next(iter(rows.values())))
     raise UserError(f"the data fn returned a {type(value).__name__}", where=key,
                     hint=f"return {_EXPECTED}")
 

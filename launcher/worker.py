@@ -480,9 +480,11 @@ def _fit_phase(run, session, model, store, batches, first_epoch, end_epoch, step
                       validation_freq=run.train.validation_freq, shuffle=False,
                       callbacks=callbacks,
                       verbose=1 if console.verbosity() >= console.VERBOSE else 0)
-    except (ValueError, TypeError, tf.errors.InvalidArgumentError) as err:
+    except (ValueError, TypeError, tf.errors.InvalidArgumentError,
+            tf.errors.UnimplementedError) as err:
         raise TrainingFailed(
-            f"training failed: {type(err).__name__}: {err}".rstrip(), where="model.fit",
+            f"training failed: {type(err).__name__}: {_without_graph_stack(err)}",
+            where="model.fit",
             hint="this usually means the model and the data do not fit together (input "
                  "shape, number of classes, label format): check your model and data fns"
         ) from err
@@ -490,6 +492,17 @@ def _fit_phase(run, session, model, store, batches, first_epoch, end_epoch, step
         if session.communicator is None:
             raise
         raise _peer_lost(session, err, store) from err
+
+
+def _without_graph_stack(err: Exception) -> str:
+    """TensorFlow's message without the Python stack where the failing op was defined (the
+    launcher's frames, not the user's) and the op names around it."""
+    message = err.message if isinstance(err, tf.errors.OpError) else str(err)
+    kept = [line.strip() for line in message.splitlines()
+            if line.strip() and not line.startswith("  File ") and not line.lstrip().startswith("[[")
+            and line.strip() not in ("Graph execution error:",)
+            and not line.startswith("Detected at node")]
+    return re.sub(r"\s*\[Op:[^\]]*\]", "", " ".join(kept)).strip()
 
 
 def _peer_lost(session: Session, err: Exception, store: CheckpointStore) -> WorkersFailed:

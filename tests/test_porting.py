@@ -10,10 +10,13 @@ import keras
 import numpy as np
 import pytest
 
-from fixtures.user_models import digits_split
 from helpers import FIXTURES, REPO, base_config, cli_env, run_cli, write_config
+from ktrain import cli
 
 PORTING = FIXTURES.parent / "porting.py"
+sys.path.insert(0, str(PORTING.parent))  # the fixture files import each other, as users' do
+from porting import WRONG_RESULTS  # noqa: E402
+from user_models import digits_split  # noqa: E402
 
 
 def train(tmp_path, **sections) -> dict:
@@ -115,3 +118,19 @@ def test_validate_reports_every_problem_run_would_find(tmp_path):
                  "unknown metric 'acuracy'", "{'momentum': 0.9}"):
         assert said in result.stderr, result.stderr
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("case", WRONG_RESULTS)
+def test_a_wrong_data_fn_result_is_a_user_error_without_a_traceback(tmp_path, capsys,
+                                                                     monkeypatch, case):
+    """Fuzz: every one of these exits 2 with one ktrain message, no launcher frames (run
+    in-process: the CLI's own code path, without paying for a Python start per case)."""
+    monkeypatch.setenv("KTRAIN_VERBOSITY", "1")  # cli.main sets it for this process
+    config = base_config(tmp_path / "out", data={"fn": f"{PORTING}:wrong_result",
+                                                 "kwargs": {"case": case}},
+                         train={"epochs": 1})
+    code = cli.main(["run", str(write_config(tmp_path / "c.yaml", config)), "-q"])
+    said = capsys.readouterr().err
+    assert code == 2, said
+    assert said.startswith("ktrain: error: ") and said.count("ktrain: error: ") == 1, said
+    assert "Traceback" not in said and "/launcher/" not in said, said
