@@ -60,6 +60,9 @@ class TrainingState:
     """What a step meant when this was written (a mid-epoch position depends on it)."""
     callbacks: dict = field(default_factory=dict)
     """JSON state of stateful callbacks (EarlyStopping's wait and best, ...) by name."""
+    fingerprint: dict = field(default_factory=dict)
+    """What decides the run's result (settings, model shapes, data sizes): a run resumed
+    into the same output_dir must match it."""
 
     @property
     def position(self) -> Position:
@@ -68,7 +71,8 @@ class TrainingState:
     def to_bytes(self) -> bytes:
         meta = {"epoch": self.epoch, "step": self.step, "history": self.history,
                 "variable_paths": self.variable_paths, "callbacks": self.callbacks,
-                "global_batch_size": self.global_batch_size, "format": 2}
+                "global_batch_size": self.global_batch_size, "fingerprint": self.fingerprint,
+                "format": 3}
         arrays = {f"model_{i:05d}": v for i, v in enumerate(self.model_variables)}
         arrays |= {f"optimizer_{i:05d}": v for i, v in enumerate(self.optimizer_variables)}
         arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
@@ -83,7 +87,8 @@ class TrainingState:
             model = [npz[k] for k in sorted(k for k in npz.files if k.startswith("model_"))]
             optimizer = [npz[k] for k in sorted(k for k in npz.files if k.startswith("optimizer_"))]
         return cls(meta["epoch"], model, optimizer, meta["history"], meta["variable_paths"],
-                   meta.get("step", 0), meta.get("global_batch_size"), meta.get("callbacks", {}))
+                   meta.get("step", 0), meta.get("global_batch_size"), meta.get("callbacks", {}),
+                   meta.get("fingerprint", {}))
 
 
 def keep_latest(positions: list, keep: int) -> list:

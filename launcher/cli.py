@@ -117,6 +117,8 @@ def _run(args) -> int:
     strategy = strategies.create(config.strategy)
     strategy.prepare(config)
     summary = strategy.launch(config).summary
+    if summary.get("nothing_to_train"):
+        return 0  # the chief said why
     metrics = "  ".join(f"{k} {v:.4f}" for k, v in summary["final_metrics"].items())
     console.info(f"done: {summary['epochs_completed']} epochs on {summary['num_replicas']} "
                  f"replica(s), {summary['samples_per_second']:.0f} samples/s  {metrics}")
@@ -133,7 +135,9 @@ def _validate(args) -> int:
 
     config = load_config(args.config, args.overrides)
     problems = []
-    for key, ref in (("model.fn", config.model.fn), ("data.fn", config.data.fn)):
+    callbacks = config.train.callbacks and config.train.callbacks.fn
+    for key, ref in (("model.fn", config.model.fn), ("data.fn", config.data.fn),
+                     ("train.callbacks.fn", callbacks)):
         try:
             if ref:
                 load_function(ref, key, config.base_dir)

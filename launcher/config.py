@@ -95,6 +95,8 @@ class TrainSpec(Section):
     precision: Literal["float32", "mixed_float16", "mixed_bfloat16"] = "float32"
     jit_compile: Literal["auto"] | bool = "auto"
     tensorboard: bool = False
+    callbacks: FnSpec | None = None
+    """A fn returning a list of Keras callbacks, called in every worker once the model exists."""
 
 
 class CheckpointSpec(Section):
@@ -368,8 +370,11 @@ def _resolve_paths(config: RunConfig, base: Path) -> RunConfig:
     if checkpoint.resume not in ("auto", "never"):
         checkpoint = checkpoint.model_copy(update={"resume": local(checkpoint.resume, Path.cwd())})
     data = fn(config.data)
+    train = config.train
+    if train.callbacks:
+        train = train.model_copy(update={"callbacks": fn(train.callbacks)})
     if data.parquet:
         data = data.model_copy(update={"parquet": local(data.parquet, base)})
     return config.model_copy(update={
-        "model": fn(config.model), "data": data, "checkpoint": checkpoint,
+        "model": fn(config.model), "data": data, "train": train, "checkpoint": checkpoint,
         "output_dir": local(config.output_dir, Path.cwd())})

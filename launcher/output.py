@@ -79,6 +79,19 @@ class RunOutput:
                 self.fs.put_file(local, f"{self.path}/model.keras")
         return target
 
+    def has_model(self) -> bool:
+        return self.fs.exists(f"{self.path}/model.keras")
+
+    def mark_nothing_to_train(self, reason: str) -> dict:
+        """summary.json says this run trained nothing, and why; the rest stays as the run
+        that trained left it."""
+        summary = {}
+        if self.fs.exists(f"{self.path}/summary.json"):
+            summary = json.loads(self.fs.cat_file(f"{self.path}/summary.json"))
+        summary.update(epochs_this_run=0, nothing_to_train=reason)
+        self.write_summary(summary)
+        return summary
+
     def say(self, line: str) -> None:
         """Print a line (see ktrain.console for who speaks) and keep it for the rank's log."""
         console.info(line)

@@ -6,7 +6,9 @@ only then touch output_dir -> restore the newest checkpoint -> fit -> write mode
 
 from __future__ import annotations
 
+import hashlib
 import inspect
+import json
 import os
 import re
 import socket
@@ -67,7 +69,8 @@ def run_worker(run: RunConfig, strategy: Strategy) -> RunResult:
                        keep_log=session.log_to_file)
     store = CheckpointStore(output.checkpoints_url, keep=run.checkpoint.keep,
                             is_chief=session.is_chief)
-    state = _starting_state(run, store)
+    fingerprint = _fingerprint(run, model, splits)
+    state = _starting_state(run, store, fingerprint)
     output.check_writable()
     if state is not None:
         _restore(model, state)
@@ -76,7 +79,7 @@ def run_worker(run: RunConfig, strategy: Strategy) -> RunResult:
         if run.checkpoint.stop_signals or getattr(run.strategy, "stall_timeout", None):
             flags = SharedFlags(count=max(1, len(run.checkpoint.stop_signals)))
         output.say(_join_group(run, session, model, flags))
-    return _fit(run, session, model, splits, output, store, state, flags)
+    return _fit(run, session, model, splits, output, store, state, flags, fingerprint)
 
 
 def _load_data(run: RunConfig, session: Session) -> Splits:
@@ -192,7 +195,28 @@ def _build(model: keras.Model, splits: Splits) -> None:
     model.optimizer.build(model.trainable_variables)
 
 
-def _starting_state(run: RunConfig, store: CheckpointStore) -> TrainingState | None:
+# The train settings that decide the result (not how long, how often or where to report).
+_DECISIVE_TRAIN = ("global_batch_size", "shuffle", "shuffle_buffer", "seed", "optimizer", "loss",
+                   "metrics", "validation_split", "precision")
+
+
+def _fingerprint(run: RunConfig, model: keras.Model, splits: Splits) -> dict[str, str]:
+    """What decides a run's result, readably: the settings, the model's variables (paths and
+    shapes) and the data's size. The strategy and worker count are not in it: a run may resume
+    on any number of workers."""
+    shapes = json.dumps([(v.path, list(v.shape)) for v in model.variables])
+    train = run.train.model_dump(include=set(_DECISIVE_TRAIN))
+    return {"model.fn": run.model.fn, "model.kwargs": json.dumps(run.model.kwargs, sort_keys=True),
+            "data.fn": str(run.data.fn or run.data.parquet or run.data.table),
+            "data.kwargs": json.dumps(run.data.kwargs, sort_keys=True),
+            **{f"train.{key}": json.dumps(value, sort_keys=True) for key, value in train.items()},
+            "model variables": hashlib.sha256(shapes.encode()).hexdigest()[:16],
+            "training examples": str(splits.train.size),
+            "validation examples": str(splits.validation.size if splits.validation else 0)}
+
+
+def _starting_state(run: RunConfig, store: CheckpointStore,
+                    fingerprint: dict) -> TrainingState | None:
     resume = run.checkpoint.resume
     existing = store.positions()
     if resume == "never":
@@ -205,13 +229,30 @@ def _starting_state(run: RunConfig, store: CheckpointStore) -> TrainingState | N
                      "output_dir; ktrain never deletes an earlier run")
         return None
     if resume == "auto":
-        return store.load_latest()
+        state = store.load_latest()
+        if state is not None and state.fingerprint and state.fingerprint != fingerprint:
+            _refuse_to_mix(run, store, state.fingerprint, fingerprint)
+        return state
     return load_checkpoint_url(resume)
 
 
+def _refuse_to_mix(run: RunConfig, store: CheckpointStore, saved: dict, now: dict):
+    """A re-run into an output_dir whose run was different: resuming would mix the two."""
+    differences = "; ".join(
+        f"{key} {saved.get(key, '?')[:40]} -> {now.get(key, '?')[:40]}"
+        if key not in ("model variables",) else f"{key} (paths or shapes) changed"
+        for key in sorted(set(saved) | set(now)) if saved.get(key) != now.get(key))
+    newest = store.file_for(store.positions()[-1])
+    raise UserError(
+        f"output_dir '{run.output_dir}' holds a run that differs from this one "
+        f"({differences}); resuming it would mix two runs", where="checkpoint.resume",
+        hint=f"choose a new output_dir to start fresh (ktrain never deletes a run), or, to "
+             f"continue the old run with these settings anyway, set checkpoint.resume: {newest}")
+
+
 def _capture(model: keras.Model, position: Position, history: list[dict],
-             callbacks: dict, global_batch_size: int) -> TrainingState:
-    return TrainingState(
+             callbacks: dict, global_batch_size: int, fingerprint: dict) -> TrainingState:
+    return TrainingState(fingerprint=fingerprint, 
         epoch=position.epoch, step=position.step,
         model_variables=[np.asarray(v.numpy()) for v in model.variables],
         optimizer_variables=[np.asarray(v.numpy()) for v in model.optimizer.variables],
@@ -303,12 +344,14 @@ class _Checkpoints(keras.callbacks.Callback):
 
     def __init__(self, run: RunConfig, store: CheckpointStore, history: list[dict],
                  steps_per_epoch: int, stop: StopRequest, flags: SharedFlags | None,
-                 callbacks: list[keras.callbacks.Callback], saved_callbacks: dict):
+                 callbacks: list[keras.callbacks.Callback], saved_callbacks: dict,
+                 fingerprint: dict):
         super().__init__()
         self.stateful = [c for c in callbacks if type(c) in _CALLBACK_STATE]
         self.run, self.store, self.history = run, store, history
         self.steps_per_epoch, self.stop, self.flags = steps_per_epoch, stop, flags
         self.callback_state = dict(saved_callbacks)
+        self.fingerprint = fingerprint
         self.first_step = 0
         """Global batches of the current epoch done before this fit call (a resumed epoch)."""
         self._epoch = 0
@@ -360,7 +403,8 @@ class _Checkpoints(keras.callbacks.Callback):
                                for c in self.stateful}
         started = time.perf_counter()
         self.store.save(_capture(self.model, position, self.history, self.callback_state,
-                                 self.run.train.global_batch_size), background=background)
+                                 self.run.train.global_batch_size, self.fingerprint),
+                        background=background)
         self._last_saved = time.monotonic()
         console.debug(f"checkpoint {position} captured in {time.perf_counter() - started:.2f}s")
 
@@ -372,7 +416,7 @@ def _plain(value):
 
 def _fit(run: RunConfig, session: Session, model: keras.Model, splits: Splits,
          output: RunOutput, store: CheckpointStore, state: TrainingState | None,
-         flags: SharedFlags | None) -> RunResult:
+         flags: SharedFlags | None, fingerprint: dict) -> RunResult:
     train = run.train
     start = state.position if state else Position(0)
     history = list(state.history) if state else []
@@ -381,9 +425,13 @@ def _fit(run: RunConfig, session: Session, model: keras.Model, splits: Splits,
         output.say(f"resuming from the checkpoint {start}")
     early_stopped = (state.callbacks.get("EarlyStopping", {}).get("stopped_epoch", 0)
                      if state else 0)
-    if start.epoch >= train.epochs or early_stopped:
-        output.say(f"early stopping ended this run after epoch {start.epoch}" if early_stopped
-                   else f"all {train.epochs} epochs are already done")
+    if (start.epoch >= train.epochs or early_stopped) and output.has_model():
+        reason = (f"early stopping ended this run after epoch {start.epoch}" if early_stopped
+                  else f"all {train.epochs} epochs are done")
+        output.say(f"nothing to train: {reason}; the model is {output.url}/model.keras "
+                   f"(raise train.epochs to train on, or use a new output_dir)")
+        output.flush_log()
+        return RunResult(output.mark_nothing_to_train(reason))
     partitioned = splits.partition_steps is not None
     validation = splits.validation and evaluation_batches(
         splits.validation, global_batch_size=train.global_batch_size, rank=session.rank,
@@ -394,7 +442,7 @@ def _fit(run: RunConfig, session: Session, model: keras.Model, splits: Splits,
     recorder = _RunRecorder(run, output, history)
     optional = _optional_callbacks(run, session, steps)
     checkpoints = _Checkpoints(run, store, history, steps, stop, flags, optional,
-                               state.callbacks if state else {})
+                               state.callbacks if state else {}, fingerprint)
     callbacks = [recorder, *optional, checkpoints]
     if session.communicator is not None:  # first, so the others see global metrics
         callbacks.insert(0, GlobalMetrics(
@@ -442,13 +490,32 @@ def _fit(run: RunConfig, session: Session, model: keras.Model, splits: Splits,
         raise error from None
     fit_ended = time.perf_counter()
     store.wait()
+    stopper = next((c for c in optional if isinstance(c, keras.callbacks.EarlyStopping)), None)
+    early_stopping = _early_stopping_report(stopper) if model.stop_training and stopper else None
+    if early_stopping:
+        output.say(early_stopping.pop("said"))
     undistribute(model.optimizer)
     model_path = output.save_model(model)
     summary = _summary(run, session, recorder, history, start.epoch, fit_started, fit_ended,
                        model_path)
+    summary["early_stopping"] = early_stopping
     output.write_summary(summary)
     output.flush_log()
     return RunResult(summary, model)
+
+
+def _early_stopping_report(stopper: keras.callbacks.EarlyStopping) -> dict:
+    """When early stopping ended the run, and which epoch's weights the model holds."""
+    stopped, best = stopper.stopped_epoch + 1, stopper.best_epoch + 1
+    restored = stopper.restore_best_weights and stopper.best_weights is not None
+    said = (f"early stopping ended the run after epoch {stopped}: {stopper.monitor} has not "
+            f"improved for {stopper.patience} epoch(s) since epoch {best} "
+            f"({stopper.monitor} {float(stopper.best):.4f}); the model holds "
+            + (f"epoch {best}'s weights (restore_best_weights)" if restored
+               else f"epoch {stopped}'s weights (set restore_best_weights for the best)"))
+    return {"stopped_after_epoch": stopped, "best_epoch": best, "monitor": stopper.monitor,
+            "best_value": float(stopper.best), "weights_of_epoch": best if restored else stopped,
+            "said": said}
 
 
 def _phases(start: Position, epochs: int) -> list[tuple[int, int, int]]:
@@ -556,6 +623,7 @@ class _ScaledLearningRate(keras.callbacks.Callback):
 # (their on_train_begin resets it; the learning rate a checkpoint holds is already scaled).
 _CALLBACK_STATE = {keras.callbacks.EarlyStopping: ("wait", "best", "best_epoch", "stopped_epoch"),
                    keras.callbacks.ReduceLROnPlateau: ("wait", "best", "cooldown_counter"),
+                   keras.callbacks.ModelCheckpoint: ("best",),
                    _ScaledLearningRate: ("base",)}
 
 
@@ -570,7 +638,33 @@ def _optional_callbacks(run: RunConfig, session: Session,
         callbacks.append(keras.callbacks.EarlyStopping(**run.train.early_stopping.model_dump()))
     if run.train.tensorboard:
         callbacks.append(keras.callbacks.TensorBoard(log_dir=f"{run.output_dir}/logs/tensorboard"))
+    if run.train.callbacks:
+        callbacks += _user_callbacks(run, session)
     return callbacks
+
+
+# Callbacks that write files: on rank 0 only, so that ranks do not overwrite each other.
+_CHIEF_ONLY = (keras.callbacks.ModelCheckpoint, keras.callbacks.CSVLogger,
+               keras.callbacks.TensorBoard)
+
+
+def _user_callbacks(run: RunConfig, session: Session) -> list[keras.callbacks.Callback]:
+    """The callbacks the user's ``train.callbacks`` fn returns; they see global metrics."""
+    spec = run.train.callbacks
+    made = call_user(load_function(spec.fn, "train.callbacks.fn", run.base_dir), spec.kwargs,
+                     "train.callbacks.fn")
+    made = list(made) if isinstance(made, (list, tuple)) else made
+    if not isinstance(made, list) or not all(isinstance(c, keras.callbacks.Callback)
+                                             for c in made):
+        raise UserError(f"the callbacks fn returned {made!r:.80}, not a list of Keras callbacks",
+                        where="train.callbacks.fn",
+                        hint="return a list, e.g. [keras.callbacks.ReduceLROnPlateau(patience=2)]")
+    if any(isinstance(c, keras.callbacks.BackupAndRestore) for c in made):
+        raise UserError("BackupAndRestore would fight ktrain's own checkpoints",
+                        where="train.callbacks.fn",
+                        hint="remove it: ktrain checkpoints (checkpoint.every_epochs, "
+                             "every_steps, every_minutes) and resumes by itself")
+    return [c for c in made if session.is_chief or not isinstance(c, _CHIEF_ONLY)]
 
 
 def _summary(run, session, recorder, history, first_epoch, fit_started, fit_ended,

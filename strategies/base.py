@@ -172,7 +172,9 @@ class MultiProcessStrategy(Strategy):
 
         import fsspec
 
-        from ktrain import console
+        import time
+
+        from ktrain import STARTED_AT, console
         from ktrain.errors import UserError, WorkersFailed
         from ktrain.worker import RunResult
 
@@ -193,8 +195,11 @@ class MultiProcessStrategy(Strategy):
             run = run.model_copy(update={"checkpoint": run.checkpoint.model_copy(
                 update={"resume": "auto"})})
         fs, out = fsspec.core.url_to_fs(run.output_dir)
-        with fs.open(f"{out}/summary.json") as f:
-            return RunResult(json.load(f))
+        summary = json.loads(fs.cat_file(f"{out}/summary.json"))
+        # The command's wall time as the user saw it, workers' start-up and restarts included.
+        summary["wall_seconds"] = round(time.perf_counter() - STARTED_AT, 3)
+        fs.pipe(f"{out}/summary.json", (json.dumps(summary, indent=2) + "\n").encode())
+        return RunResult(summary)
 
 
 def local_log_dir(output_dir: str):

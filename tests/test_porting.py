@@ -19,10 +19,13 @@ from porting import WRONG_RESULTS  # noqa: E402
 from user_models import digits_split  # noqa: E402
 
 
-def train(tmp_path, **sections) -> dict:
-    """Run ``base_config`` with ``sections``; the run's summary."""
+def train(tmp_path, strategy: dict | None = None, **sections) -> dict:
+    """Run ``base_config`` with ``sections`` (and ``strategy`` instead of its own); the run's
+    summary."""
     out = tmp_path / "out"
-    result = run_cli("run", write_config(tmp_path / "c.yaml", base_config(out, **sections)), "-q")
+    config = base_config(out, **sections)
+    config["strategy"] = strategy or config["strategy"]
+    result = run_cli("run", write_config(tmp_path / "c.yaml", config), "-q")
     assert result.returncode == 0, result.stderr
     assert "Traceback" not in result.stderr
     return json.loads((out / "summary.json").read_text())
@@ -54,6 +57,71 @@ def test_a_model_fn_that_asks_for_train_data_adapts_to_it(tmp_path):
     model = keras.saving.load_model(tmp_path / "out" / "model.keras")
     x_train = digits_split()["train"][0]
     np.testing.assert_allclose(np.ravel(model.layers[0].mean), x_train.mean(axis=0), atol=1e-5)
+
+
+def test_early_stopping_says_so_and_a_rerun_trains_nothing_and_keeps_the_model(tmp_path):
+    """It said nothing; summary.json had the last epoch only; a re-run trained on from the
+    last checkpoint and overwrote model.keras with the last (not the best) weights."""
+    config = base_config(tmp_path / "out", train={
+        "epochs": 60, "global_batch_size": 16, "shuffle": True,  # overfits within 60 epochs
+        "early_stopping": {"monitor": "val_loss", "patience": 2, "restore_best_weights": True}})
+    path = write_config(tmp_path / "c.yaml", config)
+    result = run_cli("run", path)
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    report = summary["early_stopping"]
+    assert report["stopped_after_epoch"] == summary["epochs_completed"] < 60
+    assert report["weights_of_epoch"] == report["best_epoch"] < report["stopped_after_epoch"]
+    assert (f"early stopping ended the run after epoch {report['stopped_after_epoch']}"
+            in result.stdout and f"epoch {report['best_epoch']}'s weights" in result.stdout)
+    model = (tmp_path / "out" / "model.keras").read_bytes()
+
+    again = run_cli("run", path)
+    assert again.returncode == 0, again.stderr
+    assert "nothing to train: early stopping ended this run" in again.stdout, again.stdout
+    assert "done:" not in again.stdout and "samples/s" not in again.stdout
+    assert (tmp_path / "out" / "model.keras").read_bytes() == model
+
+
+def test_user_callbacks_run_on_two_workers_with_global_metrics(tmp_path):
+    """Was `unknown key 'train.callbacks'`. ReduceLROnPlateau acts on the same (global) loss on
+    both ranks; the file-writing ModelCheckpoint and CSVLogger run on rank 0 only."""
+    summary = train(tmp_path, strategy={"name": "multiworker", "workers": 2},
+                    train={"callbacks": {"fn": f"{PORTING}:plateau_and_best_checkpoint",
+                                         "kwargs": {"folder": str(tmp_path)}}})
+    assert summary["epochs_completed"] == 3
+    model = keras.saving.load_model(tmp_path / "out" / "model.keras")
+    assert float(model.optimizer.learning_rate) == pytest.approx(0.1 * 0.5 ** 2)
+    assert keras.saving.load_model(tmp_path / "best.keras").count_params() == model.count_params()
+    assert len((tmp_path / "log.csv").read_text().splitlines()) == 1 + 3
+
+
+def test_a_callbacks_fn_that_returns_something_else_is_a_user_error(tmp_path):
+    config = base_config(tmp_path / "out", train={
+        "callbacks": {"fn": f"{PORTING}:not_callbacks", "kwargs": {"folder": str(tmp_path)}}})
+    result = run_cli("run", write_config(tmp_path / "c.yaml", config))
+    assert result.returncode == 2 and "train.callbacks.fn" in result.stderr, result.stderr
+    assert "not a list of Keras callbacks" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_rerun_with_other_data_or_settings_does_not_resume_the_old_run(tmp_path):
+    """It resumed silently (`all 20 epochs are already done ... 0 samples/s`) and saved the old
+    model again. Now: exit 2 naming what differs; the old run's files are untouched; more
+    epochs, another strategy or an explicit checkpoint still resume."""
+    out = tmp_path / "out"
+    path = write_config(tmp_path / "c.yaml", base_config(out, train={"epochs": 2}))
+    assert run_cli("run", path, "-q").returncode == 0
+    before = {f: f.read_bytes() for f in out.rglob("*") if f.is_file()}
+
+    edited = run_cli("run", path, "data.kwargs={n_train: 400}", "train.optimizer.learning_rate=0.05")
+    assert edited.returncode == 2 and "Traceback" not in edited.stderr, edited.stderr
+    for said in ("differs from this one", "data.kwargs", "training examples 512 -> 400",
+                 "train.optimizer", "choose a new output_dir", "checkpoint.resume: "):
+        assert said in edited.stderr, edited.stderr
+    assert {f: f.read_bytes() for f in out.rglob("*") if f.is_file()} == before
+
+    longer = run_cli("run", path, "train.epochs=3", "strategy={name: multiworker, workers: 2}")
+    assert longer.returncode == 0 and "resuming from the checkpoint after epoch 2" in longer.stdout
 
 
 def test_a_dataset_that_shuffles_itself_trains_with_a_note_on_resume(tmp_path):
