@@ -92,11 +92,15 @@ def test_bad_inputs_never_touch_an_existing_output_dir(tmp_path):
     fails(tmp_path, base_config(out, model={"fn": f"{FIXTURES}:broken_model", "kwargs": {}}))
     err = fails(tmp_path, base_config(out, data={"fn": f"{FIXTURES}:digits_wrong_width"},
                                       train={"epochs": 2}))
+    assert "differs from this one" in err and "data.fn" in err  # not resumed into
+    newest = str(out / "checkpoints" / "ckpt-000001.npz")
+    err = fails(tmp_path, base_config(out, data={"fn": f"{FIXTURES}:digits_wrong_width"},
+                                      train={"epochs": 2}, checkpoint={"resume": newest}))
     assert "training failed" in err
     err = fails(tmp_path, base_config(out, checkpoint={"resume": "never"}))
     assert "already holds checkpoints" in err and "checkpoint.resume: auto" in err
     err = fails(tmp_path, base_config(out, model={"fn": f"{FIXTURES}:mlp", "kwargs": {"hidden": 8}},
-                                      train={"epochs": 2}))
+                                      train={"epochs": 2}, checkpoint={"resume": newest}))
     assert "does not fit this model" in err
     assert snapshot(out) == before
 
