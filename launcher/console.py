@@ -74,6 +74,8 @@ def note(message: str) -> None:
         print(f"ktrain: note: {message}", file=sys.stderr, flush=True)
 
 
+ERROR_PREFIX = "ktrain: error: "
+"""How every error line ktrain prints begins (launchers recognise ranks' reports by it)."""
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
@@ -81,7 +83,7 @@ def error(message: str) -> None:
     if _through_log:
         return
     rank = f"rank {_rank}: " if _rank else ""
-    print(f"ktrain: error: {rank}{_ANSI.sub('', message)}", file=sys.stderr, flush=True)
+    print(f"{ERROR_PREFIX}{rank}{_ANSI.sub('', message)}", file=sys.stderr, flush=True)
 
 
 # What TensorFlow's C++ side prints while it loads, before anything can configure its logging

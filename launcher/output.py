@@ -82,13 +82,12 @@ class RunOutput:
     def has_model(self) -> bool:
         return self.fs.exists(f"{self.path}/model.keras")
 
-    def mark_nothing_to_train(self, reason: str) -> dict:
-        """summary.json says this run trained nothing, and why; the rest stays as the run
-        that trained left it."""
+    def update_summary(self, **fields) -> dict:
+        """Change ``fields`` of summary.json, keeping the rest as the run left it."""
         summary = {}
         if self.fs.exists(f"{self.path}/summary.json"):
             summary = json.loads(self.fs.cat_file(f"{self.path}/summary.json"))
-        summary.update(epochs_this_run=0, nothing_to_train=reason)
+        summary.update(fields)
         self.write_summary(summary)
         return summary
 

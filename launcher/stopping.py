@@ -17,11 +17,12 @@ import signal
 import threading
 from typing import Callable
 
+from ktrain.console import ERROR_PREFIX
 from ktrain.errors import Stopped
 
 
 RESUME_HINT = "run the same command again to resume from it"
-STOP_REPORT = "ktrain: error: stopped by "
+STOP_REPORT = f"{ERROR_PREFIX}stopped by "
 """How rank 0's report of a stop begins, in its output (see ``reported_stop``)."""
 STOP_REQUEST_ENV = "KTRAIN_STOP_REQUEST"
 """The URL of the file through which a Spark or Ray driver asks rank 0 to stop."""

@@ -185,7 +185,7 @@ class WorkerGroup:
                 if self._quiet:
                     continue
                 if rank == 0 or self.console_ranks == "all":
-                    if line.startswith("ktrain: error: "):
+                    if line.startswith(console.ERROR_PREFIX):
                         self._reported.add(rank)
                     prefix = f"[rank {rank}] " if self.console_ranks == "all" else ""
                     print(prefix + line, flush=True)
@@ -318,7 +318,7 @@ def echoed_report(rank: int, lines: list[str]) -> bool:
     """Whether ``lines`` (of ``rank``'s log) hold the rank's own error report and ``echo_log``
     has put them on the console already (rank 0's, unless quiet)."""
     return rank == 0 and console.verbosity() >= console.NORMAL and any(
-        line.startswith("ktrain: error: ") for line in lines)
+        line.startswith(console.ERROR_PREFIX) for line in lines)
 
 
 @contextlib.contextmanager

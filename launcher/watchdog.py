@@ -73,7 +73,7 @@ def watching_for_stalls(session, timeout: float | None, arrivals: Callable[[], i
 
 
 class _Board:
-    """Rank 0's side: the counts every rank reported, and the verdict once one stalled."""
+    """Rank 0's side: the counts every rank reported, and whether the group is ending."""
 
     def __init__(self, server: socket.socket, world_size: int, timeout: float,
                  own_count: Callable[[], int], output, done: threading.Event):
@@ -83,7 +83,7 @@ class _Board:
         self.counts: dict[int, int] = {}
         self.stacks: dict[int, str] = {}
         self.wanted: set[int] = set()
-        self.verdict: str | None = None
+        self.ending = False
         self.told: set[int] = set()
 
     def serve(self) -> None:
@@ -104,8 +104,8 @@ class _Board:
                     if "stacks" in report:
                         self.stacks[rank] = report["stacks"]
                     answer = {"stacks": rank in self.wanted and rank not in self.stacks,
-                              "end": self.verdict is not None}
-                    if self.verdict is not None:
+                              "end": self.ending}
+                    if self.ending:
                         self.told.add(rank)
                 stream.write(json.dumps(answer) + "\n")
                 stream.flush()
@@ -144,7 +144,7 @@ class _Board:
                  "strategy.max_restarts restarts the group from the newest checkpoint, and a "
                  "larger strategy.stall_timeout allows longer waits")
         with self.lock:
-            self.verdict = error.what
+            self.ending = True
         deadline = time.monotonic() + 2 * REPORT_EVERY + 1  # every rank hears of it
         while time.monotonic() < deadline and len(self.told) < len(self.counts):
             time.sleep(0.05)
@@ -201,6 +201,6 @@ def _say(output, text: str, *, error: bool = False) -> None:
         console.error(text)
     elif not output.keep_log:  # the launcher makes this process' output its log
         print(text, file=sys.stderr, flush=True)
-    output.log(f"ktrain: error: {text}" if error else text)
+    output.log(console.ERROR_PREFIX + text if error else text)
     output.flush_log()
     sys.stdout.flush()

@@ -431,7 +431,7 @@ def _fit(run: RunConfig, session: Session, model: keras.Model, splits: Splits,
         output.say(f"nothing to train: {reason}; the model is {output.url}/model.keras "
                    f"(raise train.epochs to train on, or use a new output_dir)")
         output.flush_log()
-        return RunResult(output.mark_nothing_to_train(reason))
+        return RunResult(output.update_summary(epochs_this_run=0, nothing_to_train=reason))
     partitioned = splits.partition_steps is not None
     validation = splits.validation and evaluation_batches(
         splits.validation, global_batch_size=train.global_batch_size, rank=session.rank,

@@ -168,14 +168,11 @@ class MultiProcessStrategy(Strategy):
     def run_with_restarts(self, run: RunConfig, attempt) -> RunResult:
         """Call ``attempt(run)`` until it returns no Failure, up to ``max_restarts`` more times,
         resuming from the newest checkpoint; then return the chief's summary."""
-        import json
-
-        import fsspec
-
         import time
 
         from ktrain import STARTED_AT, console
         from ktrain.errors import UserError, WorkersFailed
+        from ktrain.output import RunOutput
         from ktrain.worker import RunResult
 
         restarts = 0
@@ -194,12 +191,9 @@ class MultiProcessStrategy(Strategy):
                          f"checkpoint (restart {restarts} of {self.config.max_restarts})")
             run = run.model_copy(update={"checkpoint": run.checkpoint.model_copy(
                 update={"resume": "auto"})})
-        fs, out = fsspec.core.url_to_fs(run.output_dir)
-        summary = json.loads(fs.cat_file(f"{out}/summary.json"))
         # The command's wall time as the user saw it, workers' start-up and restarts included.
-        summary["wall_seconds"] = round(time.perf_counter() - STARTED_AT, 3)
-        fs.pipe(f"{out}/summary.json", (json.dumps(summary, indent=2) + "\n").encode())
-        return RunResult(summary)
+        return RunResult(RunOutput(run.output_dir).update_summary(
+            wall_seconds=round(time.perf_counter() - STARTED_AT, 3)))
 
 
 def local_log_dir(output_dir: str):
