@@ -18,6 +18,9 @@ from ktrain.errors import UserError, all_of
 from ktrain.schema import Section
 from ktrain.strategies import REGISTRY
 
+DEFAULT_LANES = 12
+"""data.lanes: divisible by 1, 2, 3, 4, 6 and 12 workers."""
+
 OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop", "adagrad", "adadelta", "adamax", "nadam",
               "ftrl", "lion", "lamb", "adafactor")
 
@@ -40,27 +43,39 @@ class FnSpec(Section):
 
 
 class DataSpec(Section):
-    """Either a data fn, or (with the spark strategy) a Parquet dataset or catalog table whose
-    partitions the workers train on."""
+    """A data fn; or files every worker streams its share of; or (with the spark strategy) a
+    Parquet dataset or catalog table whose partitions the workers train on."""
 
     fn: str | None = None
     kwargs: dict[str, Any] = {}
+    files: str | list[str] | None = None
+    """Parquet or TFRecord files (paths, globs, fsspec URLs), streamed (see ktrain.sources)."""
+    validation_files: str | list[str] | None = None
+    format: Literal["parquet", "tfrecord"] | None = None
+    """Of data.files; default: from their extension."""
+    map: FnSpec | None = None
+    """A per-example fn (x, y) -> (x, y) (or record -> (x, y)), run after sharding."""
+    lanes: PositiveInt = DEFAULT_LANES
+    """Interleaved parts of each epoch of data.files; strategy.workers must divide it."""
+    audit: bool = False
+    """Check every epoch that the workers' shards of data.files are disjoint and complete."""
     parquet: str | None = None
     """Path or URL of a Parquet dataset, read by Spark."""
     table: str | None = None
     """A table in the Spark catalog."""
     features: list[str] = []
-    """Columns that make up the feature vector, in order."""
+    """Columns (or tf.train.Example keys) that make up the feature vector, in order."""
     label: str | None = None
 
     _check_fn = field_validator("fn")(_function_reference)
 
     @model_validator(mode="after")
     def _one_source(self):
-        sources = [k for k in ("fn", "parquet", "table") if getattr(self, k) is not None]
+        sources = [k for k in ("fn", "files", "parquet", "table") if getattr(self, k) is not None]
         if len(sources) != 1:
-            raise ValueError(f"set exactly one of fn, parquet or table (got {sources or 'none'})")
-        if self.fn is None and (not self.features or not self.label):
+            raise ValueError(f"set exactly one of fn, files, parquet or table "
+                             f"(got {sources or 'none'})")
+        if sources[0] in ("parquet", "table") and (not self.features or not self.label):
             raise ValueError("a parquet or table source needs features (column list) and label")
         return self
 
@@ -375,6 +390,13 @@ def _resolve_paths(config: RunConfig, base: Path) -> RunConfig:
         train = train.model_copy(update={"callbacks": fn(train.callbacks)})
     if data.parquet:
         data = data.model_copy(update={"parquet": local(data.parquet, base)})
+    for key in ("files", "validation_files"):
+        value = getattr(data, key)
+        if value is not None:
+            data = data.model_copy(update={key: local(value, base) if isinstance(value, str)
+                                           else [local(v, base) for v in value]})
+    if data.map:
+        data = data.model_copy(update={"map": fn(data.map)})
     return config.model_copy(update={
         "model": fn(config.model), "data": data, "train": train, "checkpoint": checkpoint,
         "output_dir": local(config.output_dir, Path.cwd())})

@@ -6,14 +6,16 @@ workers, sees exactly the global batches an uninterrupted single-worker run woul
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Union
 
 import numpy as np
 import tensorflow as tf
 
 from ktrain import console
 from ktrain.errors import UserError
+from ktrain.sources import Files, FileSplit
 
 _EXPECTED = ("(x, y), ((x, y), (x_val, y_val)) as keras.datasets returns, {'train': (x, y), "
              "'validation': (x, y)}, an unbatched tf.data.Dataset of (features, label), or a "
@@ -22,14 +24,46 @@ _EXPECTED = ("(x, y), ((x, y), (x_val, y_val)) as keras.datasets returns, {'trai
 
 @dataclass(frozen=True)
 class Split:
+    """Examples in memory (arrays, or a tf.data.Dataset the data fn made)."""
+
     dataset: tf.data.Dataset  # unbatched (features, label) elements
     size: int
+
+    def examples_by_epoch(self, *, first_epoch: int, epochs: int, rank: int, world_size: int,
+                          rows: int, shuffle: bool, shuffle_buffer: int,
+                          seed: int) -> Callable[[tf.Tensor], tf.data.Dataset]:
+        """For an epoch: this worker's examples. The epoch is shuffled with a seed derived
+        from (seed, epoch), then sharded interleaved (worker r takes elements r, r+N, ...)."""
+        buffer = min(shuffle_buffer, self.size)
+
+        def examples(epoch):
+            data = self.dataset
+            if shuffle:
+                # The order must depend on (seed, epoch) only, not on TF's global seed, so this
+                # function's graph gets its own graph-level seed (never 0, which TF special-cases).
+                tf.compat.v1.get_default_graph().seed = seed % (2**31 - 2) + 1
+                data = data.shuffle(buffer, seed=epoch, reshuffle_each_iteration=False)
+            return data.shard(world_size, rank) if world_size > 1 else data
+
+        return examples
+
+    def evaluation_examples(self, rank: int, world_size: int) -> tuple[tf.data.Dataset, int]:
+        """This worker's interleaved share, and its size."""
+        if world_size == 1:
+            return self.dataset, self.size
+        return self.dataset.shard(world_size, rank), len(range(rank, self.size, world_size))
+
+    def check_workers(self, world_size: int, where: str) -> None:
+        """Any number of workers can share examples in memory."""
+
+
+AnySplit = Union[Split, FileSplit]
 
 
 @dataclass(frozen=True)
 class Splits:
-    train: Split
-    validation: Split | None
+    train: AnySplit
+    validation: AnySplit | None
     partition_steps: int | None = None
     """Set when this worker was handed its own partition (Spark DataFrame input): the data is
     already this worker's share, and every worker takes this many steps per epoch."""
@@ -58,6 +92,11 @@ def to_splits(result: Any, validation_split: float, key: str = "data.fn") -> Spl
     if _train_and_validation(result):  # what keras.datasets.*.load_data() returns
         return Splits(_to_split(result[0], key), _to_split(result[1], key))
     train = _to_split(result, key)
+    if validation_split and isinstance(train, FileSplit):
+        raise UserError("train.validation_split cannot hold out part of a dataset in files",
+                        where="train.validation_split",
+                        hint="set it to 0 and name validation files (data.validation_files, "
+                             "or return {'train': Files(...), 'validation': Files(...)})")
     if validation_split and train.size:
         n_val = int(train.size * validation_split)
         n_train = train.size - n_val
@@ -114,7 +153,9 @@ def _several_arrays(value: Any) -> bool:
     return isinstance(value, (tuple, list)) and bool(value) and np.ndim(value[0]) > 0
 
 
-def _to_split(value: Any, key: str) -> Split:
+def _to_split(value: Any, key: str) -> AnySplit:
+    if isinstance(value, Files):
+        return FileSplit(value, key)
     if isinstance(value, tf.data.Dataset):
         return _dataset_split(value, key)
     if _is_pair(value):
@@ -205,7 +246,7 @@ def _batched(transformations: list[str]) -> bool:
     return False
 
 
-def steps_per_epoch(split: Split, global_batch_size: int,
+def steps_per_epoch(split: AnySplit, global_batch_size: int,
                     partition_steps: int | None = None) -> int:
     """Global batches per epoch (the last partial one is dropped)."""
     steps = partition_steps if partition_steps is not None else split.size // global_batch_size
@@ -216,34 +257,30 @@ def steps_per_epoch(split: Split, global_batch_size: int,
     return steps
 
 
-def training_batches(split: Split, *, global_batch_size: int, rank: int, world_size: int,
+def training_batches(split: AnySplit, *, global_batch_size: int, rank: int, world_size: int,
                      shuffle: bool, shuffle_buffer: int, seed: int,
                      first_epoch: int, epochs: int, first_step: int = 0,
                      partition_steps: int | None = None) -> tuple[tf.data.Dataset, int]:
     """Every remaining epoch of this worker's batches, in one dataset; and steps per epoch.
 
-    Each epoch is shuffled with a seed derived from (seed, epoch), then sharded interleaved
-    (worker r takes elements r, r+N, ...), so the union of the workers' batches is the same
-    global batch a single worker would take: global batch k is the k-th block of the epoch's
-    order, whatever N. So ``first_step`` (global batches of ``first_epoch`` already done)
-    means the same on any number of workers. With ``partition_steps`` the split is already
-    this worker's own partition: it is not sharded again, and yields that many steps.
+    The split puts each epoch in an order that depends on (seed, epoch) only and gives worker
+    r the global positions r, r+N, ...; so the union of the workers' k-th batches is the k-th
+    global batch a single worker would take, whatever N, and ``first_step`` (global batches
+    of ``first_epoch`` already done) means the same on any number of workers. With
+    ``partition_steps`` the split is already this worker's own partition: it is not shared
+    again, and yields that many steps.
     """
     steps = steps_per_epoch(split, global_batch_size, partition_steps)
     local_batch = global_batch_size // world_size
-    buffer = min(shuffle_buffer, split.size)
-    base = split.dataset
+    own = partition_steps is not None
+    examples = split.examples_by_epoch(
+        first_epoch=first_epoch, epochs=epochs, rank=0 if own else rank,
+        world_size=1 if own else world_size,
+        rows=steps * (local_batch if own else global_batch_size), shuffle=shuffle,
+        shuffle_buffer=shuffle_buffer, seed=seed)
 
     def one_epoch(epoch):
-        data = base
-        if shuffle:
-            # The order must depend on (seed, epoch) only, not on TF's global seed, so this
-            # function's graph gets its own graph-level seed (never 0, which TF special-cases).
-            tf.compat.v1.get_default_graph().seed = seed % (2**31 - 2) + 1
-            data = data.shuffle(buffer, seed=epoch, reshuffle_each_iteration=False)
-        if world_size > 1 and partition_steps is None:
-            data = data.shard(world_size, rank)
-        batches = data.batch(local_batch, drop_remainder=True).take(steps)
+        batches = examples(epoch).batch(local_batch, drop_remainder=True).take(steps)
         skip = tf.where(epoch == first_epoch, tf.constant(first_step, tf.int64), 0)
         return batches.skip(skip)
 
@@ -251,8 +288,9 @@ def training_batches(split: Split, *, global_batch_size: int, rank: int, world_s
     return epochs_left.flat_map(one_epoch).prefetch(tf.data.AUTOTUNE), steps
 
 
-def evaluation_batches(split: Split, *, global_batch_size: int, rank: int,
-                       world_size: int, partitioned: bool = False) -> tf.data.Dataset:
-    sharded = world_size > 1 and not partitioned
-    data = split.dataset.shard(world_size, rank) if sharded else split.dataset
-    return data.batch(global_batch_size // world_size).prefetch(tf.data.AUTOTUNE)
+def evaluation_batches(split: AnySplit, *, global_batch_size: int, rank: int,
+                       world_size: int, partitioned: bool = False) -> tuple[tf.data.Dataset, int]:
+    """This worker's validation batches, and how many examples they hold."""
+    data, size = (split.dataset, split.size) if partitioned else \
+        split.evaluation_examples(rank, world_size)
+    return data.batch(global_batch_size // world_size).prefetch(tf.data.AUTOTUNE), size

@@ -6,6 +6,7 @@ only then touch output_dir -> restore the newest checkpoint -> fit -> write mode
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import inspect
 import json
@@ -29,6 +30,7 @@ from ktrain.data import (Splits, evaluation_batches, is_ray_dataset, partition_s
 from ktrain.environment import PARTITION_ENV
 from ktrain.errors import UserError, WorkersFailed, all_of
 from ktrain.output import RunOutput
+from ktrain.sources import Files, FileSplit
 from ktrain.stopping import REQUEUE_SIGNAL, StopRequest, requeue_slurm_job
 from ktrain.strategies.base import Session, Strategy
 from ktrain.supervisor import is_supervised, mark
@@ -86,18 +88,39 @@ def _load_data(run: RunConfig, session: Session) -> Splits:
     if os.environ.get(PARTITION_ENV):  # a Spark task's own partition
         path, _, steps = os.environ[PARTITION_ENV].rpartition(":")
         return partition_splits(path, int(steps))
-    if run.data.fn is None:
+    if run.data.files is not None:
+        splits = to_splits(_files_from_config(run), 0.0, key="data")
+    elif run.data.fn is None:
         raise UserError("data.parquet and data.table are read by Spark, so they need the spark "
                         "strategy", where="data",
                         hint="use strategy.name: spark, or point data.fn at a function")
-    data_fn = load_function(run.data.fn, "data.fn", run.base_dir)
-    result = call_user(data_fn, run.data.kwargs, "data.fn")
-    if is_ray_dataset(result):
-        return ray_dataset_splits(
-            result, features=list(run.data.features), label=run.data.label, rank=session.rank,
-            world_size=session.world_size, validation_split=run.train.validation_split,
-            global_batch_size=run.train.global_batch_size)
-    return to_splits(result, run.train.validation_split)
+    else:
+        data_fn = load_function(run.data.fn, "data.fn", run.base_dir)
+        result = call_user(data_fn, run.data.kwargs, "data.fn")
+        if is_ray_dataset(result):
+            return ray_dataset_splits(
+                result, features=list(run.data.features), label=run.data.label,
+                rank=session.rank, world_size=session.world_size,
+                validation_split=run.train.validation_split,
+                global_batch_size=run.train.global_batch_size)
+        splits = to_splits(result, run.train.validation_split)
+    splits.train.check_workers(session.world_size, "strategy.workers")
+    return splits
+
+
+def _files_from_config(run: RunConfig) -> dict[str, Files]:
+    """data.files (and data.validation_files) as the Files a data fn would return."""
+    data = run.data
+    map_fn = None
+    if data.map:
+        map_fn = functools.partial(load_function(data.map.fn, "data.map.fn", run.base_dir),
+                                   **data.map.kwargs)
+    options = {"format": data.format, "features": tuple(data.features), "label": data.label,
+               "map": map_fn, "lanes": data.lanes}
+    files = {"train": Files(data.files, **options)}
+    if data.validation_files is not None:
+        files["validation"] = Files(data.validation_files, **options)
+    return files
 
 
 TRAIN_DATA_PARAMETER = "train_data"
@@ -207,12 +230,14 @@ def _fingerprint(run: RunConfig, model: keras.Model, splits: Splits) -> dict[str
     shapes = json.dumps([(v.path, list(v.shape)) for v in model.variables])
     train = run.train.model_dump(include=set(_DECISIVE_TRAIN))
     return {"model.fn": run.model.fn, "model.kwargs": json.dumps(run.model.kwargs, sort_keys=True),
-            "data.fn": str(run.data.fn or run.data.parquet or run.data.table),
+            "data.fn": str(run.data.fn or run.data.files or run.data.parquet or run.data.table),
             "data.kwargs": json.dumps(run.data.kwargs, sort_keys=True),
             **{f"train.{key}": json.dumps(value, sort_keys=True) for key, value in train.items()},
             "model variables": hashlib.sha256(shapes.encode()).hexdigest()[:16],
             "training examples": str(splits.train.size),
-            "validation examples": str(splits.validation.size if splits.validation else 0)}
+            "validation examples": str(splits.validation.size if splits.validation else 0),
+            **({"data.lanes": str(splits.train.source.lanes)}
+               if isinstance(splits.train, FileSplit) else {})}
 
 
 def _starting_state(run: RunConfig, store: CheckpointStore,
@@ -433,9 +458,9 @@ def _fit(run: RunConfig, session: Session, model: keras.Model, splits: Splits,
         output.flush_log()
         return RunResult(output.update_summary(epochs_this_run=0, nothing_to_train=reason))
     partitioned = splits.partition_steps is not None
-    validation = splits.validation and evaluation_batches(
+    validation, validation_share = evaluation_batches(
         splits.validation, global_batch_size=train.global_batch_size, rank=session.rank,
-        world_size=session.world_size, partitioned=partitioned)
+        world_size=session.world_size, partitioned=partitioned) if splits.validation else (None, 0)
     phases = [] if early_stopped else _phases(start, train.epochs)
     steps = steps_per_epoch(splits.train, train.global_batch_size, splits.partition_steps)
     stop = StopRequest(run.checkpoint.stop_signals)
@@ -447,8 +472,7 @@ def _fit(run: RunConfig, session: Session, model: keras.Model, splits: Splits,
     if session.communicator is not None:  # first, so the others see global metrics
         callbacks.insert(0, GlobalMetrics(
             session.communicator, steps * train.global_batch_size // session.world_size,
-            _shard_size(splits.validation.size if splits.validation else 0, session,
-                        partitioned)))
+            validation_share))
     fit_started = time.perf_counter()
     arrivals = (lambda: int(flags.arrivals.numpy())) if flags else (lambda: recorder.steps)
 
@@ -585,11 +609,6 @@ def _peer_lost(session: Session, err: Exception, store: CheckpointStore) -> Work
         f"stopping ({type(err).__name__}: {message})",
         hint=f"see the other ranks' output for the first failure; re-run the same command to "
              f"resume from the newest checkpoint{resume}")
-
-
-def _shard_size(size: int, session: Session, partitioned: bool) -> int:
-    """Examples this worker evaluates: all of its partition, or its interleaved share."""
-    return size if partitioned else len(range(session.rank, size, session.world_size))
 
 
 class _ScaledLearningRate(keras.callbacks.Callback):

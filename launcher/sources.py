@@ -1,0 +1,417 @@
+"""Datasets in files (Parquet, TFRecord), streamed: each worker reads only its share and holds
+no more than a row group and its shuffle buffers, whatever the dataset's size.
+
+An epoch's order is a pure function of (seed, epoch, lanes), never of the number of workers.
+The blocks (Parquet row groups, TFRecord files) are put in an order drawn from (seed, epoch);
+the rows the epoch trains on (whole global batches) are cut, in that order, into ``lanes``
+contiguous spans of nearly equal length; each span is mixed in a buffer of its own; and the
+epoch's global order takes one example from each lane in turn. Worker r of N reads lanes
+r, r+N, ... and so produces global positions r, r+N, ...: its k-th local batch is its part of
+global batch k, as with in-memory data, so N workers train on 1 worker's global batches and a
+run resumes at any step on any N that divides ``lanes``. The user's per-example ``map`` runs
+after this split, so each example is decoded once, by the worker that trains on it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import tensorflow as tf
+
+from ktrain import console
+from ktrain.config import DEFAULT_LANES
+from ktrain.errors import UserError
+
+FORMATS = ("parquet", "tfrecord")
+
+
+@dataclass(frozen=True)
+class Files:
+    """A dataset in files, for ``data.files`` or as a data fn's result
+    (``return ktrain.Files("s3://bucket/train-*.parquet", features=[...], label="y")``)."""
+
+    files: str | Sequence[str]
+    """A path, glob or fsspec URL (s3://, gs://, ...), or a list of them."""
+    format: Literal["parquet", "tfrecord"] | None = None
+    """Default: from the files' extension."""
+    features: Sequence[str] = ()
+    """Parquet columns or tf.train.Example keys; numeric ones are joined into one float32
+    vector, a single string/bytes one is passed as is (e.g. to a decoding ``map``)."""
+    label: str | None = None
+    map: Callable | None = None
+    """Per-example ``(x, y) -> (x, y)`` (or ``record -> (x, y)`` for TFRecord without
+    features), run by the one worker that trains on the example."""
+    lanes: int = DEFAULT_LANES
+    """Interleaved parts of each epoch; the number of workers must divide it. It decides
+    the order, so keep it to compare or resume runs."""
+
+
+@dataclass(frozen=True)
+class Block:
+    """The unit a lane reads rows of: a Parquet row group or a TFRecord file."""
+
+    path: str
+    group: int
+    rows: int
+
+
+@dataclass(frozen=True)
+class Piece:
+    block: int
+    start: int
+    stop: int
+
+
+def lane_plan(blocks: Sequence[Block], lanes: int, *, rows: int, seed: int, epoch: int,
+              shuffle: bool) -> list[list[Piece]]:
+    """The epoch's first ``rows`` rows, cut into ``lanes`` contiguous spans (the first
+    ``rows % lanes`` one row longer), as pieces of blocks: a pure function of its arguments."""
+    order = (np.random.default_rng([seed, epoch]).permutation(len(blocks)) if shuffle
+             else np.arange(len(blocks)))
+    sizes = [rows // lanes + (lane < rows % lanes) for lane in range(lanes)]
+    plan: list[list[Piece]] = [[] for _ in range(lanes)]
+    lane, wanted = 0, sizes[0]
+    for index in order:
+        start = 0
+        while start < blocks[index].rows and lane < lanes:
+            take = min(wanted, blocks[index].rows - start)
+            if take:
+                plan[lane].append(Piece(int(index), start, start + take))
+            start, wanted = start + take, wanted - take
+            if wanted == 0:
+                lane += 1
+                wanted = sizes[lane] if lane < lanes else 0
+    return plan
+
+
+class FileSplit:
+    """A training or validation split in files (see the module's docstring)."""
+
+    def __init__(self, source: Files, key: str):
+        self.source, self.key = source, key
+        self.format = source.format or _format_of(source.files, key)
+        self.paths = _expand(source.files, key)
+        self.blocks = _parquet_blocks(self.paths) if self.format == "parquet" else \
+            _tfrecord_blocks(self.paths)
+        self.size = sum(block.rows for block in self.blocks)
+        self.offsets = np.cumsum([0] + [block.rows for block in self.blocks])
+        self._read = _ParquetReader(self) if self.format == "parquet" else _TFRecordReader(self)
+        if source.lanes < 1:
+            raise UserError(f"lanes must be at least 1, not {source.lanes}", where=key,
+                            hint=f"use the default, {DEFAULT_LANES}")
+
+    @property
+    def dataset(self) -> tf.data.Dataset:
+        """Every example in file order, as (features, label): to build the model or adapt
+        preprocessing (``train_data``)."""
+        pieces = [Piece(i, 0, block.rows) for i, block in enumerate(self.blocks)]
+        return self._examples(self._pieces(pieces)).apply(
+            tf.data.experimental.assert_cardinality(self.size))
+
+    def check_workers(self, world_size: int, where: str) -> None:
+        lanes = self.source.lanes
+        if lanes % world_size:
+            multiple = lanes * world_size // np.gcd(lanes, world_size)
+            raise UserError(
+                f"{world_size} workers cannot share {lanes} lanes (the interleaved parts of "
+                f"each epoch) evenly", where=where,
+                hint=f"set data.lanes (or Files(lanes=...)) to a multiple of {world_size}, e.g. "
+                     f"{multiple}; the order of examples then differs from runs with {lanes}")
+        if len(self.blocks) < lanes:
+            console.note(f"{self.key}: {len(self.blocks)} {self._unit} for {lanes} lanes, so "
+                         f"lanes share {self._unit} and read rows they skip; write at least "
+                         f"{lanes} {self._unit} for the best throughput")
+
+    @property
+    def _unit(self) -> str:
+        return "row groups" if self.format == "parquet" else "files"
+
+    def examples_by_epoch(self, *, first_epoch: int, epochs: int, rank: int, world_size: int,
+                          rows: int, shuffle: bool, shuffle_buffer: int,
+                          seed: int) -> Callable[[tf.Tensor], tf.data.Dataset]:
+        """For an epoch (a tensor in [first_epoch, epochs)): this worker's examples, in the
+        order of its global positions."""
+        lanes = self.source.lanes
+        plans = [lane_plan(self.blocks, lanes, rows=rows, seed=seed, epoch=e, shuffle=shuffle)
+                 for e in range(first_epoch, epochs)]
+        # Every epoch's lanes' pieces in one table: lane (e - first_epoch) * lanes + l holds
+        # rows [starts[i], starts[i] + counts[i]).
+        counts = [len(lane) for plan in plans for lane in plan]
+        starts = tf.constant(np.cumsum([0] + counts[:-1]), tf.int64)
+        counts = tf.constant(counts, tf.int64)
+        table = tf.constant([(p.block, p.start, p.stop) for plan in plans for lane in plan
+                             for p in lane] or np.zeros((0, 3), np.int64), tf.int64)
+        mine = tf.constant(list(self.lanes_of(rank, world_size)), tf.int64)
+        buffer = max(1, shuffle_buffer // lanes)
+
+        def lane_examples(epoch, lane):
+            i = (epoch - first_epoch) * lanes + lane
+            pieces = self._pieces_tensor(table[starts[i]:starts[i] + counts[i]])
+            if shuffle:  # a buffer per lane, seeded by (seed, epoch, lane) only
+                tf.compat.v1.get_default_graph().seed = seed % (2**31 - 2) + 1
+                pieces = pieces.shuffle(buffer, seed=epoch * lanes + lane,
+                                        reshuffle_each_iteration=False)
+            return pieces
+
+        def examples(epoch):
+            lanes_of_mine = tf.data.Dataset.from_tensor_slices(mine)
+            interleaved = lanes_of_mine.interleave(
+                lambda lane: lane_examples(epoch, lane), cycle_length=lanes // world_size,
+                block_length=1, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+            return self._examples(interleaved)
+
+        return examples
+
+    def lanes_of(self, rank: int, world_size: int) -> range:
+        """The lanes worker ``rank`` reads: every N-th, from its rank."""
+        return range(rank, self.source.lanes, world_size)
+
+    def evaluation_examples(self, rank: int, world_size: int) -> tuple[tf.data.Dataset, int]:
+        """This worker's part of the split (every example evaluated once), and its size."""
+        plan = lane_plan(self.blocks, world_size, rows=self.size, seed=0, epoch=0, shuffle=False)
+        size = sum(p.stop - p.start for p in plan[rank])
+        examples = self._examples(self._pieces(plan[rank]))
+        return examples.apply(tf.data.experimental.assert_cardinality(size)), size
+
+    def example_ids(self, pieces: Sequence[Piece]) -> np.ndarray:
+        """The examples' indices in file order (for the sharding audit)."""
+        return np.concatenate([np.arange(self.offsets[p.block] + p.start,
+                                         self.offsets[p.block] + p.stop)
+                               for p in pieces] or [np.zeros(0, np.int64)])
+
+    def _pieces(self, pieces: Sequence[Piece]) -> tf.data.Dataset:
+        table = tf.constant([(p.block, p.start, p.stop) for p in pieces] or
+                            np.zeros((0, 3), np.int64), dtype=tf.int64)
+        return self._pieces_tensor(table)
+
+    def _pieces_tensor(self, table: tf.Tensor) -> tf.data.Dataset:
+        """Raw elements of the rows the (block, start, stop) rows of ``table`` name."""
+        return tf.data.Dataset.from_tensor_slices(table).flat_map(
+            lambda piece: self._read(piece[0], piece[1], piece[2]))
+
+    def _examples(self, raw: tf.data.Dataset) -> tf.data.Dataset:
+        """(features, label) from raw elements: ktrain's parsing, then the user's map."""
+        data = raw.map(self._read.to_example, num_parallel_calls=tf.data.AUTOTUNE,
+                       deterministic=True)
+        if self.source.map is not None:
+            data = data.map(self.source.map, num_parallel_calls=tf.data.AUTOTUNE,
+                            deterministic=True)
+        return data
+
+    def fingerprint(self) -> str:
+        listing = "\n".join(f"{b.path}#{b.group}:{b.rows}" for b in self.blocks)
+        return hashlib.sha256(listing.encode()).hexdigest()[:16]
+
+
+# ------------------------------------------------------------------------------- files
+
+
+def _format_of(files: str | Sequence[str], key: str) -> str:
+    first = files if isinstance(files, str) else (files[0] if files else "")
+    name = first.rstrip("/").rsplit("/", 1)[-1]
+    for fmt, endings in (("parquet", (".parquet", ".pq")),
+                         ("tfrecord", (".tfrecord", ".tfrecords", ".tfr"))):
+        if any(ending in name for ending in endings):
+            return fmt
+    raise UserError(f"cannot tell the format of '{first}' from its name", where=key,
+                    hint=f"set format: one of {', '.join(FORMATS)}")
+
+
+def _expand(files: str | Sequence[str], key: str) -> list[str]:
+    """Every file the paths or patterns name, sorted; a folder stands for the files in it
+    (but not Spark's _SUCCESS and other hidden files)."""
+    import fsspec
+
+    found: list[str] = []
+    for pattern in [files] if isinstance(files, str) else list(files):
+        fs, path = fsspec.core.url_to_fs(pattern)
+        if any(c in path for c in "*?["):
+            matches = sorted(fs.glob(path))
+        elif fs.isdir(path):
+            matches = sorted(f for f in fs.find(path)
+                             if not f.rsplit("/", 1)[-1].startswith(("_", ".")))
+        else:
+            matches = [path] if fs.exists(path) else []
+        if not matches:
+            raise UserError(f"no files match '{pattern}'", where=key,
+                            hint="check the path or pattern (relative paths start at the "
+                                 "config file's folder)")
+        found += [fs.unstrip_protocol(m) if "://" in pattern else m for m in matches]
+    return found
+
+
+def _open(path: str):
+    import fsspec
+
+    return fsspec.open(path, "rb").open()
+
+
+def _parquet_blocks(paths: list[str]) -> list[Block]:
+    import pyarrow.parquet as pq
+
+    blocks = []
+    for path in paths:
+        with _open(path) as handle:
+            meta = pq.ParquetFile(handle).metadata
+            blocks += [Block(path, g, meta.row_group(g).num_rows)
+                       for g in range(meta.num_row_groups) if meta.row_group(g).num_rows]
+    return blocks
+
+
+def _tfrecord_blocks(paths: list[str]) -> list[Block]:
+    return [Block(path, 0, _count_records(path)) for path in paths]
+
+
+def _count_records(path: str) -> int:
+    """Records in a TFRecord file, by its framing (length, crc, data, crc): no parsing."""
+    count = 0
+    with _open(path) as handle:
+        while header := handle.read(12):
+            if len(header) < 12:
+                break
+            length = int.from_bytes(header[:8], "little")
+            handle.seek(length + 4, 1)
+            count += 1
+    return count
+
+
+# ------------------------------------------------------------------------------- readers
+
+
+def _assemble(columns: Sequence[tf.Tensor], names: Sequence[str], key: str):
+    """Features as one float32 vector (numeric columns), or a single column as it is."""
+    if len(columns) == 1 and columns[0].dtype == tf.string:
+        return columns[0]
+    strings = [n for n, c in zip(names, columns) if c.dtype == tf.string]
+    if strings:
+        raise UserError(f"feature(s) {strings} hold strings, which cannot join a numeric "
+                        f"feature vector", where=f"{key}.features",
+                        hint="name one string feature on its own and decode it in a map fn")
+    return tf.concat([tf.reshape(tf.cast(c, tf.float32), [-1]) for c in columns], axis=0)
+
+
+class _ParquetReader:
+    """Rows of a row group, read with pyarrow (in chunks), as tuples of column tensors."""
+
+    CHUNK = 1024
+
+    def __init__(self, split: FileSplit):
+        import pyarrow.parquet as pq
+
+        source = split.source
+        self.columns = [*source.features, *([source.label] if source.label else [])]
+        if not source.features or (not source.label and source.map is None):
+            raise UserError("a Parquet source needs features (columns) and a label, or a map "
+                            "fn that makes (features, label)", where=split.key,
+                            hint="e.g. features: [x0, x1], label: y")
+        with _open(split.blocks[0].path if split.blocks else split.paths[0]) as handle:
+            schema = pq.ParquetFile(handle).schema_arrow
+        missing = [c for c in self.columns if c not in schema.names]
+        if missing:
+            raise UserError(f"column(s) {missing} are not in {split.paths[0]}",
+                            where=f"{split.key}.features",
+                            hint=f"its columns are: {', '.join(schema.names)}")
+        self.specs = tuple(_column_spec(schema.field(c), split.key) for c in self.columns)
+        self.paths = [block.path for block in split.blocks]
+        self.groups = [block.group for block in split.blocks]
+        self.features, self.key = len(source.features), split.key
+        self.names = list(source.features)
+
+    def __call__(self, block, start, stop) -> tf.data.Dataset:
+        return tf.data.Dataset.from_generator(
+            self._chunks, args=(block, start, stop), output_signature=self.specs).unbatch()
+
+    def _chunks(self, block, start, stop):
+        import pyarrow.parquet as pq
+
+        block = int(block)
+        with _open(self.paths[block]) as handle:
+            table = pq.ParquetFile(handle).read_row_group(self.groups[block],
+                                                          columns=self.columns)
+        table = table.slice(int(start), int(stop) - int(start))
+        for batch in table.to_batches(max_chunksize=self.CHUNK):
+            yield tuple(_to_numpy(batch.column(i)) for i in range(len(self.columns)))
+
+    def to_example(self, *columns):
+        x = _assemble(columns[:self.features], self.names, self.key)
+        return (x, columns[self.features]) if len(columns) > self.features else x
+
+
+def _column_spec(field, key: str) -> tf.TensorSpec:
+    import pyarrow as pa
+
+    kind = field.type
+    if pa.types.is_fixed_size_list(kind):
+        return tf.TensorSpec((None, kind.list_size), tf.as_dtype(kind.value_type.to_pandas_dtype()))
+    if pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_binary(kind):
+        return tf.TensorSpec((None,), tf.string)
+    if pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_boolean(kind):
+        return tf.TensorSpec((None,), tf.as_dtype(kind.to_pandas_dtype()))
+    raise UserError(f"column '{field.name}' is of type {kind}, which ktrain cannot stream",
+                    where=f"{key}.features", hint="use numeric, string or fixed-size list "
+                                                  "columns (pyarrow.list_(type, size))")
+
+
+def _to_numpy(column) -> np.ndarray:
+    import pyarrow as pa
+
+    if pa.types.is_fixed_size_list(column.type):
+        return column.flatten().to_numpy().reshape(len(column), column.type.list_size)
+    return column.to_numpy(zero_copy_only=False)
+
+
+class _TFRecordReader:
+    """Records of a TFRecord file, by TensorFlow's own reader; parsed as tf.train.Example
+    when features are named (their types and lengths taken from the first record)."""
+
+    def __init__(self, split: FileSplit):
+        source = split.source
+        self.paths = tf.constant([block.path for block in split.blocks] or [""])
+        self.names = list(source.features)
+        self.label, self.key = source.label, split.key
+        self.spec = None
+        if source.features:
+            self.spec = _example_spec(split.paths[0], [*self.names, *([self.label] if
+                                                                     self.label else [])],
+                                      split.key)
+        elif source.map is None:
+            raise UserError("a TFRecord source needs features (and a label) to parse "
+                            "tf.train.Example records, or a map fn that parses each record",
+                            where=split.key, hint="e.g. features: [pixels], label: digit")
+
+    def __call__(self, block, start, stop) -> tf.data.Dataset:
+        return tf.data.TFRecordDataset(self.paths[block]).skip(start).take(stop - start)
+
+    def to_example(self, record):
+        if self.spec is None:
+            return record  # the user's map parses it
+        parsed = tf.io.parse_single_example(record, self.spec)
+        x = _assemble([parsed[n] for n in self.names], self.names, self.key)
+        return (x, parsed[self.label]) if self.label else x
+
+
+def _example_spec(path: str, keys: list[str], key: str) -> dict:
+    first = next(iter(tf.data.TFRecordDataset(path).take(1)), None)
+    if first is None:
+        raise UserError(f"{path} holds no records", where=key, hint="remove the empty file")
+    try:
+        example = tf.train.Example.FromString(first.numpy())
+    except Exception:  # noqa: BLE001 - protobuf's DecodeError; any failure means the same
+        raise UserError(f"the records of {path} are not tf.train.Example", where=key,
+                        hint="leave features unset and parse each record in a map fn") from None
+    present = example.features.feature
+    missing = [k for k in keys if k not in present]
+    if missing:
+        raise UserError(f"key(s) {missing} are not in the records of {path}",
+                        where=f"{key}.features", hint=f"its keys are: {', '.join(present)}")
+    spec = {}
+    for name in keys:
+        kind = present[name].WhichOneof("kind")
+        values = getattr(present[name], kind).value
+        dtype = {"float_list": tf.float32, "int64_list": tf.int64, "bytes_list": tf.string}[kind]
+        spec[name] = tf.io.FixedLenFeature([] if len(values) == 1 else [len(values)], dtype)
+    return spec
