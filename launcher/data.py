@@ -15,7 +15,7 @@ import tensorflow as tf
 
 from ktrain import console
 from ktrain.errors import UserError
-from ktrain.sources import Files, FileSplit
+from ktrain.sources import Files, FileSplit, ShardAudit
 
 _EXPECTED = ("(x, y), ((x, y), (x_val, y_val)) as keras.datasets returns, {'train': (x, y), "
              "'validation': (x, y)}, an unbatched tf.data.Dataset of (features, label), or a "
@@ -260,7 +260,8 @@ def steps_per_epoch(split: AnySplit, global_batch_size: int,
 def training_batches(split: AnySplit, *, global_batch_size: int, rank: int, world_size: int,
                      shuffle: bool, shuffle_buffer: int, seed: int,
                      first_epoch: int, epochs: int, first_step: int = 0,
-                     partition_steps: int | None = None) -> tuple[tf.data.Dataset, int]:
+                     partition_steps: int | None = None,
+                     audit: ShardAudit | None = None) -> tuple[tf.data.Dataset, int]:
     """Every remaining epoch of this worker's batches, in one dataset; and steps per epoch.
 
     The split puts each epoch in an order that depends on (seed, epoch) only and gives worker
@@ -277,7 +278,7 @@ def training_batches(split: AnySplit, *, global_batch_size: int, rank: int, worl
         first_epoch=first_epoch, epochs=epochs, rank=0 if own else rank,
         world_size=1 if own else world_size,
         rows=steps * (local_batch if own else global_batch_size), shuffle=shuffle,
-        shuffle_buffer=shuffle_buffer, seed=seed)
+        shuffle_buffer=shuffle_buffer, seed=seed, **({"audit": audit} if audit else {}))
 
     def one_epoch(epoch):
         batches = examples(epoch).batch(local_batch, drop_remainder=True).take(steps)

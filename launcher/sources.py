@@ -131,13 +131,16 @@ class FileSplit:
         return "row groups" if self.format == "parquet" else "files"
 
     def examples_by_epoch(self, *, first_epoch: int, epochs: int, rank: int, world_size: int,
-                          rows: int, shuffle: bool, shuffle_buffer: int,
-                          seed: int) -> Callable[[tf.Tensor], tf.data.Dataset]:
+                          rows: int, shuffle: bool, shuffle_buffer: int, seed: int,
+                          audit: ShardAudit | None = None
+                          ) -> Callable[[tf.Tensor], tf.data.Dataset]:
         """For an epoch (a tensor in [first_epoch, epochs)): this worker's examples, in the
-        order of its global positions."""
+        order of its global positions; ``audit`` learns the id of each one read."""
         lanes = self.source.lanes
         plans = [lane_plan(self.blocks, lanes, rows=rows, seed=seed, epoch=e, shuffle=shuffle)
                  for e in range(first_epoch, epochs)]
+        if audit is not None:
+            audit.plans.update(zip(range(first_epoch, epochs), plans))
         # Every epoch's lanes' pieces in one table: lane (e - first_epoch) * lanes + l holds
         # rows [starts[i], starts[i] + counts[i]).
         counts = [len(lane) for plan in plans for lane in plan]
@@ -150,7 +153,8 @@ class FileSplit:
 
         def lane_examples(epoch, lane):
             i = (epoch - first_epoch) * lanes + lane
-            pieces = self._pieces_tensor(table[starts[i]:starts[i] + counts[i]])
+            pieces = self._pieces_tensor(table[starts[i]:starts[i] + counts[i]],
+                                         with_ids=audit is not None)
             if shuffle:  # a buffer per lane, seeded by (seed, epoch, lane) only
                 tf.compat.v1.get_default_graph().seed = seed % (2**31 - 2) + 1
                 pieces = pieces.shuffle(buffer, seed=epoch * lanes + lane,
@@ -162,6 +166,8 @@ class FileSplit:
             interleaved = lanes_of_mine.interleave(
                 lambda lane: lane_examples(epoch, lane), cycle_length=lanes // world_size,
                 block_length=1, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+            if audit is not None:
+                interleaved = interleaved.map(lambda raw, example: audit.noted(epoch, raw, example))
             return self._examples(interleaved)
 
         return examples
@@ -177,21 +183,24 @@ class FileSplit:
         examples = self._examples(self._pieces(plan[rank]))
         return examples.apply(tf.data.experimental.assert_cardinality(size)), size
 
-    def example_ids(self, pieces: Sequence[Piece]) -> np.ndarray:
-        """The examples' indices in file order (for the sharding audit)."""
-        return np.concatenate([np.arange(self.offsets[p.block] + p.start,
-                                         self.offsets[p.block] + p.stop)
-                               for p in pieces] or [np.zeros(0, np.int64)])
-
     def _pieces(self, pieces: Sequence[Piece]) -> tf.data.Dataset:
         table = tf.constant([(p.block, p.start, p.stop) for p in pieces] or
                             np.zeros((0, 3), np.int64), dtype=tf.int64)
         return self._pieces_tensor(table)
 
-    def _pieces_tensor(self, table: tf.Tensor) -> tf.data.Dataset:
-        """Raw elements of the rows the (block, start, stop) rows of ``table`` name."""
-        return tf.data.Dataset.from_tensor_slices(table).flat_map(
-            lambda piece: self._read(piece[0], piece[1], piece[2]))
+    def _pieces_tensor(self, table: tf.Tensor, with_ids: bool = False) -> tf.data.Dataset:
+        """Raw elements of the rows the (block, start, stop) rows of ``table`` name; with
+        ``with_ids``, each paired with its example id (its index in file order)."""
+        offsets = tf.constant(self.offsets, tf.int64)
+
+        def piece(row):
+            raw = self._read(row[0], row[1], row[2])
+            if not with_ids:
+                return raw
+            first = offsets[row[0]] + row[1]
+            return tf.data.Dataset.zip(raw, tf.data.Dataset.range(first, first + row[2] - row[1]))
+
+        return tf.data.Dataset.from_tensor_slices(table).flat_map(piece)
 
     def _examples(self, raw: tf.data.Dataset) -> tf.data.Dataset:
         """(features, label) from raw elements: ktrain's parsing, then the user's map."""
@@ -205,6 +214,55 @@ class FileSplit:
     def fingerprint(self) -> str:
         listing = "\n".join(f"{b.path}#{b.group}:{b.rows}" for b in self.blocks)
         return hashlib.sha256(listing.encode()).hexdigest()[:16]
+
+
+class ShardAudit:
+    """``data.audit``: every rank notes the id of each example it reads; at an epoch's end the
+    ranks add up (count, hash of ids) and compare the sums with the epoch's plan, so a shard
+    that overlaps another or leaves examples out is caught without gathering ids."""
+
+    def __init__(self, split: FileSplit, rank: int, world_size: int):
+        self.split, self.rank, self.world_size = split, rank, world_size
+        self.plans: dict[int, list[list[Piece]]] = {}
+        self.epochs_checked = 0
+        self._read: dict[int, list[int]] = {}
+
+    def noted(self, epoch: tf.Tensor, raw, example_id: tf.Tensor):
+        """``raw``, once its id is noted (a dataset map)."""
+        note = tf.numpy_function(self._note, [epoch, example_id], tf.int64, stateful=True)
+        with tf.control_dependencies([note]):
+            return tf.nest.map_structure(tf.identity, raw)
+
+    def _note(self, epoch, example_id):
+        self._read.setdefault(int(epoch), []).append(int(example_id))
+        return example_id
+
+    def problem(self, epoch: int, allreduce_sum: Callable[[np.ndarray], np.ndarray]) -> str | None:
+        """What is wrong with the shards of ``epoch`` (the same on every rank), or None."""
+        read = np.asarray(self._read.pop(epoch, []), np.int64)
+        mine = np.zeros((self.world_size, 2))
+        mine[self.rank] = len(read), _id_hash(read)
+        ranks = allreduce_sum(mine)
+        expected = np.concatenate([np.arange(self.split.offsets[p.block] + p.start,
+                                             self.split.offsets[p.block] + p.stop)
+                                   for lane in self.plans[epoch] for p in lane])
+        count, total = int(ranks[:, 0].sum()), int(ranks[:, 1].sum()) % 2**32
+        if count == len(expected) and total == _id_hash(expected):
+            self.epochs_checked += 1
+            return None
+        same = [f"{a} and {b}" for a in range(self.world_size) for b in range(a + 1, self.world_size)
+                if ranks[a, 0] and (ranks[a] == ranks[b]).all()]
+        counts = ", ".join(f"rank {r} {int(n)}" for r, n in enumerate(ranks[:, 0]))
+        return (f"in epoch {epoch + 1} the workers read {count} examples ({counts}), not each of "
+                f"the epoch's {len(expected)} once: their shards "
+                + (f"are identical (ranks {', '.join(same)})" if same else
+                   "overlap or leave examples out"))
+
+
+def _id_hash(ids: np.ndarray) -> int:
+    """Sum of the ids' 32-bit mixes, mod 2**32: order-free, and exact as a float64 per rank."""
+    mixed = (ids.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)) >> np.uint64(32)
+    return int(mixed.sum(dtype=np.uint64) % np.uint64(2**32))
 
 
 # ------------------------------------------------------------------------------- files

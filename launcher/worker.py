@@ -30,7 +30,7 @@ from ktrain.data import (Splits, evaluation_batches, is_ray_dataset, partition_s
 from ktrain.environment import PARTITION_ENV
 from ktrain.errors import UserError, WorkersFailed, all_of
 from ktrain.output import RunOutput
-from ktrain.sources import Files, FileSplit
+from ktrain.sources import Files, FileSplit, ShardAudit
 from ktrain.stopping import REQUEUE_SIGNAL, StopRequest, requeue_slurm_job
 from ktrain.strategies.base import Session, Strategy
 from ktrain.supervisor import is_supervised, mark
@@ -105,6 +105,11 @@ def _load_data(run: RunConfig, session: Session) -> Splits:
                 global_batch_size=run.train.global_batch_size)
         splits = to_splits(result, run.train.validation_split)
     splits.train.check_workers(session.world_size, "strategy.workers")
+    if run.data.audit and not isinstance(splits.train, FileSplit):
+        raise UserError("data.audit checks how workers share a dataset in files, and this "
+                        "run's data is in memory", where="data.audit",
+                        hint="remove data.audit, or read the data with data.files (or a data "
+                             "fn that returns ktrain.Files)")
     return splits
 
 
@@ -353,6 +358,34 @@ class _RunRecorder(keras.callbacks.Callback):
 
 
 
+class ShardsBroken(WorkersFailed):
+    """data.audit found that the workers did not read the epoch's examples once each."""
+
+
+class _AuditShards(keras.callbacks.Callback):
+    """data.audit, at each epoch's end. Every rank finds the same problem; rank 0 reports it
+    (the others fail on the next collective once it is gone, after it)."""
+
+    def __init__(self, audit: ShardAudit, session: Session):
+        super().__init__()
+        self.audit, self.communicator = audit, session.communicator
+        self.is_chief = session.is_chief
+
+    def on_epoch_end(self, epoch, logs=None):
+        def allreduce_sum(values: np.ndarray) -> np.ndarray:
+            if self.communicator is None:
+                return values
+            return self.communicator.allreduce_sum([tf.constant(values, tf.float64)])[0].numpy()
+
+        problem = self.audit.problem(epoch, allreduce_sum)
+        if problem and self.is_chief:
+            raise ShardsBroken(
+                f"data.audit: {problem}", hint="ktrain's own lanes never overlap: look for code "
+                "that changes how the data is shared (a data fn, a map fn, a patched "
+                "ktrain.sources); the run stops before checkpointing this epoch")
+        console.debug(f"data.audit: epoch {epoch + 1}'s shards are disjoint and complete")
+
+
 class _StopNow(Exception):
     """Raised out of ``fit`` once the checkpoint at ``position`` is taken."""
 
@@ -469,6 +502,10 @@ def _fit(run: RunConfig, session: Session, model: keras.Model, splits: Splits,
     checkpoints = _Checkpoints(run, store, history, steps, stop, flags, optional,
                                state.callbacks if state else {}, fingerprint)
     callbacks = [recorder, *optional, checkpoints]
+    audit = ShardAudit(splits.train, session.rank, session.world_size) if run.data.audit \
+        else None
+    if audit:  # before any checkpoint takes the epoch
+        callbacks.insert(0, _AuditShards(audit, session))
     if session.communicator is not None:  # first, so the others see global metrics
         callbacks.insert(0, GlobalMetrics(
             session.communicator, steps * train.global_batch_size // session.world_size,
@@ -492,7 +529,7 @@ def _fit(run: RunConfig, session: Session, model: keras.Model, splits: Splits,
                     rank=session.rank, world_size=session.world_size, shuffle=train.shuffle,
                     shuffle_buffer=train.shuffle_buffer, seed=train.seed,
                     first_epoch=first_epoch, epochs=end_epoch, first_step=first_step,
-                    partition_steps=splits.partition_steps)
+                    partition_steps=splits.partition_steps, audit=audit)
                 checkpoints.first_step = first_step
                 _fit_phase(run, session, model, store, batches, first_epoch, end_epoch,
                            steps - first_step, validation, callbacks)
@@ -523,6 +560,10 @@ def _fit(run: RunConfig, session: Session, model: keras.Model, splits: Splits,
     summary = _summary(run, session, recorder, history, start.epoch, fit_started, fit_ended,
                        model_path)
     summary["early_stopping"] = early_stopping
+    if audit:
+        summary["data_audit"] = {"epochs_checked": audit.epochs_checked}
+        output.say(f"data.audit: in each of {audit.epochs_checked} epoch(s) the workers read "
+                   f"every example once")
     output.write_summary(summary)
     output.flush_log()
     return RunResult(summary, model)
