@@ -69,6 +69,10 @@ class DataSpec(Section):
 
     _check_fn = field_validator("fn")(_function_reference)
 
+    @property
+    def read_by_spark(self) -> bool:
+        return self.parquet is not None or self.table is not None
+
     @model_validator(mode="after")
     def _one_source(self):
         sources = [k for k in ("fn", "files", "parquet", "table") if getattr(self, k) is not None]

@@ -6,6 +6,7 @@ workers, sees exactly the global batches an uninterrupted single-worker run woul
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Union
@@ -69,13 +70,20 @@ class Splits:
     already this worker's share, and every worker takes this many steps per epoch."""
 
 
-def partition_splits(path: str, steps_per_epoch: int) -> Splits:
-    """This worker's partition, as written by the spark strategy's task (an .npz file)."""
-    with np.load(path) as arrays:
-        train = (arrays["x_train"], arrays["y_train"])
-        validation = (arrays["x_validation"], arrays["y_validation"])
-    val = _to_split(validation, "data") if len(validation[1]) else None
-    return Splits(_to_split(train, "data"), val, steps_per_epoch)
+def partition_splits(folder: str, steps_per_epoch: int, features: list[str],
+                     label: str) -> Splits:
+    """This worker's own partition, as the spark strategy's task streamed it to Parquet
+    (train.parquet, validation.parquet in ``folder``); read in streaming fashion too."""
+    def split(name: str) -> FileSplit | None:  # none if the partition held no such rows
+        path = f"{folder}/{name}.parquet"
+        if not os.path.exists(path):
+            return None
+        files = FileSplit(Files(path, features=tuple(features), label=label, lanes=1), "data")
+        return files if files.size else None
+
+    nothing = (np.zeros((0, len(features)), np.float32), np.zeros(0, np.int64))
+    return Splits(split("train") or _to_split(nothing, "data"), split("validation"),
+                  steps_per_epoch)
 
 
 def to_splits(result: Any, validation_split: float, key: str = "data.fn") -> Splits:

@@ -87,10 +87,10 @@ def run_worker(run: RunConfig, strategy: Strategy) -> RunResult:
 def _load_data(run: RunConfig, session: Session) -> Splits:
     if os.environ.get(PARTITION_ENV):  # a Spark task's own partition
         path, _, steps = os.environ[PARTITION_ENV].rpartition(":")
-        return partition_splits(path, int(steps))
+        return partition_splits(path, int(steps), list(run.data.features), run.data.label)
     if run.data.files is not None:
         splits = to_splits(_files_from_config(run), 0.0, key="data")
-    elif run.data.fn is None:
+    elif run.data.read_by_spark:
         raise UserError("data.parquet and data.table are read by Spark, so they need the spark "
                         "strategy", where="data",
                         hint="use strategy.name: spark, or point data.fn at a function")

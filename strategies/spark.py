@@ -154,10 +154,10 @@ class SparkStrategy(MultiProcessStrategy):
         connect = type(spark).__module__.startswith("pyspark.sql.connect")
         if not connect:  # Spark Connect does not expose the scheduler: Spark checks the slots
             _check_slots(spark.sparkContext, n, min(self.config.start_timeout, 30.0))
-        if run.data.fn is None:  # each task trains on its partition of the DataFrame
+        if run.data.read_by_spark:  # each task trains on its partition of the DataFrame
             columns = (list(run.data.features), run.data.label, run.train.global_batch_size)
             partitions = _dataframe(spark, run, n)
-        else:  # each task runs the data fn and keeps its interleaved shard
+        else:  # each task reads its share of the data fn's result or data.files
             columns, partitions = None, spark.range(n, numPartitions=n)
         master = self._connect_url() if connect else spark.sparkContext.master
         console.info(f"training on {n} Spark barrier tasks ({master}); "
@@ -236,24 +236,31 @@ def _dataframe(spark, run, partitions: int):
     return source.select(*wanted).withColumn(_VALIDATION_COLUMN, flag).repartition(partitions)
 
 
-def _write_partition(batches, columns, path: str) -> int:
-    """Save this task's rows (Arrow record batches) as the arrays a worker trains on; return
-    its training rows."""
-    import numpy as np
+def _write_partition(batches, columns, folder: str) -> int:
+    """Stream this task's rows (Arrow record batches) into the Parquet files its worker reads
+    (train.parquet, validation.parquet), one batch at a time; return its training rows."""
+    import pyarrow.compute as compute
+    import pyarrow.parquet as pq
 
     features, label, _ = columns
-    batches = list(batches)
-
-    def column(name: str) -> np.ndarray:
-        parts = [batch.column(name).to_numpy(zero_copy_only=False) for batch in batches]
-        return np.concatenate(parts) if parts else np.zeros(0)
-
-    x = np.stack([column(c) for c in features], axis=1).astype(np.float32)
-    y = column(label)
-    held_out = column(_VALIDATION_COLUMN).astype(bool)
-    np.savez(path, x_train=x[~held_out], y_train=y[~held_out], x_validation=x[held_out],
-             y_validation=y[held_out])
-    return int((~held_out).sum())
+    kept = [*features, label]
+    writers: dict[str, pq.ParquetWriter] = {}
+    rows = 0
+    try:
+        for batch in batches:
+            held_out = batch.column(_VALIDATION_COLUMN)
+            for name, rows_of in (("train", compute.invert(held_out)), ("validation", held_out)):
+                part = batch.filter(rows_of).select(kept)
+                if name not in writers:
+                    writers[name] = pq.ParquetWriter(os.path.join(folder, f"{name}.parquet"),
+                                                     part.schema)
+                if part.num_rows:
+                    writers[name].write_batch(part)
+                rows += part.num_rows if name == "train" else 0
+    finally:
+        for writer in writers.values():
+            writer.close()
+    return rows
 
 
 def _barrier_task(plan_json: str, output_dir: str, driver_env: dict, columns=None):
@@ -278,8 +285,7 @@ def _barrier_task(plan_json: str, output_dir: str, driver_env: dict, columns=Non
         infos = context.getTaskInfos()
         host = infos[rank].address.rsplit(":", 1)[0]
         scratch = tempfile.mkdtemp(prefix="ktrain-partition-")
-        partition = os.path.join(scratch, "data.npz")
-        examples = _write_partition(batches, columns, partition) if columns else 0
+        examples = _write_partition(batches, columns, scratch) if columns else 0
         gathered = [g.split("|") for g in
                     context.allGather(f"{host}:{free_ports(1, host)[0]}|{examples}")]
         peers = [address for address, _ in gathered]
@@ -288,7 +294,7 @@ def _barrier_task(plan_json: str, output_dir: str, driver_env: dict, columns=Non
                "KTRAIN_PEERS": ",".join(peers), **captured_output_env(driver_env)}
         if columns:  # every worker takes as many steps as the smallest partition allows
             steps = min(int(n) for _, n in gathered) // (columns[2] // len(infos))
-            env[PARTITION_ENV] = f"{partition}:{steps}"
+            env[PARTITION_ENV] = f"{scratch}:{steps}"
         gpus = context.resources().get("gpu")
         if gpus is not None:  # Spark's GPU scheduling picked this task's GPUs
             env["CUDA_VISIBLE_DEVICES"] = ",".join(gpus.addresses)
