@@ -1,0 +1,165 @@
+"""Data in files (Parquet, TFRecord), streamed: each worker reads only its lanes, N workers
+train on 1 process's global batches, a resumed epoch continues exactly, the per-example map
+runs once per example overall, and data.audit catches broken sharding."""
+
+import collections
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from helpers import FIXTURES, assert_same_weights, base_config, run_cli, write_config
+
+FILES = FIXTURES.parent / "file_datasets.py"
+sys.path.insert(0, str(FIXTURES.parent))  # the fixtures write the files
+EPOCHS = 3
+# Parquet with ktrain's column reading and a fixed order; TFRecord decoded by the user's map fn,
+# shuffled.
+CASES = {"parquet": {"shuffle": False}, "tfrecord": {"shuffle": True}}
+
+
+@pytest.fixture(scope="module")
+def digits_files(tmp_path_factory):
+    from file_datasets import write_digits
+
+    folder = tmp_path_factory.mktemp("digits-files")
+    return {fmt: write_digits(folder / fmt, fmt) for fmt in CASES}
+
+
+def files_config(out: Path, fmt: str, digits_files: dict, strategy: dict, **data) -> dict:
+    from file_datasets import PIXELS
+
+    train, validation = digits_files[fmt]
+    source = ({"features": PIXELS, "label": "label"} if fmt == "parquet" else
+              {"map": {"fn": f"{FILES}:parse_and_count", "kwargs": {"folder": str(out.parent)}}})
+    config = base_config(out, train={**base_config(out)["train"], **CASES[fmt], "epochs": EPOCHS})
+    config["data"] = {"files": train, "validation_files": validation, **source, **data}
+    config["strategy"] = strategy
+    return config
+
+
+def train(tmp_path: Path, name: str, config: dict) -> Path:
+    out = tmp_path / name / "out"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    config = {**config, "output_dir": str(out)}
+    if "map" in config["data"]:  # the map fn leaves its notes beside this run's output
+        config["data"] = {**config["data"], "map": {**config["data"]["map"],
+                                                    "kwargs": {"folder": str(out.parent)}}}
+    result = run_cli("run", write_config(out.parent / "c.yaml", config), "-q")
+    assert result.returncode == 0, result.stdout + result.stderr
+    return out
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory, digits_files):
+    """The reference for each format: one process, one replica."""
+    folder = tmp_path_factory.mktemp("one-process")
+    return {fmt: train(folder, fmt, files_config(folder, fmt, digits_files,
+                                                {"name": "mirrored", "devices": 1}))
+            for fmt in CASES}
+
+
+def decoded(run_folder: Path) -> tuple[collections.Counter, int]:
+    """How often the map fn decoded each example id, and in how many processes."""
+    notes = list(run_folder.glob("decoded-*.txt"))
+    return collections.Counter(int(line) for note in notes for line in note.read_text().split()), \
+        len(notes)
+
+
+# ----------------------------------------------------------------------- in one process
+
+
+def batches_of(split, *, rank=0, world_size=1, shuffle=False, first_epoch=0, first_step=0):
+    from ktrain.data import training_batches
+
+    data, steps = training_batches(split, global_batch_size=12, rank=rank, world_size=world_size,
+                                   shuffle=shuffle, shuffle_buffer=60, seed=7,
+                                   first_epoch=first_epoch, epochs=2, first_step=first_step)
+    return [batch[1].numpy().tolist() for batch in data], steps
+
+
+@pytest.mark.parametrize("fmt", list(CASES))
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_workers_lanes_rebuild_one_workers_global_batches(digits_files, fmt, shuffle):
+    """Labels stand in for examples: the label column of the files is the example's id."""
+    from file_datasets import PIXELS
+
+    from ktrain.data import to_splits
+    from ktrain.sources import Files
+
+    train_files, _ = digits_files[fmt]
+    features = PIXELS if fmt == "parquet" else ["pixels"]
+    split = to_splits(Files(train_files, features=features, label="id", lanes=6), 0).train
+    assert split.size == 1024 and len(split.blocks) >= 8
+    single, steps = batches_of(split, shuffle=shuffle)
+    assert steps == 1024 // 12 and len(single) == 2 * steps
+    for epoch in (single[:steps], single[steps:]):  # every example at most once an epoch
+        ids = [i for batch in epoch for i in batch]
+        assert len(set(ids)) == len(ids) == steps * 12
+    assert (single[:steps] != single[steps:]) == shuffle  # each epoch its own order
+    for world_size in (2, 3):
+        workers = [batches_of(split, rank=r, world_size=world_size, shuffle=shuffle)[0]
+                   for r in range(world_size)]
+        for global_batch, parts in zip(single, zip(*workers)):
+            assert sorted(global_batch) == sorted(i for part in parts for i in part)
+    resumed, _ = batches_of(split, shuffle=shuffle, first_epoch=1, first_step=5)
+    assert resumed == single[steps + 5:]  # a resumed epoch goes on with the same batches
+
+
+def test_workers_that_cannot_share_the_lanes_are_told_the_fix(digits_files):
+    from ktrain.data import to_splits
+    from ktrain.errors import UserError
+    from ktrain.sources import Files
+
+    split = to_splits(Files(digits_files["parquet"][0], features=["p0"], label="label"), 0).train
+    with pytest.raises(UserError, match=r"(?s)5 workers cannot share 12 lanes.*multiple of 5, e.g. 60"):
+        split.check_workers(5, "strategy.workers")
+
+
+def test_files_that_do_not_exist_are_named(tmp_path):
+    config = base_config(tmp_path / "out")
+    config["data"] = {"files": "missing/train-*.parquet", "features": ["a"], "label": "y"}
+    result = run_cli("run", write_config(tmp_path / "c.yaml", config))
+    assert result.returncode == 2, result.stderr
+    assert "no files match" in result.stderr and "missing/train-*.parquet" in result.stderr
+
+
+# ----------------------------------------------------------------------- across processes
+
+
+STRATEGIES = {"multiworker": {"name": "multiworker", "workers": 2},
+              "spark": {"name": "spark", "workers": 2},
+              "ray": {"name": "ray", "workers": 2}}
+
+
+@pytest.mark.parametrize("strategy", list(STRATEGIES))
+@pytest.mark.parametrize("fmt", list(CASES))
+def test_two_workers_match_one_process(tmp_path, digits_files, one_process, fmt, strategy):
+    audit = strategy == "multiworker"
+    out = train(tmp_path, strategy, files_config(tmp_path, fmt, digits_files,
+                                                 STRATEGIES[strategy], audit=audit))
+    assert_same_weights(one_process[fmt], out)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["world_size"] == 2
+    if audit:  # the real sharding passes the audit
+        assert summary["data_audit"] == {"epochs_checked": EPOCHS}
+    if fmt == "tfrecord":  # the map decoded each example once per epoch, in either worker
+        counts, processes = decoded(out.parent)
+        assert set(counts.values()) == {EPOCHS} and len(counts) == 1024 + 256
+        assert processes == 2
+        assert decoded(one_process[fmt].parent)[0] == counts
+
+
+def test_the_audit_stops_a_run_whose_workers_read_the_same_examples(tmp_path, digits_files):
+    out = tmp_path / "out"
+    config = base_config(out)
+    config["strategy"] = {"name": "multiworker", "workers": 2}
+    config["data"] = {"fn": f"{FILES}:every_rank_reads_rank_zeros_lanes",
+                      "kwargs": {"files": digits_files["parquet"][0]}, "audit": True}
+    result = run_cli("run", write_config(tmp_path / "c.yaml", config))
+    assert result.returncode == 1
+    assert result.stderr.count("ktrain: error:") == 1, result.stderr
+    assert "data.audit: in epoch 1 the workers read 1024 examples (rank 0 512, rank 1 512)" \
+           in result.stderr and "identical (ranks 0 and 1)" in result.stderr
+    assert not (out / "checkpoints").exists() or not any((out / "checkpoints").iterdir())
