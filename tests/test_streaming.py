@@ -158,8 +158,9 @@ def test_the_audit_stops_a_run_whose_workers_read_the_same_examples(tmp_path, di
     config["data"] = {"fn": f"{FILES}:every_rank_reads_rank_zeros_lanes",
                       "kwargs": {"files": digits_files["parquet"][0]}, "audit": True}
     result = run_cli("run", write_config(tmp_path / "c.yaml", config))
+    said = result.stdout + result.stderr
     assert result.returncode == 1
-    assert result.stderr.count("ktrain: error:") == 1, result.stderr
+    assert said.count("ktrain: error:") == 1, said
     assert "data.audit: in epoch 1 the workers read 1024 examples (rank 0 512, rank 1 512)" \
-           in result.stderr and "identical (ranks 0 and 1)" in result.stderr
+           in said and "identical (ranks 0 and 1)" in said
     assert not (out / "checkpoints").exists() or not any((out / "checkpoints").iterdir())
