@@ -58,7 +58,7 @@ class Split:
         """Any number of workers can share examples in memory."""
 
 
-AnySplit = Union[Split, FileSplit]
+AnySplit = Union[Split, FileSplit, "RayStreamSplit"]
 
 
 @dataclass(frozen=True)
@@ -114,35 +114,70 @@ def to_splits(result: Any, validation_split: float, key: str = "data.fn") -> Spl
     return Splits(train, None)
 
 
-def is_ray_dataset(value: Any) -> bool:
-    return type(value).__module__.startswith("ray.data")
+class RayStreamSplit:
+    """This worker's share of a ray.data.Dataset, as Ray Data streams it (``streaming_split``).
+
+    Which rows reach which worker, and in what order, is Ray Data's choice: a run on N workers
+    does not see one worker's batches, and a resumed run continues at the right step but with
+    other examples. For an exact, resumable order, use files (ktrain.sources)."""
+
+    def __init__(self, iterator: Any, rows: int, shard: Any):
+        self.iterator, self.size, self.shard = iterator, rows, shard
+        self.spec = (tf.TensorSpec((None, len(shard.features)), tf.float32),
+                     tf.TensorSpec((None,), tf.as_dtype(shard.label_dtype)))
+
+    @property
+    def dataset(self) -> tf.data.Dataset:
+        """One example of zeros: the shapes, to build the model (the rows stream per epoch)."""
+        return tf.data.Dataset.from_tensors(tuple(tf.zeros(s.shape[1:], s.dtype)
+                                                  for s in self.spec))
+
+    def examples_by_epoch(self, *, first_epoch: int, epochs: int, rank: int, world_size: int,
+                          rows: int, shuffle: bool, shuffle_buffer: int,
+                          seed: int) -> Callable[[tf.Tensor], tf.data.Dataset]:
+        shuffling = {"local_shuffle_buffer_size": min(shuffle_buffer, self.size)} if shuffle \
+            else {}
+        return lambda epoch: self._stream(rows, epoch, shuffling, seed)
+
+    def evaluation_examples(self, rank: int, world_size: int) -> tuple[tf.data.Dataset, int]:
+        return self._stream(self.size, tf.constant(0, tf.int64), {}, 0), self.size
+
+    def check_workers(self, world_size: int, where: str) -> None:
+        """Ray Data gives every worker an equal share."""
+
+    def _stream(self, rows: int, epoch: tf.Tensor, shuffling: dict, seed: int) -> tf.data.Dataset:
+        features, label = list(self.shard.features), self.shard.label
+
+        def chunks(epoch):
+            """``rows`` rows in chunks; the rest of the share is read too (every worker reads
+            its whole share each epoch, or Ray Data's split waits for it)."""
+            done, last = 0, None
+            options = {**shuffling, "local_shuffle_seed": seed * 1_000_003 + int(epoch)} \
+                if shuffling else {}
+            for batch in self.iterator.iter_batches(batch_size=1024, batch_format="numpy",
+                                                    **options):
+                if done >= rows:
+                    continue
+                take = min(len(batch[label]), rows - done)
+                x = np.stack([batch[c][:take] for c in features], axis=1).astype(np.float32)
+                chunk, done = (x, batch[label][:take]), done + take
+                if done < rows:
+                    yield chunk
+                else:
+                    last = chunk
+            if last is not None:
+                yield last
+
+        return tf.data.Dataset.from_generator(chunks, args=(epoch,),
+                                              output_signature=self.spec).unbatch()
 
 
-def ray_dataset_splits(dataset: Any, *, features: list[str], label: str | None, rank: int,
-                       world_size: int, validation_split: float,
-                       global_batch_size: int) -> Splits:
-    """This worker's equal split of a ``ray.data.Dataset``, as arrays.
-
-    Every worker computes the same split and keeps its own part, so the workers take the same
-    number of steps; the last ``validation_split`` of each part is held out.
-    """
-    if not features or not label:
-        raise UserError("the data fn returned a ray.data.Dataset but data.features and "
-                        "data.label are not set", where="data",
-                        hint="name the feature columns and the label column, e.g. "
-                             "features: [x0, x1], label: y")
-    part = dataset.split(world_size, equal=True)[rank] if world_size > 1 else dataset
-    frame = part.to_pandas()
-    missing = [c for c in [*features, label] if c not in frame.columns]
-    if missing:
-        raise UserError(f"column(s) {missing} are not in the ray.data.Dataset",
-                        where="data.features", hint=f"its columns are: {', '.join(frame.columns)}")
-    x = frame[features].to_numpy(dtype=np.float32)
-    y = frame[label].to_numpy()
-    n_train = len(y) - int(len(y) * validation_split)
-    validation = _to_split((x[n_train:], y[n_train:]), "data.fn") if n_train < len(y) else None
-    return Splits(_to_split((x[:n_train], y[:n_train]), "data.fn"), validation,
-                  n_train // (global_batch_size // world_size))
+def ray_stream_splits(shard: Any, global_batch_size: int, world_size: int) -> Splits:
+    """Splits over this worker's ``ktrain.strategies.ray.RayShard``."""
+    validation = RayStreamSplit(shard.validation, shard.validation_rows, shard) \
+        if shard.validation is not None and shard.validation_rows else None
+    return Splits(RayStreamSplit(shard.train, shard.train_rows, shard), validation,
+                  shard.train_rows // (global_batch_size // world_size))
 
 
 def _train_and_validation(result: Any) -> bool:
@@ -300,6 +335,6 @@ def training_batches(split: AnySplit, *, global_batch_size: int, rank: int, worl
 def evaluation_batches(split: AnySplit, *, global_batch_size: int, rank: int,
                        world_size: int, partitioned: bool = False) -> tuple[tf.data.Dataset, int]:
     """This worker's validation batches, and how many examples they hold."""
-    data, size = (split.dataset, split.size) if partitioned else \
+    data, size = split.evaluation_examples(0, 1) if partitioned else \
         split.evaluation_examples(rank, world_size)
     return data.batch(global_batch_size // world_size).prefetch(tf.data.AUTOTUNE), size

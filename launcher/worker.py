@@ -25,14 +25,15 @@ from ktrain.checkpoint import CheckpointStore, Position, TrainingState, load_che
 from ktrain.collectives import (GlobalMetrics, SharedFlags, broadcast_variables,
                                 distribute_optimizer, undistribute)
 from ktrain.config import RunConfig, TrainSpec
-from ktrain.data import (Splits, evaluation_batches, is_ray_dataset, partition_splits,
-                         ray_dataset_splits, steps_per_epoch, to_splits, training_batches)
+from ktrain.data import (RayStreamSplit, Splits, evaluation_batches, partition_splits,
+                         ray_stream_splits, steps_per_epoch, to_splits, training_batches)
 from ktrain.environment import PARTITION_ENV
 from ktrain.errors import UserError, WorkersFailed, all_of
 from ktrain.output import RunOutput
 from ktrain.sources import Files, FileSplit, ShardAudit
 from ktrain.stopping import REQUEUE_SIGNAL, StopRequest, requeue_slurm_job
 from ktrain.strategies.base import Session, Strategy
+from ktrain.strategies.ray import is_ray_dataset
 from ktrain.supervisor import is_supervised, mark
 from ktrain.userfn import call_user, load_function
 from ktrain.watchdog import watching_for_stalls
@@ -85,6 +86,9 @@ def run_worker(run: RunConfig, strategy: Strategy) -> RunResult:
 
 
 def _load_data(run: RunConfig, session: Session) -> Splits:
+    if session.data_shard is not None:  # Ray Data streams this worker its share
+        return ray_stream_splits(session.data_shard, run.train.global_batch_size,
+                                 session.world_size)
     if os.environ.get(PARTITION_ENV):  # a Spark task's own partition
         path, _, steps = os.environ[PARTITION_ENV].rpartition(":")
         return partition_splits(path, int(steps), list(run.data.features), run.data.label)
@@ -98,11 +102,10 @@ def _load_data(run: RunConfig, session: Session) -> Splits:
         data_fn = load_function(run.data.fn, "data.fn", run.base_dir)
         result = call_user(data_fn, run.data.kwargs, "data.fn")
         if is_ray_dataset(result):
-            return ray_dataset_splits(
-                result, features=list(run.data.features), label=run.data.label,
-                rank=session.rank, world_size=session.world_size,
-                validation_split=run.train.validation_split,
-                global_batch_size=run.train.global_batch_size)
+            raise UserError("the data fn returned a ray.data.Dataset, which the ray strategy "
+                            "streams to its workers when data.features and data.label name "
+                            "its columns", where="data.fn",
+                            hint="use strategy.name: ray and set data.features and data.label")
         splits = to_splits(result, run.train.validation_split)
     splits.train.check_workers(session.world_size, "strategy.workers")
     if run.data.audit and not isinstance(splits.train, FileSplit):
@@ -139,6 +142,11 @@ def _training_data_for(model_fn, splits: Splits) -> dict:
         wanted = TRAIN_DATA_PARAMETER in inspect.signature(model_fn).parameters
     except (TypeError, ValueError):
         wanted = False
+    if wanted and isinstance(splits.train, RayStreamSplit):
+        raise UserError("the model fn asks for train_data, and a ray.data.Dataset streams "
+                        "each worker only its share, once per epoch", where="model.fn",
+                        hint="adapt preprocessing in the data pipeline (ray.data "
+                             "preprocessors), or pass the statistics in model.kwargs")
     return {TRAIN_DATA_PARAMETER: splits.train.dataset.batch(256)} if wanted else {}
 
 

@@ -75,6 +75,8 @@ class Session:
     """A ``ktrain.collectives.Communicator`` when gradients cross process boundaries."""
     log_to_file: bool = True
     """False when a supervisor already captures this process' output into logs/rank-<r>.log."""
+    data_shard: Any = None
+    """This worker's share of the data, when the strategy's driver split it (Ray Data)."""
 
     @property
     def is_chief(self) -> bool:

@@ -10,9 +10,10 @@ node) dies, the group is torn down and started again from the newest checkpoint,
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import AliasChoices, Field, NonNegativeFloat, NonNegativeInt
 
@@ -48,8 +49,12 @@ class RayStrategy(MultiProcessStrategy):
                             where="strategy.name", hint='pip install "ktrain-launcher[ray]"') from None
         _check_output_outlives_the_job(run.output_dir)
 
+    data_shard: RayShard | None = None
+    """Set in each actor: its share of a ray.data.Dataset the driver split."""
+
     def open_session(self) -> Session:
-        return collective_session(self.config.start_timeout)
+        return dataclasses.replace(collective_session(self.config.start_timeout),
+                                   data_shard=self.data_shard)
 
     def run_group(self, run):
         import ray
@@ -139,6 +144,7 @@ class RayStrategy(MultiProcessStrategy):
             scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=r)
         ).remote(r) for r in range(n)]
         try:
+            shards = ray_data_shards(run, n)
             peers = ray.get([actor.address.remote() for actor in actors],
                             timeout=self.config.start_timeout)
             plan = run.model_dump_json()
@@ -146,7 +152,7 @@ class RayStrategy(MultiProcessStrategy):
             with relaying_stops(run.checkpoint.stop_signals, run.output_dir) as (_, env), \
                     echo_log(f"{run.output_dir}/logs/rank-0.log"):
                 driver_env = {**console.environment(), **env}
-                pending = {actor.train.remote(plan, peers, driver_env): r
+                pending = {actor.train.remote(plan, peers, driver_env, shards and shards[r]): r
                            for r, actor in enumerate(actors)}
                 while pending:
                     done, _ = ray.wait(list(pending), num_returns=1)
@@ -173,6 +179,63 @@ class RayStrategy(MultiProcessStrategy):
             for actor in actors:
                 ray.kill(actor)
             remove_placement_group(group)
+
+
+def is_ray_dataset(value: Any) -> bool:
+    return type(value).__module__.startswith("ray.data")
+
+
+@dataclasses.dataclass(frozen=True)
+class RayShard:
+    """One worker's share of a ray.data.Dataset: Ray Data streams it (``streaming_split``),
+    so no worker holds the dataset; every share has the same number of rows."""
+
+    train: Any  # ray.data.DataIterator
+    train_rows: int
+    validation: Any | None
+    validation_rows: int
+    features: tuple[str, ...]
+    label: str
+    label_dtype: str
+
+
+def ray_data_shards(run, workers: int) -> list[RayShard] | None:
+    """Call a data fn that names columns (data.features, data.label) here, in the driver; if it
+    returns a ray.data.Dataset (or {'train': ..., 'validation': ...} of them), split it into
+    one streamed share per worker. Else None: each worker calls the data fn itself."""
+    from ktrain.userfn import call_user, load_function
+
+    data = run.data
+    if data.fn is None or not data.label:
+        return None
+    result = call_user(load_function(data.fn, "data.fn", run.base_dir), data.kwargs, "data.fn")
+    train, validation = (result.get("train"), result.get("validation")) \
+        if isinstance(result, dict) else (result, None)
+    if not is_ray_dataset(train):
+        return None
+    if not data.features:
+        raise UserError("the data fn returned a ray.data.Dataset but data.features is not set",
+                        where="data.features", hint="name the feature columns, e.g. "
+                                                    "features: [x0, x1]")
+    columns = train.schema()
+    missing = [c for c in [*data.features, data.label] if c not in columns.names]
+    if missing:
+        raise UserError(f"column(s) {missing} are not in the ray.data.Dataset",
+                        where="data.features", hint=f"its columns are: {', '.join(columns.names)}")
+    if validation is None and run.train.validation_split:
+        # Ray holds the split in its object store (spilling to disk), not in a worker.
+        train, validation = train.train_test_split(run.train.validation_split, shuffle=True,
+                                                   seed=run.train.seed)
+    label_type = columns.types[columns.names.index(data.label)]
+    label_dtype = str(label_type.to_pandas_dtype().__name__) if hasattr(
+        label_type, "to_pandas_dtype") else "int64"
+    splits = [(train.streaming_split(workers, equal=True), train.count())]
+    if validation is not None:
+        splits.append((validation.streaming_split(workers, equal=True), validation.count()))
+    (trains, train_rows), (validations, validation_rows) = splits[0], (
+        splits[1] if len(splits) > 1 else ([None] * workers, 0))
+    return [RayShard(trains[r], train_rows // workers, validations[r], validation_rows // workers,
+                     tuple(data.features), data.label, label_dtype) for r in range(workers)]
 
 
 def _check_output_outlives_the_job(output_dir: str) -> None:
@@ -206,9 +269,11 @@ class _WorkerActor:
         host = ray.util.get_node_ip_address()
         return f"{host}:{free_ports(1, host)[0]}"
 
-    def train(self, plan_json: str, peers: list[str], driver_env: dict):
+    def train(self, plan_json: str, peers: list[str], driver_env: dict,
+              shard: RayShard | None = None):
         """Run the worker, speaking like the driver and following its stop requests
-        (``driver_env``); None on success, else (kind, message)."""
+        (``driver_env``), on its ``shard`` of a ray.data.Dataset if the driver split one;
+        None on success, else (kind, message)."""
         from ktrain import console
 
         os.environ.update({**driver_env, "KTRAIN_RANK": str(self.rank),
@@ -225,8 +290,10 @@ class _WorkerActor:
         from ktrain.worker import run_worker
 
         run = RunConfig.model_validate_json(plan_json)
+        strategy = strategies.create(run.strategy)
+        strategy.data_shard = shard
         try:
-            run_worker(run, strategies.create(run.strategy))
+            run_worker(run, strategy)
         except Stopped as err:
             return ("stopped", err.what)
         except KtrainError as err:
