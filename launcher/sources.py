@@ -202,14 +202,12 @@ class FileSplit:
 
         return tf.data.Dataset.from_tensor_slices(table).flat_map(piece)
 
-    def _examples(self, raw: tf.data.Dataset) -> tf.data.Dataset:
-        """(features, label) from raw elements: ktrain's parsing, then the user's map."""
-        data = raw.map(self._read.to_example, num_parallel_calls=tf.data.AUTOTUNE,
-                       deterministic=True)
-        if self.source.map is not None:
-            data = data.map(self.source.map, num_parallel_calls=tf.data.AUTOTUNE,
-                            deterministic=True)
-        return data
+    def _examples(self, read: tf.data.Dataset) -> tf.data.Dataset:
+        """The examples the reader parsed, through the user's map."""
+        if self.source.map is None:
+            return read
+        return read.map(self.source.map, num_parallel_calls=tf.data.AUTOTUNE,
+                        deterministic=True)
 
     def fingerprint(self) -> str:
         listing = "\n".join(f"{b.path}#{b.group}:{b.rows}" for b in self.blocks)
@@ -341,7 +339,8 @@ def _count_records(path: str) -> int:
 
 
 def _assemble(columns: Sequence[tf.Tensor], names: Sequence[str], key: str):
-    """Features as one float32 vector (numeric columns), or a single column as it is."""
+    """A batch of features as one float32 vector each (numeric columns), or a single column as
+    it is."""
     if len(columns) == 1 and columns[0].dtype == tf.string:
         return columns[0]
     strings = [n for n, c in zip(names, columns) if c.dtype == tf.string]
@@ -349,7 +348,9 @@ def _assemble(columns: Sequence[tf.Tensor], names: Sequence[str], key: str):
         raise UserError(f"feature(s) {strings} hold strings, which cannot join a numeric "
                         f"feature vector", where=f"{key}.features",
                         hint="name one string feature on its own and decode it in a map fn")
-    return tf.concat([tf.reshape(tf.cast(c, tf.float32), [-1]) for c in columns], axis=0)
+    widths = [int(np.prod(c.shape[1:])) for c in columns]  # static: the model sees its width
+    return tf.concat([tf.reshape(tf.cast(c, tf.float32), [-1, w]) for c, w in zip(columns, widths)],
+                     axis=1)
 
 
 class _ParquetReader:
@@ -380,8 +381,10 @@ class _ParquetReader:
         self.names = list(source.features)
 
     def __call__(self, block, start, stop) -> tf.data.Dataset:
+        """The rows as examples (parsed a chunk at a time)."""
         return tf.data.Dataset.from_generator(
-            self._chunks, args=(block, start, stop), output_signature=self.specs).unbatch()
+            self._chunks, args=(block, start, stop), output_signature=self.specs
+        ).map(self._examples).unbatch()
 
     def _chunks(self, block, start, stop):
         import pyarrow.parquet as pq
@@ -394,7 +397,7 @@ class _ParquetReader:
         for batch in table.to_batches(max_chunksize=self.CHUNK):
             yield tuple(_to_numpy(batch.column(i)) for i in range(len(self.columns)))
 
-    def to_example(self, *columns):
+    def _examples(self, *columns):
         x = _assemble(columns[:self.features], self.names, self.key)
         return (x, columns[self.features]) if len(columns) > self.features else x
 
@@ -442,12 +445,14 @@ class _TFRecordReader:
                             where=split.key, hint="e.g. features: [pixels], label: digit")
 
     def __call__(self, block, start, stop) -> tf.data.Dataset:
-        return tf.data.TFRecordDataset(self.paths[block]).skip(start).take(stop - start)
-
-    def to_example(self, record):
+        """The records as examples (parsed a chunk at a time), or as they are for a map fn."""
+        records = tf.data.TFRecordDataset(self.paths[block]).skip(start).take(stop - start)
         if self.spec is None:
-            return record  # the user's map parses it
-        parsed = tf.io.parse_single_example(record, self.spec)
+            return records  # the user's map parses them
+        return records.batch(256).map(self._examples).unbatch()
+
+    def _examples(self, records):
+        parsed = tf.io.parse_example(records, self.spec)
         x = _assemble([parsed[n] for n in self.names], self.names, self.key)
         return (x, parsed[self.label]) if self.label else x
 

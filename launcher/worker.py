@@ -12,6 +12,7 @@ import inspect
 import json
 import os
 import re
+import resource
 import socket
 import time
 from dataclasses import dataclass
@@ -568,6 +569,7 @@ def _fit(run: RunConfig, session: Session, model: keras.Model, splits: Splits,
     summary = _summary(run, session, recorder, history, start.epoch, fit_started, fit_ended,
                        model_path)
     summary["early_stopping"] = early_stopping
+    summary["peak_memory_mib"] = _peak_memory_by_rank(session)
     if audit:
         summary["data_audit"] = {"epochs_checked": audit.epochs_checked}
         output.say(f"data.audit: in each of {audit.epochs_checked} epoch(s) the workers read "
@@ -575,6 +577,15 @@ def _fit(run: RunConfig, session: Session, model: keras.Model, splits: Splits,
     output.write_summary(summary)
     output.flush_log()
     return RunResult(summary, model)
+
+
+def _peak_memory_by_rank(session: Session) -> list[float]:
+    """Each rank's peak resident memory so far, in MiB (every rank calls this)."""
+    mine = np.zeros(session.world_size)
+    mine[session.rank] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB
+    if session.communicator is not None:
+        mine = session.communicator.allreduce_sum([tf.constant(mine, tf.float64)])[0].numpy()
+    return [round(float(m), 1) for m in mine]
 
 
 def _early_stopping_report(stopper: keras.callbacks.EarlyStopping) -> dict:

@@ -164,3 +164,34 @@ def test_the_audit_stops_a_run_whose_workers_read_the_same_examples(tmp_path, di
     assert "data.audit: in epoch 1 the workers read 1024 examples (rank 0 512, rank 1 512)" \
            in said and "identical (ranks 0 and 1)" in said
     assert not (out / "checkpoints").exists() or not any((out / "checkpoints").iterdir())
+
+
+def test_two_workers_stream_more_data_than_their_memory_budget(tmp_path):
+    """640 MiB of Parquet on 2 workers, each allowed 160 MiB above what it needs for a tiny
+    slice of the same files (TensorFlow, the model, the pipeline): streaming stays within it;
+    the array path, which loads the data in every worker, does not."""
+    from file_datasets import write_wide
+
+    budget_mib = 160
+    files = write_wide(tmp_path / "wide", files=16, rows_per_file=40960)  # 655,360 x 1 KiB
+    slice_of_it = write_wide(tmp_path / "slice", files=2, rows_per_file=4096)
+    dataset_mib = sum(f.stat().st_size for f in (tmp_path / "wide").iterdir()) / 2**20
+    assert dataset_mib > 4 * budget_mib
+
+    def peaks(name: str, data: dict) -> list[float]:
+        config = base_config(tmp_path / name, model={"fn": f"{FILES}:linear", "kwargs": {}},
+                             train={**base_config(tmp_path)["train"], "epochs": 1,
+                                    "global_batch_size": 1024, "shuffle": True})
+        config["data"] = data
+        config["strategy"] = {"name": "multiworker", "workers": 2}
+        result = run_cli("run", write_config(tmp_path / f"{name}.yaml", config), "-q")
+        assert result.returncode == 0, result.stdout + result.stderr
+        summary = json.loads((tmp_path / name / "summary.json").read_text())
+        assert len(summary["peak_memory_mib"]) == 2
+        return summary["peak_memory_mib"]
+
+    streamed = {"features": ["x"], "label": "y"}
+    footprint = max(peaks("slice", {"files": slice_of_it, **streamed}))
+    assert max(peaks("streamed", {"files": files, **streamed})) < footprint + budget_mib
+    arrays = peaks("arrays", {"fn": f"{FILES}:wide_arrays", "kwargs": {"files": files}})
+    assert min(arrays) > footprint + budget_mib + dataset_mib / 2  # the whole data, and more
