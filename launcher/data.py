@@ -30,23 +30,24 @@ class Split:
     dataset: tf.data.Dataset  # unbatched (features, label) elements
     size: int
 
-    def examples_by_epoch(self, *, first_epoch: int, epochs: int, rank: int, world_size: int,
-                          rows: int, shuffle: bool, shuffle_buffer: int,
-                          seed: int) -> Callable[[tf.Tensor], tf.data.Dataset]:
-        """For an epoch: this worker's examples. The epoch is shuffled with a seed derived
+    def batches_by_epoch(self, *, first_epoch: int, epochs: int, rank: int, world_size: int,
+                         rows: int, batch_size: int, shuffle: bool, shuffle_buffer: int,
+                         seed: int) -> Callable[[tf.Tensor], tf.data.Dataset]:
+        """For an epoch: this worker's batches. The epoch is shuffled with a seed derived
         from (seed, epoch), then sharded interleaved (worker r takes elements r, r+N, ...)."""
         buffer = min(shuffle_buffer, self.size)
 
-        def examples(epoch):
+        def batches(epoch):
             data = self.dataset
             if shuffle:
                 # The order must depend on (seed, epoch) only, not on TF's global seed, so this
                 # function's graph gets its own graph-level seed (never 0, which TF special-cases).
                 tf.compat.v1.get_default_graph().seed = seed % (2**31 - 2) + 1
                 data = data.shuffle(buffer, seed=epoch, reshuffle_each_iteration=False)
-            return data.shard(world_size, rank) if world_size > 1 else data
+            data = data.shard(world_size, rank) if world_size > 1 else data
+            return data.batch(batch_size, drop_remainder=True)
 
-        return examples
+        return batches
 
     def evaluation_examples(self, rank: int, world_size: int) -> tuple[tf.data.Dataset, int]:
         """This worker's interleaved share, and its size."""
@@ -132,20 +133,22 @@ class RayStreamSplit:
         return tf.data.Dataset.from_tensors(tuple(tf.zeros(s.shape[1:], s.dtype)
                                                   for s in self.spec))
 
-    def examples_by_epoch(self, *, first_epoch: int, epochs: int, rank: int, world_size: int,
-                          rows: int, shuffle: bool, shuffle_buffer: int,
-                          seed: int) -> Callable[[tf.Tensor], tf.data.Dataset]:
+    def batches_by_epoch(self, *, first_epoch: int, epochs: int, rank: int, world_size: int,
+                         rows: int, batch_size: int, shuffle: bool, shuffle_buffer: int,
+                         seed: int) -> Callable[[tf.Tensor], tf.data.Dataset]:
         shuffling = {"local_shuffle_buffer_size": min(shuffle_buffer, self.size)} if shuffle \
             else {}
-        return lambda epoch: self._stream(rows, epoch, shuffling, seed)
+        return lambda epoch: self._stream(rows, epoch, shuffling, seed).rebatch(
+            batch_size, drop_remainder=True)
 
     def evaluation_examples(self, rank: int, world_size: int) -> tuple[tf.data.Dataset, int]:
-        return self._stream(self.size, tf.constant(0, tf.int64), {}, 0), self.size
+        return self._stream(self.size, tf.constant(0, tf.int64), {}, 0).unbatch(), self.size
 
     def check_workers(self, world_size: int, where: str) -> None:
         """Ray Data gives every worker an equal share."""
 
     def _stream(self, rows: int, epoch: tf.Tensor, shuffling: dict, seed: int) -> tf.data.Dataset:
+        """``rows`` rows of the share, in chunks."""
         features, label = list(self.shard.features), self.shard.label
 
         def chunks(epoch):
@@ -168,8 +171,7 @@ class RayStreamSplit:
             if last is not None:
                 yield last
 
-        return tf.data.Dataset.from_generator(chunks, args=(epoch,),
-                                              output_signature=self.spec).unbatch()
+        return tf.data.Dataset.from_generator(chunks, args=(epoch,), output_signature=self.spec)
 
 
 def ray_stream_splits(shard: Any, global_batch_size: int, world_size: int) -> Splits:
@@ -317,14 +319,15 @@ def training_batches(split: AnySplit, *, global_batch_size: int, rank: int, worl
     steps = steps_per_epoch(split, global_batch_size, partition_steps)
     local_batch = global_batch_size // world_size
     own = partition_steps is not None
-    examples = split.examples_by_epoch(
+    batches_of = split.batches_by_epoch(
         first_epoch=first_epoch, epochs=epochs, rank=0 if own else rank,
         world_size=1 if own else world_size,
-        rows=steps * (local_batch if own else global_batch_size), shuffle=shuffle,
-        shuffle_buffer=shuffle_buffer, seed=seed, **({"audit": audit} if audit else {}))
+        rows=steps * (local_batch if own else global_batch_size), batch_size=local_batch,
+        shuffle=shuffle, shuffle_buffer=shuffle_buffer, seed=seed,
+        **({"audit": audit} if audit else {}))
 
     def one_epoch(epoch):
-        batches = examples(epoch).batch(local_batch, drop_remainder=True).take(steps)
+        batches = batches_of(epoch).take(steps)
         skip = tf.where(epoch == first_epoch, tf.constant(first_step, tf.int64), 0)
         return batches.skip(skip)
 

@@ -27,6 +27,8 @@ from ktrain.config import DEFAULT_LANES
 from ktrain.errors import UserError
 
 FORMATS = ("parquet", "tfrecord")
+READ_ROWS = 1024
+"""Rows per batch read (both formats)."""
 
 
 @dataclass(frozen=True)
@@ -109,7 +111,7 @@ class FileSplit:
         """Every example in file order, as (features, label): to build the model or adapt
         preprocessing (``train_data``)."""
         pieces = [Piece(i, 0, block.rows) for i, block in enumerate(self.blocks)]
-        return self._examples(self._pieces(pieces)).apply(
+        return self._examples(self._pieces(pieces).unbatch()).apply(
             tf.data.experimental.assert_cardinality(self.size))
 
     def check_workers(self, world_size: int, where: str) -> None:
@@ -130,12 +132,12 @@ class FileSplit:
     def _unit(self) -> str:
         return "row groups" if self.format == "parquet" else "files"
 
-    def examples_by_epoch(self, *, first_epoch: int, epochs: int, rank: int, world_size: int,
-                          rows: int, shuffle: bool, shuffle_buffer: int, seed: int,
-                          audit: ShardAudit | None = None
-                          ) -> Callable[[tf.Tensor], tf.data.Dataset]:
-        """For an epoch (a tensor in [first_epoch, epochs)): this worker's examples, in the
-        order of its global positions; ``audit`` learns the id of each one read."""
+    def batches_by_epoch(self, *, first_epoch: int, epochs: int, rank: int, world_size: int,
+                         rows: int, batch_size: int, shuffle: bool, shuffle_buffer: int,
+                         seed: int, audit: ShardAudit | None = None
+                         ) -> Callable[[tf.Tensor], tf.data.Dataset]:
+        """For an epoch (a tensor in [first_epoch, epochs)): this worker's batches of its
+        examples, in the order of its global positions; ``audit`` learns the ids read."""
         lanes = self.source.lanes
         plans = [lane_plan(self.blocks, lanes, rows=rows, seed=seed, epoch=e, shuffle=shuffle)
                  for e in range(first_epoch, epochs)]
@@ -148,29 +150,41 @@ class FileSplit:
         counts = tf.constant(counts, tf.int64)
         table = tf.constant([(p.block, p.start, p.stop) for plan in plans for lane in plan
                              for p in lane] or np.zeros((0, 3), np.int64), tf.int64)
-        mine = tf.constant(list(self.lanes_of(rank, world_size)), tf.int64)
+        mine = list(self.lanes_of(rank, world_size))
         buffer = max(1, shuffle_buffer // lanes)
+        group = _group_size(rows // lanes)
 
-        def lane_examples(epoch, lane):
+        def lane_groups(epoch, lane):
+            """A lane's examples, ``group`` at a time."""
             i = (epoch - first_epoch) * lanes + lane
             pieces = self._pieces_tensor(table[starts[i]:starts[i] + counts[i]],
                                          with_ids=audit is not None)
-            if shuffle:  # a buffer per lane, seeded by (seed, epoch, lane) only
-                tf.compat.v1.get_default_graph().seed = seed % (2**31 - 2) + 1
-                pieces = pieces.shuffle(buffer, seed=epoch * lanes + lane,
-                                        reshuffle_each_iteration=False)
-            return pieces
+            if not shuffle:
+                return pieces.rebatch(group)
+            # Mixed a window (the lane's share of the shuffle buffer) at a time, by a
+            # permutation drawn from (seed, epoch, lane, window) only: no per-example work.
+            stream = (epoch * lanes + lane) * 1_000_003
 
-        def examples(epoch):
-            lanes_of_mine = tf.data.Dataset.from_tensor_slices(mine)
-            interleaved = lanes_of_mine.interleave(
-                lambda lane: lane_examples(epoch, lane), cycle_length=lanes // world_size,
-                block_length=1, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+            def mix(window_index, window):
+                rows = tf.shape(tf.nest.flatten(window)[0])[0]
+                order = tf.random.experimental.stateless_shuffle(
+                    tf.range(rows), seed=tf.stack([tf.constant(seed, tf.int64),
+                                                   stream + window_index]))
+                return tf.nest.map_structure(lambda column: tf.gather(column, order), window)
+
+            return pieces.rebatch(buffer).enumerate().map(mix).rebatch(group)
+
+        def batches(epoch):
+            # One example from each of my lanes in turn, ``group`` rounds at a time: each lane
+            # is read (in the background) a group at a time and the groups are interleaved.
+            groups = [lane_groups(epoch, tf.constant(lane, tf.int64)).prefetch(1)
+                      for lane in mine]
+            interleaved = tf.data.Dataset.zip(tuple(groups)).map(_round_robin)
             if audit is not None:
-                interleaved = interleaved.map(lambda raw, example: audit.noted(epoch, raw, example))
-            return self._examples(interleaved)
+                interleaved = interleaved.map(lambda raw, ids: audit.noted(epoch, raw, ids))
+            return self._batches(interleaved, batch_size)
 
-        return examples
+        return batches
 
     def lanes_of(self, rank: int, world_size: int) -> range:
         """The lanes worker ``rank`` reads: every N-th, from its rank."""
@@ -180,7 +194,7 @@ class FileSplit:
         """This worker's part of the split (every example evaluated once), and its size."""
         plan = lane_plan(self.blocks, world_size, rows=self.size, seed=0, epoch=0, shuffle=False)
         size = sum(p.stop - p.start for p in plan[rank])
-        examples = self._examples(self._pieces(plan[rank]))
+        examples = self._examples(self._pieces(plan[rank]).unbatch())
         return examples.apply(tf.data.experimental.assert_cardinality(size)), size
 
     def _pieces(self, pieces: Sequence[Piece]) -> tf.data.Dataset:
@@ -189,16 +203,17 @@ class FileSplit:
         return self._pieces_tensor(table)
 
     def _pieces_tensor(self, table: tf.Tensor, with_ids: bool = False) -> tf.data.Dataset:
-        """Raw elements of the rows the (block, start, stop) rows of ``table`` name; with
-        ``with_ids``, each paired with its example id (its index in file order)."""
+        """The rows the (block, start, stop) rows of ``table`` name, in chunks; with
+        ``with_ids``, paired with their example ids (their indices in file order)."""
         offsets = tf.constant(self.offsets, tf.int64)
 
         def piece(row):
-            raw = self._read(row[0], row[1], row[2])
+            chunks = self._read(row[0], row[1], row[2])
             if not with_ids:
-                return raw
+                return chunks
             first = offsets[row[0]] + row[1]
-            return tf.data.Dataset.zip(raw, tf.data.Dataset.range(first, first + row[2] - row[1]))
+            ids = tf.data.Dataset.range(first, first + row[2] - row[1])
+            return tf.data.Dataset.zip(chunks.unbatch(), ids).batch(READ_ROWS)
 
         return tf.data.Dataset.from_tensor_slices(table).flat_map(piece)
 
@@ -209,9 +224,50 @@ class FileSplit:
         return read.map(self.source.map, num_parallel_calls=tf.data.AUTOTUNE,
                         deterministic=True)
 
+    def _batches(self, groups: tf.data.Dataset, batch_size: int) -> tf.data.Dataset:
+        """Batches of the examples in ``groups``: cut from them as they are, unless the user's
+        map must see one example at a time."""
+        if self.source.map is None:
+            return groups.rebatch(batch_size, drop_remainder=True)
+        return self._examples(groups.unbatch()).batch(batch_size, drop_remainder=True)
+
     def fingerprint(self) -> str:
         listing = "\n".join(f"{b.path}#{b.group}:{b.rows}" for b in self.blocks)
         return hashlib.sha256(listing.encode()).hexdigest()[:16]
+
+
+def _group_size(lane_rows: int, wanted: int = 1024) -> int:
+    """Examples per lane per interleaving round: lanes hold ``lane_rows`` or one more examples,
+    so a size that does not divide ``lane_rows`` gives every lane the same number of groups
+    (the last ones one example apart)."""
+    size = wanted
+    while lane_rows > size and lane_rows % size == 0:
+        size += 1
+    return size
+
+
+def _round_robin(*groups):
+    """Groups of examples, one per lane (each as long as the next, or one longer), as the
+    interleaving of their examples: the first of each, then the second of each, ..."""
+    sizes = tf.stack([tf.shape(tf.nest.flatten(g)[0])[0] for g in groups])
+    kept = tf.transpose(tf.sequence_mask(sizes, tf.reduce_max(sizes)))  # [round, lane]
+
+    def interleave(*parts):
+        def equal():  # all but the last groups of an epoch: one copy
+            stacked = tf.stack(parts, axis=1)  # [round, lane, ...]
+            return tf.reshape(stacked, tf.concat([[-1], tf.shape(stacked)[2:]], 0))
+
+        def ragged():
+            padded = tf.ragged.stack(list(parts)).to_tensor()  # [lane, round, ...]
+            rounds_first = tf.transpose(padded, [1, 0] + list(range(2, padded.shape.rank)))
+            return tf.boolean_mask(rounds_first, kept)
+
+        if len(parts) == 1:
+            return parts[0]
+        mixed = tf.cond(tf.reduce_all(sizes == sizes[0]), equal, ragged)
+        return tf.ensure_shape(mixed, [None, *parts[0].shape[1:]])  # the model needs the width
+
+    return tf.nest.map_structure(interleave, *groups)
 
 
 class ShardAudit:
@@ -225,15 +281,15 @@ class ShardAudit:
         self.epochs_checked = 0
         self._read: dict[int, list[int]] = {}
 
-    def noted(self, epoch: tf.Tensor, raw, example_id: tf.Tensor):
-        """``raw``, once its id is noted (a dataset map)."""
-        note = tf.numpy_function(self._note, [epoch, example_id], tf.int64, stateful=True)
+    def noted(self, epoch: tf.Tensor, examples, ids: tf.Tensor):
+        """``examples``, once their ``ids`` are noted (a dataset map)."""
+        note = tf.numpy_function(self._note, [epoch, ids], tf.int64, stateful=True)
         with tf.control_dependencies([note]):
-            return tf.nest.map_structure(tf.identity, raw)
+            return tf.nest.map_structure(tf.identity, examples)
 
-    def _note(self, epoch, example_id):
-        self._read.setdefault(int(epoch), []).append(int(example_id))
-        return example_id
+    def _note(self, epoch, ids):
+        self._read.setdefault(int(epoch), []).extend(ids.tolist())
+        return np.int64(len(ids))
 
     def problem(self, epoch: int, allreduce_sum: Callable[[np.ndarray], np.ndarray]) -> str | None:
         """What is wrong with the shards of ``epoch`` (the same on every rank), or None."""
@@ -356,7 +412,6 @@ def _assemble(columns: Sequence[tf.Tensor], names: Sequence[str], key: str):
 class _ParquetReader:
     """Rows of a row group, read with pyarrow (in chunks), as tuples of column tensors."""
 
-    CHUNK = 1024
 
     def __init__(self, split: FileSplit):
         import pyarrow.parquet as pq
@@ -381,10 +436,10 @@ class _ParquetReader:
         self.names = list(source.features)
 
     def __call__(self, block, start, stop) -> tf.data.Dataset:
-        """The rows as examples (parsed a chunk at a time)."""
+        """The rows as batches of examples."""
         return tf.data.Dataset.from_generator(
             self._chunks, args=(block, start, stop), output_signature=self.specs
-        ).map(self._examples).unbatch()
+        ).map(self._examples)
 
     def _chunks(self, block, start, stop):
         import pyarrow.parquet as pq
@@ -394,7 +449,7 @@ class _ParquetReader:
             table = pq.ParquetFile(handle).read_row_group(self.groups[block],
                                                           columns=self.columns)
         table = table.slice(int(start), int(stop) - int(start))
-        for batch in table.to_batches(max_chunksize=self.CHUNK):
+        for batch in table.to_batches(max_chunksize=READ_ROWS):
             yield tuple(_to_numpy(batch.column(i)) for i in range(len(self.columns)))
 
     def _examples(self, *columns):
@@ -445,11 +500,10 @@ class _TFRecordReader:
                             where=split.key, hint="e.g. features: [pixels], label: digit")
 
     def __call__(self, block, start, stop) -> tf.data.Dataset:
-        """The records as examples (parsed a chunk at a time), or as they are for a map fn."""
-        records = tf.data.TFRecordDataset(self.paths[block]).skip(start).take(stop - start)
-        if self.spec is None:
-            return records  # the user's map parses them
-        return records.batch(256).map(self._examples).unbatch()
+        """The records as batches of examples, or as they are for a map fn (in batches)."""
+        records = tf.data.TFRecordDataset(self.paths[block]).skip(start).take(stop - start) \
+            .batch(READ_ROWS)
+        return records if self.spec is None else records.map(self._examples)
 
     def _examples(self, records):
         parsed = tf.io.parse_example(records, self.spec)

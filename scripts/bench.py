@@ -23,6 +23,13 @@ watchdog, next to 2 workers with epoch checkpoints only and those off.
     python scripts/bench.py --ray-train configs/quickstart.yaml
     python scripts/bench.py --preemption 50 configs/synthetic.yaml --set data.kwargs.samples=3200 \
         --set train.epochs=1
+
+--streaming: on synthetic Parquet and TFRecord files (written once, to a temporary folder),
+ktrain's streaming input (data.files) next to a hand-written tf.data pipeline over the same
+files with model.fit, both in one process; and ktrain on 2 workers. samples/s and peak
+resident memory per process.
+
+    python scripts/bench.py --streaming --rows 200000 --width 256 --repeats 2
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 STARTED = time.perf_counter()
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -314,6 +322,105 @@ def bench_preemption(config: str, overrides: list[str], every_steps: int, repeat
         print(f"| {label} | {speed:.1f} | {speed / baseline:.3f} |")
 
 
+STREAMING_TRAIN = {"epochs": 2, "global_batch_size": 256, "shuffle": True, "seed": 0,
+                   "shuffle_buffer": 10000, "optimizer": {"name": "adam", "learning_rate": 0.001},
+                   "loss": "sparse_categorical_crossentropy", "metrics": ["accuracy"]}
+
+
+def hand_written_streaming(config_path: str) -> dict:
+    """Baseline: the tf.data pipeline a user would write over the files, and model.fit."""
+    import glob
+    import resource
+
+    import keras
+    import pyarrow.parquet as pq
+    import tensorflow as tf
+
+    from ktrain.config import load_config
+    from ktrain.userfn import load_function
+    from ktrain.worker import compile_from_config
+
+    run = load_config(config_path)
+    train, width = run.train, run.model.kwargs["width"]
+    files = sorted(glob.glob(run.data.files))
+    keras.utils.set_random_seed(train.seed)
+    if files[0].endswith(".parquet"):
+        def batches():
+            for path in files:
+                for batch in pq.ParquetFile(path).iter_batches(batch_size=4096):
+                    x = batch.column("pixels").flatten().to_numpy().reshape(len(batch), width)
+                    yield x, batch.column("label").to_numpy()
+
+        spec = (tf.TensorSpec((None, width), tf.float32), tf.TensorSpec((None,), tf.int64))
+        data = tf.data.Dataset.from_generator(batches, output_signature=spec).unbatch()
+        data = data.shuffle(train.shuffle_buffer, seed=train.seed).batch(
+            train.global_batch_size, drop_remainder=True)
+    else:
+        features = {"pixels": tf.io.FixedLenFeature([width], tf.float32),
+                    "label": tf.io.FixedLenFeature([], tf.int64)}
+
+        def parse(records):
+            parsed = tf.io.parse_example(records, features)
+            return parsed["pixels"], parsed["label"]
+
+        data = tf.data.TFRecordDataset(files).shuffle(train.shuffle_buffer, seed=train.seed) \
+            .batch(train.global_batch_size, drop_remainder=True).map(parse, tf.data.AUTOTUNE)
+    data = data.prefetch(tf.data.AUTOTUNE)
+    model = load_function(run.model.fn, "model.fn", run.base_dir)(**run.model.kwargs)
+    compile_from_config(model, train)
+    first = []
+    step = keras.callbacks.LambdaCallback(
+        on_train_batch_end=lambda batch, logs: first or first.append(time.perf_counter()))
+    model.fit(data, epochs=train.epochs, verbose=0, callbacks=[step])
+    ended = time.perf_counter()
+    steps = sum(1 for _ in data) * train.epochs
+    return {"samples_per_second": (steps - 1) * train.global_batch_size / (ended - first[0]),
+            "peak_memory_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def bench_streaming(rows: int, width: int, repeats: int) -> None:
+    import yaml
+
+    sys.path.insert(0, os.path.join(REPO, "configs"))
+    from streaming import write_synthetic
+
+    print("| format | run | samples/s | ratio to hand-written | peak memory per process (MiB) |")
+    print("|---|---|---|---|---|")
+    with tempfile.TemporaryDirectory() as tmp:
+        for fmt in ("parquet", "tfrecord"):
+            files = write_synthetic(Path(tmp) / fmt, fmt, rows=rows, width=width)
+            config = os.path.join(tmp, f"{fmt}.yaml")
+            with open(config, "w") as f:
+                yaml.safe_dump({
+                    "model": {"fn": f"{REPO}/configs/streaming.py:build_model",
+                              "kwargs": {"width": width}},
+                    "data": {"files": files, "features": ["pixels"], "label": "label"},
+                    "train": STREAMING_TRAIN,
+                    "strategy": {"name": "mirrored", "devices": 1}}, f)
+            runs = {"hand-written tf.data + model.fit, 1 process": None,
+                    "ktrain data.files, 1 process": [],
+                    "ktrain data.files, 2 workers (multiworker)":
+                        ["strategy={name: multiworker, workers: 2}"]}
+            best: dict[str, tuple[float, float]] = {}
+            for round_ in range(repeats):
+                for index, (label, extra) in enumerate(runs.items()):
+                    if extra is None:
+                        result = subprocess.run(
+                            [sys.executable, __file__, "--hand-written-streaming", config],
+                            check=True, cwd=REPO, env=_env(), capture_output=True, text=True)
+                        measured = json.loads(result.stdout.strip().splitlines()[-1])
+                        speed, memory = measured["samples_per_second"], measured["peak_memory_mib"]
+                    else:
+                        summary = _ktrain(config, extra, os.path.join(tmp, f"{fmt}-{round_}-{index}"))
+                        speed, memory = summary["samples_per_second"], max(summary["peak_memory_mib"])
+                    if speed > best.get(label, (0.0, 0.0))[0]:
+                        best[label] = (speed, memory)
+            baseline = next(iter(best.values()))[0]
+            for label, (speed, memory) in best.items():
+                print(f"| {fmt} | {label} | {speed:.0f} | {speed / baseline:.3f} | {memory:.0f} |",
+                      flush=True)
+
+
 def bench_ray_train(config: str, overrides: list[str]) -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -342,6 +449,9 @@ def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--allreduce-worker":
         allreduce_worker(sys.argv[2])
         return
+    if len(sys.argv) > 1 and sys.argv[1] == "--hand-written-streaming":
+        print(json.dumps(hand_written_streaming(sys.argv[2])))
+        return
     if len(sys.argv) > 1 and sys.argv[1] == "--ray-train-worker":
         print(json.dumps(ray_train_tensorflow(sys.argv[2], sys.argv[3:])))
         return
@@ -356,6 +466,10 @@ def main() -> None:
                         help="ktrain's ray strategy next to Ray Train's TensorflowTrainer")
     parser.add_argument("--preemption", type=int, metavar="STEPS",
                         help="cost of checkpoints every STEPS steps, stop flags and watchdog")
+    parser.add_argument("--streaming", action="store_true",
+                        help="data.files next to a hand-written tf.data pipeline")
+    parser.add_argument("--rows", type=int, default=200_000, help="with --streaming")
+    parser.add_argument("--width", type=int, default=256, help="with --streaming")
     parser.add_argument("--set", action="append", default=[], metavar="key.path=value",
                         help="override applied to both runs of every config")
     parser.add_argument("--repeats", type=int, default=1)
@@ -371,7 +485,10 @@ def main() -> None:
     if args.preemption:
         for config in args.configs:
             bench_preemption(os.path.abspath(config), args.set, args.preemption, args.repeats)
-    if args.allreduce or args.workers or args.ray_train or args.preemption or not args.configs:
+    if args.streaming:
+        bench_streaming(args.rows, args.width, args.repeats)
+    if (args.allreduce or args.workers or args.ray_train or args.preemption or args.streaming
+            or not args.configs):
         return
     rows = [compare(os.path.abspath(c), args.set, args.repeats) for c in args.configs]
     columns = list(rows[0])
