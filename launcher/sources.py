@@ -27,8 +27,9 @@ from ktrain.config import DEFAULT_LANES
 from ktrain.errors import UserError
 
 FORMATS = ("parquet", "tfrecord")
-READ_ROWS = 1024
-"""Rows per batch read (both formats)."""
+CHUNK_BYTES = 2 << 20
+"""About this many bytes of rows are read, mixed and interleaved at a time (at most 4096
+rows): few steps per row, and memory bounded whatever a row's size."""
 
 
 @dataclass(frozen=True)
@@ -94,6 +95,9 @@ class FileSplit:
     """A training or validation split in files (see the module's docstring)."""
 
     def __init__(self, source: Files, key: str):
+        if source.lanes < 1:
+            raise UserError(f"lanes must be at least 1, not {source.lanes}", where=key,
+                            hint=f"use the default, {DEFAULT_LANES}")
         self.source, self.key = source, key
         self.format = source.format or _format_of(source.files, key)
         self.paths = _expand(source.files, key)
@@ -101,10 +105,9 @@ class FileSplit:
             _tfrecord_blocks(self.paths)
         self.size = sum(block.rows for block in self.blocks)
         self.offsets = np.cumsum([0] + [block.rows for block in self.blocks])
+        self.chunk_rows = int(np.clip(CHUNK_BYTES * self.size // max(1, _total_bytes(
+            self.paths)), 16, 4096))
         self._read = _ParquetReader(self) if self.format == "parquet" else _TFRecordReader(self)
-        if source.lanes < 1:
-            raise UserError(f"lanes must be at least 1, not {source.lanes}", where=key,
-                            hint=f"use the default, {DEFAULT_LANES}")
 
     @property
     def dataset(self) -> tf.data.Dataset:
@@ -152,7 +155,7 @@ class FileSplit:
                              for p in lane] or np.zeros((0, 3), np.int64), tf.int64)
         mine = list(self.lanes_of(rank, world_size))
         buffer = max(1, shuffle_buffer // lanes)
-        group = _group_size(rows // lanes)
+        group = _group_size(rows // lanes, self.chunk_rows)
 
         def lane_groups(epoch, lane):
             """A lane's examples, ``group`` at a time."""
@@ -213,7 +216,7 @@ class FileSplit:
                 return chunks
             first = offsets[row[0]] + row[1]
             ids = tf.data.Dataset.range(first, first + row[2] - row[1])
-            return tf.data.Dataset.zip(chunks.unbatch(), ids).batch(READ_ROWS)
+            return tf.data.Dataset.zip(chunks.unbatch(), ids).batch(self.chunk_rows)
 
         return tf.data.Dataset.from_tensor_slices(table).flat_map(piece)
 
@@ -236,7 +239,7 @@ class FileSplit:
         return hashlib.sha256(listing.encode()).hexdigest()[:16]
 
 
-def _group_size(lane_rows: int, wanted: int = 1024) -> int:
+def _group_size(lane_rows: int, wanted: int) -> int:
     """Examples per lane per interleaving round: lanes hold ``lane_rows`` or one more examples,
     so a size that does not divide ``lane_rows`` gives every lane the same number of groups
     (the last ones one example apart)."""
@@ -356,6 +359,12 @@ def _expand(files: str | Sequence[str], key: str) -> list[str]:
     return found
 
 
+def _total_bytes(paths: list[str]) -> int:
+    import fsspec
+
+    return sum(fsspec.core.url_to_fs(path)[0].size(path) or 0 for path in paths)
+
+
 def _open(path: str):
     import fsspec
 
@@ -431,6 +440,7 @@ class _ParquetReader:
                             hint=f"its columns are: {', '.join(schema.names)}")
         self.specs = tuple(_column_spec(schema.field(c), split.key) for c in self.columns)
         self.paths = [block.path for block in split.blocks]
+        self.chunk_rows = split.chunk_rows
         self.groups = [block.group for block in split.blocks]
         self.features, self.key = len(source.features), split.key
         self.names = list(source.features)
@@ -449,7 +459,7 @@ class _ParquetReader:
             table = pq.ParquetFile(handle).read_row_group(self.groups[block],
                                                           columns=self.columns)
         table = table.slice(int(start), int(stop) - int(start))
-        for batch in table.to_batches(max_chunksize=READ_ROWS):
+        for batch in table.to_batches(max_chunksize=self.chunk_rows):
             yield tuple(_to_numpy(batch.column(i)) for i in range(len(self.columns)))
 
     def _examples(self, *columns):
@@ -487,6 +497,7 @@ class _TFRecordReader:
     def __init__(self, split: FileSplit):
         source = split.source
         self.paths = tf.constant([block.path for block in split.blocks] or [""])
+        self.chunk_rows = split.chunk_rows
         self.names = list(source.features)
         self.label, self.key = source.label, split.key
         self.spec = None
@@ -502,7 +513,7 @@ class _TFRecordReader:
     def __call__(self, block, start, stop) -> tf.data.Dataset:
         """The records as batches of examples, or as they are for a map fn (in batches)."""
         records = tf.data.TFRecordDataset(self.paths[block]).skip(start).take(stop - start) \
-            .batch(READ_ROWS)
+            .batch(self.chunk_rows)
         return records if self.spec is None else records.map(self._examples)
 
     def _examples(self, records):
