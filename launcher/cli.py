@@ -136,13 +136,17 @@ def _validate(args) -> int:
     config = load_config(args.config, args.overrides)
     problems = []
     callbacks = config.train.callbacks and config.train.callbacks.fn
+    data_map = config.data.map and config.data.map.fn
     for key, ref in (("model.fn", config.model.fn), ("data.fn", config.data.fn),
-                     ("train.callbacks.fn", callbacks)):
+                     ("data.map.fn", data_map), ("train.callbacks.fn", callbacks)):
         try:
             if ref:
                 load_function(ref, key, config.base_dir)
         except UserError as err:
             problems.append(err)
+    from ktrain.sources import file_problems
+
+    problems += file_problems(config.data)
     from ktrain.worker import train_option_problems
 
     problems += train_option_problems(config.train)

@@ -359,6 +359,18 @@ def _expand(files: str | Sequence[str], key: str) -> list[str]:
     return found
 
 
+def file_problems(data) -> list[UserError]:
+    """data.files and data.validation_files that match no file (for ``ktrain validate``)."""
+    problems = []
+    for key in ("files", "validation_files"):
+        if getattr(data, key) is not None:
+            try:
+                _expand(getattr(data, key), f"data.{key}")
+            except UserError as err:
+                problems.append(err)
+    return problems
+
+
 def _total_bytes(paths: list[str]) -> int:
     import fsspec
 
