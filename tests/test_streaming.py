@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from helpers import FIXTURES, assert_same_weights, base_config, run_cli, write_config
+from helpers import (FIXTURES, assert_same_weights, base_config, run_cli, run_command,
+                     write_config)
 
 FILES = FIXTURES.parent / "file_datasets.py"
 sys.path.insert(0, str(FIXTURES.parent))  # the fixtures write the files
@@ -195,3 +196,37 @@ def test_two_workers_stream_more_data_than_their_memory_budget(tmp_path):
     assert max(peaks("streamed", {"files": files, **streamed})) < footprint + budget_mib
     arrays = peaks("arrays", {"fn": f"{FILES}:wide_arrays", "kwargs": {"files": files}})
     assert min(arrays) > footprint + budget_mib + dataset_mib / 2  # the whole data, and more
+
+
+def test_a_run_resumed_mid_epoch_on_two_workers_ends_with_the_unbroken_runs_weights(
+        tmp_path, digits_files):
+    """Shuffled TFRecord lanes: a 1-process checkpoint 5 global batches into epoch 2, resumed
+    by 2 workers, ends where the unbroken run did."""
+    from ktrain.checkpoint import CheckpointStore, Position
+
+    unbroken = files_config(tmp_path, "tfrecord", digits_files,
+                            {"name": "mirrored", "devices": 1})
+    unbroken["checkpoint"] = {**unbroken["checkpoint"], "every_steps": 7, "keep": 100}
+    reference = train(tmp_path, "unbroken", unbroken)
+    checkpoint = CheckpointStore(str(reference / "checkpoints")).file_for(Position(1, 5))
+    resumed = files_config(tmp_path, "tfrecord", digits_files, STRATEGIES["multiworker"])
+    resumed["checkpoint"] = {**resumed["checkpoint"], "resume": checkpoint}
+    out = train(tmp_path, "resumed", resumed)
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["world_size"], summary["epochs_completed"]) == (2, EPOCHS)
+    assert_same_weights(reference, out)
+
+
+@pytest.mark.parametrize("config", ["parquet.yaml", "tfrecord.yaml"])
+def test_the_readmes_file_configs_train(tmp_path, config):
+    """configs/parquet.yaml and configs/tfrecord.yaml on the files configs/streaming.py writes."""
+    configs = Path(__file__).resolve().parent.parent / "configs"
+    written = run_command([sys.executable, str(configs / "streaming.py"), str(tmp_path / "data")])
+    assert written.returncode == 0, written.stderr
+    fmt = config.split(".")[0]
+    result = run_cli("run", str(configs / config), f"output_dir={tmp_path / 'out'}",
+                     f"data.files={tmp_path}/data/{fmt}/train-*.{fmt}",
+                     f"data.validation_files={tmp_path}/data/{fmt}/validation-*.{fmt}", "-q")
+    assert result.returncode == 0, result.stdout + result.stderr
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["final_metrics"]["val_accuracy"] >= 0.9
