@@ -1,11 +1,12 @@
 """Datasets in files (Parquet, TFRecord), streamed: each worker reads only its share and holds
-no more than a row group and its shuffle buffers, whatever the dataset's size.
+no more than a row group and a window of rows per lane, whatever the dataset's size.
 
 An epoch's order is a pure function of (seed, epoch, lanes), never of the number of workers.
 The blocks (Parquet row groups, TFRecord files) are put in an order drawn from (seed, epoch);
 the rows the epoch trains on (whole global batches) are cut, in that order, into ``lanes``
-contiguous spans of nearly equal length; each span is mixed in a buffer of its own; and the
-epoch's global order takes one example from each lane in turn. Worker r of N reads lanes
+contiguous spans of nearly equal length; each span is mixed a window at a time, by a
+permutation drawn from (seed, epoch, lane, window); and the epoch's global order takes one
+example from each lane in turn. Worker r of N reads lanes
 r, r+N, ... and so produces global positions r, r+N, ...: its k-th local batch is its part of
 global batch k, as with in-memory data, so N workers train on 1 worker's global batches and a
 run resumes at any step on any N that divides ``lanes``. The user's per-example ``map`` runs
@@ -14,7 +15,6 @@ after this split, so each example is decoded once, by the worker that trains on 
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -142,6 +142,10 @@ class FileSplit:
         """For an epoch (a tensor in [first_epoch, epochs)): this worker's batches of its
         examples, in the order of its global positions; ``audit`` learns the ids read."""
         lanes = self.source.lanes
+        if rows < lanes:
+            raise UserError(f"an epoch trains on {rows} examples, too few to fill "
+                            f"{lanes} lanes", where="data.lanes",
+                            hint=f"set data.lanes to at most {rows} (a multiple of the workers)")
         plans = [lane_plan(self.blocks, lanes, rows=rows, seed=seed, epoch=e, shuffle=shuffle)
                  for e in range(first_epoch, epochs)]
         if audit is not None:
@@ -233,10 +237,6 @@ class FileSplit:
         if self.source.map is None:
             return groups.rebatch(batch_size, drop_remainder=True)
         return self._examples(groups.unbatch()).batch(batch_size, drop_remainder=True)
-
-    def fingerprint(self) -> str:
-        listing = "\n".join(f"{b.path}#{b.group}:{b.rows}" for b in self.blocks)
-        return hashlib.sha256(listing.encode()).hexdigest()[:16]
 
 
 def _group_size(lane_rows: int, wanted: int) -> int:
