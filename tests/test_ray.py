@@ -56,17 +56,21 @@ def test_killed_actor_fails_clearly_or_restarts(tmp_path, background, failures):
         assert json.loads((out / "summary.json").read_text())["epochs_completed"] == epochs
 
 
-def test_each_actor_trains_on_its_split_of_a_ray_dataset(tmp_path):
+@pytest.mark.parametrize("data_fn, validation_split", [
+    ("digits_ray_dataset", 0.2),  # held out by Ray's train_test_split
+    ("digits_ray_datasets", 0.0)])  # {"train": ..., "validation": ...}, streamed throughout
+def test_each_actor_streams_its_share_of_a_ray_dataset(tmp_path, data_fn, validation_split):
     out = tmp_path / "out"
-    config = ray_config(out, train={"epochs": 15, "validation_split": 0.2, "seed": 0, "shuffle": True,
+    config = ray_config(out, train={"epochs": 15, "validation_split": validation_split,
+                                    "seed": 0, "shuffle": True,
                                     "optimizer": {"name": "adam", "learning_rate": 0.003}},
                         model={"fn": f"{FIXTURES}:mlp", "kwargs": {"hidden": 64}})
-    config["data"] = {"fn": f"{FIXTURES}:digits_ray_dataset", "label": "label",
+    config["data"] = {"fn": f"{FIXTURES}:{data_fn}", "label": "label",
                       "features": [f"p{i}" for i in range(64)]}
     result = run_cli("run", write_config(tmp_path / "c.yaml", config), "-q")
     assert result.returncode == 0, result.stdout + result.stderr
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["world_size"] == 2 and summary["final_metrics"]["val_accuracy"] >= 0.9
+    assert summary["world_size"] == 2 and summary["final_metrics"]["val_accuracy"] >= 0.85
 
 
 def test_without_an_address_ktrain_starts_its_own_ray_beside_a_running_cluster(
