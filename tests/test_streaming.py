@@ -139,11 +139,8 @@ STRATEGIES = {"mirrored-2-devices": {"name": "mirrored", "devices": 2},
               "multiworker": {"name": "multiworker", "workers": 2},
               "spark": {"name": "spark", "workers": 2},
               "ray": {"name": "ray", "workers": 2}}
-# Every format and order under multiworker; the costlier engines on a fixed Parquet order and
-# shuffled TFRecord (the same lanes code reads either format in either order).
-RUNS = [(fmt, shuffle, "multiworker") for fmt in FORMATS for shuffle in (False, True)] + [
-    (fmt, shuffle, strategy) for fmt, shuffle in (("parquet", False), ("tfrecord", True))
-    for strategy in ("mirrored-2-devices", "spark", "ray")]
+RUNS = [(fmt, shuffle, strategy) for fmt in FORMATS for shuffle in (False, True)
+        for strategy in STRATEGIES]
 
 
 @pytest.mark.parametrize("fmt, shuffle, strategy", RUNS)
