@@ -1,7 +1,9 @@
 """Turn whatever the user's data fn returns into the batched pipelines every worker trains on.
 
-The order of examples is a pure function of (seed, epoch): a resumed run, or a run on N
-workers, sees exactly the global batches an uninterrupted single-worker run would see.
+Three kinds of split: examples in memory (here), data in files (``ktrain.sources``) and a
+worker's own share handed over by its engine (a Spark partition, a Ray Data stream). For the
+first two the order of examples is a pure function of (seed, epoch): a resumed run, or a run on
+N workers, sees exactly the global batches an uninterrupted single-worker run would see.
 """
 
 from __future__ import annotations
