@@ -60,6 +60,8 @@ class Block:
     path: str
     group: int
     rows: int
+    bytes: int
+    """Its rows' size (Parquet: uncompressed), to size the chunks rows are read in."""
 
 
 @dataclass(frozen=True)
@@ -105,8 +107,8 @@ class FileSplit:
             _tfrecord_blocks(self.paths)
         self.size = sum(block.rows for block in self.blocks)
         self.offsets = np.cumsum([0] + [block.rows for block in self.blocks])
-        self.chunk_rows = int(np.clip(CHUNK_BYTES * self.size // max(1, _total_bytes(
-            self.paths)), 16, 4096))
+        self.chunk_rows = int(np.clip(CHUNK_BYTES * self.size // max(
+            1, sum(block.bytes for block in self.blocks)), 16, 4096))
         self._read = _ParquetReader(self) if self.format == "parquet" else _TFRecordReader(self)
 
     @property
@@ -371,12 +373,6 @@ def file_problems(data) -> list[UserError]:
     return problems
 
 
-def _total_bytes(paths: list[str]) -> int:
-    import fsspec
-
-    return sum(fsspec.core.url_to_fs(path)[0].size(path) or 0 for path in paths)
-
-
 def _open(path: str):
     import fsspec
 
@@ -390,26 +386,28 @@ def _parquet_blocks(paths: list[str]) -> list[Block]:
     for path in paths:
         with _open(path) as handle:
             meta = pq.ParquetFile(handle).metadata
-            blocks += [Block(path, g, meta.row_group(g).num_rows)
-                       for g in range(meta.num_row_groups) if meta.row_group(g).num_rows]
+            groups = (meta.row_group(g) for g in range(meta.num_row_groups))
+            blocks += [Block(path, g, group.num_rows, group.total_byte_size)
+                       for g, group in enumerate(groups) if group.num_rows]
     return blocks
 
 
 def _tfrecord_blocks(paths: list[str]) -> list[Block]:
-    return [Block(path, 0, _count_records(path)) for path in paths]
+    return [Block(path, 0, *_records_and_bytes(path)) for path in paths]
 
 
-def _count_records(path: str) -> int:
-    """Records in a TFRecord file, by its framing (length, crc, data, crc): no parsing."""
-    count = 0
+def _records_and_bytes(path: str) -> tuple[int, int]:
+    """Records in a TFRecord file and their bytes, by its framing (length, crc, data, crc):
+    no parsing."""
+    count = size = 0
     with _open(path) as handle:
         while header := handle.read(12):
             if len(header) < 12:
                 break
             length = int.from_bytes(header[:8], "little")
             handle.seek(length + 4, 1)
-            count += 1
-    return count
+            count, size = count + 1, size + length
+    return count, size
 
 
 # ------------------------------------------------------------------------------- readers

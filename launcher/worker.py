@@ -377,22 +377,17 @@ class _AuditShards(keras.callbacks.Callback):
 
     def __init__(self, audit: ShardAudit, session: Session):
         super().__init__()
-        self.audit, self.communicator = audit, session.communicator
-        self.is_chief = session.is_chief
+        self.audit, self.session = audit, session
 
     def on_epoch_end(self, epoch, logs=None):
-        def allreduce_sum(values: np.ndarray) -> np.ndarray:
-            if self.communicator is None:
-                return values
-            return self.communicator.allreduce_sum([tf.constant(values, tf.float64)])[0].numpy()
-
-        problem = self.audit.problem(epoch, allreduce_sum)
-        if problem and self.is_chief:
+        problem = self.audit.problem(epoch, lambda values: _summed(self.session, values))
+        if not problem:
+            console.debug(f"data.audit: epoch {epoch + 1}'s shards are disjoint and complete")
+        elif self.session.is_chief:
             raise ShardsBroken(
                 f"data.audit: {problem}", hint="ktrain's own lanes never overlap: look for code "
                 "that changes how the data is shared (a data fn, a map fn, a patched "
                 "ktrain.sources); the run stops before checkpointing this epoch")
-        console.debug(f"data.audit: epoch {epoch + 1}'s shards are disjoint and complete")
 
 
 class _StopNow(Exception):
@@ -579,13 +574,18 @@ def _fit(run: RunConfig, session: Session, model: keras.Model, splits: Splits,
     return RunResult(summary, model)
 
 
+def _summed(session: Session, values: np.ndarray) -> np.ndarray:
+    """``values`` added up over the ranks (as float64; every rank calls this)."""
+    if session.communicator is None:
+        return values
+    return session.communicator.allreduce_sum([tf.constant(values, tf.float64)])[0].numpy()
+
+
 def _peak_memory_by_rank(session: Session) -> list[float]:
     """Each rank's peak resident memory so far, in MiB (every rank calls this)."""
     mine = np.zeros(session.world_size)
     mine[session.rank] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB
-    if session.communicator is not None:
-        mine = session.communicator.allreduce_sum([tf.constant(mine, tf.float64)])[0].numpy()
-    return [round(float(m), 1) for m in mine]
+    return [round(float(m), 1) for m in _summed(session, mine)]
 
 
 def _early_stopping_report(stopper: keras.callbacks.EarlyStopping) -> dict:

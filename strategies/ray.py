@@ -229,11 +229,9 @@ def ray_data_shards(run, workers: int) -> list[RayShard] | None:
     label_type = columns.types[columns.names.index(data.label)]
     label_dtype = str(label_type.to_pandas_dtype().__name__) if hasattr(
         label_type, "to_pandas_dtype") else "int64"
-    splits = [(train.streaming_split(workers, equal=True), train.count())]
-    if validation is not None:
-        splits.append((validation.streaming_split(workers, equal=True), validation.count()))
-    (trains, train_rows), (validations, validation_rows) = splits[0], (
-        splits[1] if len(splits) > 1 else ([None] * workers, 0))
+    trains, train_rows = train.streaming_split(workers, equal=True), train.count()
+    validations, validation_rows = ([None] * workers, 0) if validation is None else (
+        validation.streaming_split(workers, equal=True), validation.count())
     return [RayShard(trains[r], train_rows // workers, validations[r], validation_rows // workers,
                      tuple(data.features), data.label, label_dtype) for r in range(workers)]
 
