@@ -34,6 +34,8 @@ _RENDEZVOUS_ENV = "KTRAIN_RENDEZVOUS_DIR"
 # mpirun tags lines "[1,<rank>]<stdout>:", horovodrun's Gloo launcher "[<rank>]<stdout>:"
 _RANK_TAG = re.compile(r"^\[(?:\d+,)?(\d+)\]<std(?:out|err)>:\s?(.*)$")
 _TAIL = 20
+# what a rank's log says when it ends because rank 0 ended the group (watchdog.py, worker.py)
+_FOLLOWED_CHIEF = re.compile(r"rank 0 ends the group|lost contact with rank 0 ")
 _PR_SET_PDEATHSIG = 1
 
 
@@ -312,6 +314,20 @@ def log_tail(log_url: str, lines: int = 3 * _TAIL) -> list[str]:
     if not fs.exists(path):
         return []
     return fs.cat_file(path).decode(errors="replace").splitlines()[-lines:]
+
+
+def blame_chief_first(failure: Failure, chief_log: str) -> Failure:
+    """Rank 0's own error report over that of a rank that only followed it. When rank 0 ends
+    the group (a stalled rank, a broken data audit) the others exit with it, and an engine that
+    reports whichever task ended first (a Spark stage, ``ray.wait``) must not name one of them."""
+    if failure.rank == 0 or not any(_FOLLOWED_CHIEF.search(line) for line in failure.log_tail):
+        return failure
+    tail = log_tail(chief_log)
+    said = [line for line in tail if line.startswith(console.ERROR_PREFIX)]
+    if not said:
+        return failure
+    return Failure(0, f"rank 0: {said[0].removeprefix(console.ERROR_PREFIX)}", tail,
+                   user_error=failure.user_error, log=chief_log, shown=echoed_report(0, tail))
 
 
 def echoed_report(rank: int, lines: list[str]) -> bool:

@@ -122,7 +122,8 @@ class RayStrategy(MultiProcessStrategy):
 
         from ktrain import console
         from ktrain.stopping import relaying_stops, reported_stop
-        from ktrain.supervisor import Failure, echo_log, echoed_report, log_tail
+        from ktrain.supervisor import (Failure, blame_chief_first, echo_log, echoed_report,
+                                       log_tail)
 
         self._check_resources()
         n = self.config.workers
@@ -162,8 +163,10 @@ class RayStrategy(MultiProcessStrategy):
                     except ray.exceptions.RayActorError as err:
                         log = f"{run.output_dir}/logs/rank-{rank}.log"
                         tail = log_tail(log)
-                        return Failure(rank, f"rank {rank}'s actor died ({_first_line(err)})",
-                                       tail, log=log, shown=echoed_report(rank, tail))
+                        return blame_chief_first(
+                            Failure(rank, f"rank {rank}'s actor died ({_first_line(err)})",
+                                    tail, log=log, shown=echoed_report(rank, tail)),
+                            f"{run.output_dir}/logs/rank-0.log")
                     except ray.exceptions.RayTaskError as err:
                         return Failure(rank, f"rank {rank} failed: {_first_line(err)}")
                     if outcome is not None and outcome[0] == "stopped":

@@ -148,7 +148,8 @@ class SparkStrategy(MultiProcessStrategy):
     def _barrier_stage(self, spark, run):
         from ktrain import console
         from ktrain.stopping import STOP_REPORT, relaying_stops, reported_stop
-        from ktrain.supervisor import Failure, echo_log, echoed_report, log_tail
+        from ktrain.supervisor import (Failure, blame_chief_first, echo_log, echoed_report,
+                                       log_tail)
 
         n = self.config.workers
         connect = type(spark).__module__.startswith("pyspark.sql.connect")
@@ -188,9 +189,10 @@ class SparkStrategy(MultiProcessStrategy):
             rank, kind, report = int(found.group(1)), found.group(2), found.group(3)
             summary, _, tail = report.partition("\n")
             lines = tail.splitlines()
-            return Failure(rank, summary, lines, user_error=kind == "user",
-                           log=f"{run.output_dir}/logs/rank-{rank}.log",
-                           shown=echoed_report(rank, lines))
+            return blame_chief_first(
+                Failure(rank, summary, lines, user_error=kind == "user",
+                        log=f"{run.output_dir}/logs/rank-{rank}.log",
+                        shown=echoed_report(rank, lines)), chief_log)
         said = [line for line in log_tail(chief_log) if line.startswith(STOP_REPORT)]
         if stop.received and said:  # the ranks stopped as asked (so their tasks succeeded)
             raise reported_stop(said[-1], shown=console.verbosity() >= console.NORMAL)

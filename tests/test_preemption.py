@@ -13,6 +13,7 @@ import pytest
 from helpers import (FIXTURES, KTRAIN, assert_same_weights, base_config, needs_horovod,
                      run_cli, run_command, write_config)
 from ktrain.checkpoint import CheckpointStore, Position
+from ktrain.supervisor import Failure, blame_chief_first
 
 STRATEGIES = {
     "mirrored": {"name": "mirrored", "devices": 1},
@@ -213,6 +214,23 @@ def test_a_stalled_rank_is_named_under_srun_spark_and_ray(tmp_path, background, 
         config, marker = hanging_rank_one(tmp_path, {"name": launch, "workers": 2})
         run = background("run", config)
     assert_stall_reported(run, marker)
+
+
+@pytest.mark.parametrize("follower_said", [
+    "rank 0 ends the group: a rank stalled (see rank 0's output)",
+    "ktrain: error: rank 1 lost contact with rank 0 during training, so the group is stopping"])
+def test_spark_and_ray_blame_rank_0_when_the_engine_names_a_rank_that_followed_it(
+        tmp_path, follower_said):
+    """Spark and Ray report whichever task ended first: rank 1 ending because rank 0 ended
+    the group must not hide rank 0's own report; rank 1 failing on its own still is named."""
+    chief_log = tmp_path / "rank-0.log"
+    chief_log.write_text("rank 0 of 2 joined\nktrain: error: rank(s) [1] stalled: ...\n")
+    follower = Failure(1, "rank 1 exited with status 1", ["rank 1 of 2 joined", follower_said])
+    blamed = blame_chief_first(follower, str(chief_log))
+    assert (blamed.rank, blamed.log) == (0, str(chief_log))
+    assert blamed.summary == "rank 0: rank(s) [1] stalled: ..."
+    crashed = Failure(1, "rank 1 was killed by SIGKILL", ["rank 1 of 2 joined"])
+    assert blame_chief_first(crashed, str(chief_log)) is crashed
 
 
 def test_a_stalled_group_restarts_and_completes(tmp_path, background):
