@@ -27,8 +27,6 @@ def main(argv: list[str] | None = None) -> int:
                           console.VERBOSE if args.verbose else console.NORMAL)
     if args.debug:
         os.environ["KTRAIN_DEBUG"] = "1"  # worker processes inherit it
-    if args.command in (_run, _validate, _env):
-        console.import_tensorflow()
     return guarded(lambda: args.command(args))
 
 
@@ -114,6 +112,7 @@ def _run(args) -> int:
     from ktrain.config import load_config
 
     config = load_config(args.config, args.overrides)
+    console.import_keras(config.backend)
     strategy = strategies.create(config.strategy)
     strategy.prepare(config)
     summary = strategy.launch(config).summary
@@ -134,6 +133,7 @@ def _validate(args) -> int:
     from ktrain.userfn import load_function
 
     config = load_config(args.config, args.overrides)
+    console.import_keras(config.backend)
     problems = []
     callbacks = config.train.callbacks and config.train.callbacks.fn
     data_map = config.data.map and config.data.map.fn
@@ -178,8 +178,10 @@ def _spark_entry(args) -> int:
 
 
 def _env(args) -> int:
+    from ktrain import backends
     from ktrain.environment import describe
 
+    console.import_keras(backends.resolve(None))
     print(describe())
     return 0
 

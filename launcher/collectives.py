@@ -38,6 +38,9 @@ class Communicator(abc.ABC):
 
     supports_fp16 = True
 
+    reduces_gradients = True
+    """The optimizer must be wrapped (``distribute_optimizer``) to average gradients."""
+
     def __init__(self, rank: int, world_size: int):
         self.rank = rank
         self.world_size = world_size
@@ -77,6 +80,13 @@ class Communicator(abc.ABC):
 
     def barrier(self) -> None:
         self.allreduce_sum([tf.zeros([1])])
+
+    def sum_host(self, values) -> np.ndarray:
+        """``values`` added up over all workers, as float64, outside any train step."""
+        return self.allreduce_sum([tf.constant(values, tf.float64)])[0].numpy()
+
+    def flags(self, count: int) -> SharedFlags:
+        return SharedFlags(count)
 
 
 def _indices_by_dtype(tensors: Sequence[tf.Tensor]) -> dict[tf.DType, list[int]]:
@@ -191,6 +201,9 @@ class SharedFlags:
         """The flags some rank had raised before the last update step."""
         return [int(i) for i in np.flatnonzero(self.agreed_values.numpy() > 0)]
 
+    def arrived(self) -> int:
+        return int(self.arrivals.numpy())
+
 
 def distribute_optimizer(optimizer: keras.optimizers.Optimizer, communicator: Communicator,
                          *, fp16: bool = False,
@@ -263,7 +276,7 @@ class GlobalMetrics(keras.callbacks.Callback):
         keys = sorted(logs)
         weight = [self.weights["val" if k.startswith("val_") else "train"] for k in keys]
         local = [float(logs[k]) * w for k, w in zip(keys, weight)] + list(self.weights.values())
-        total = self.communicator.allreduce_sum([tf.constant(local, tf.float64)])[0].numpy()
+        total = self.communicator.sum_host(local)
         train_total, val_total = total[-2:]
         for i, key in enumerate(keys):
             logs[key] = float(total[i] / (val_total if key.startswith("val_") else train_total))

@@ -14,6 +14,7 @@ from pydantic import (ConfigDict, Field, NonNegativeFloat, NonNegativeInt, Posit
                       PositiveInt, ValidationError, field_validator, model_validator)
 
 from ktrain import console
+from ktrain.backends import BACKENDS, resolve
 from ktrain.errors import UserError, all_of
 from ktrain.schema import Section
 from ktrain.strategies import REGISTRY
@@ -155,6 +156,9 @@ def _strategy_union():
 
 
 class RunConfig(Section):
+    backend: Literal[BACKENDS] | None = None  # type: ignore[valid-type]
+    """Keras' backend (see ktrain.backends); load_config settles it: the config's, else
+    KERAS_BACKEND's, else tensorflow."""
     model: FnSpec
     data: DataSpec
     train: TrainSpec
@@ -194,7 +198,8 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
         config = RunConfig.model_validate({**raw, "base_dir": str(base_dir)})
     except ValidationError as err:
         raise _explain(err.errors(), raw, str(path), lines, override_paths) from None
-    return _resolve_paths(config, base_dir)
+    return _resolve_paths(config.model_copy(update={"backend": resolve(config.backend)}),
+                          base_dir)
 
 
 def _drop_other_strategy_keys(raw: dict, overrides: dict, filename: str) -> None:

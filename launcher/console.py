@@ -95,18 +95,23 @@ _STARTUP_NOISE = re.compile(
     r"To enable the following instructions|rebuild TensorFlow with the appropriate compiler")
 
 
-def import_tensorflow() -> None:
-    """Import TensorFlow and Keras, without TensorFlow's start-up lines unless ``-v``.
+def import_keras(backend: str) -> None:
+    """Import Keras on ``backend`` (and TensorFlow, where installed: tf.data feeds every
+    backend), without TensorFlow's start-up lines unless ``-v``.
 
     Every process ktrain starts calls this before anything else imports them. Whatever else
     they print while loading (a real error, say) still reaches stderr.
     """
-    if "tensorflow" in sys.modules or verbosity() >= VERBOSE:
+    from ktrain import backends
+
+    backends.activate(backend)
+    if "keras" in sys.modules or verbosity() >= VERBOSE:
         import keras  # noqa: F401
         return
     with _stderr_without(_STARTUP_NOISE):
         import keras  # noqa: F401
-        import tensorflow  # noqa: F401
+        with contextlib.suppress(ImportError):
+            import tensorflow  # noqa: F401
 
 
 @contextlib.contextmanager

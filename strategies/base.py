@@ -125,8 +125,15 @@ class MultiProcessStrategy(Strategy):
         return found.world_size if found.world_size > 1 else self.config.workers
 
     def prepare(self, run: RunConfig) -> None:
+        from ktrain import backends
         from ktrain.errors import UserError
 
+        if self.config.compression != "none":
+            backends.tensorflow_only(f"compression: {self.config.compression}",
+                                     "strategy.compression",
+                                     "on JAX the gradients travel in the model's own dtype "
+                                     "(train.precision: mixed_bfloat16 halves them): remove "
+                                     "strategy.compression")
         workers = self.world_size()
         if run.train.global_batch_size % workers:
             size = run.train.global_batch_size

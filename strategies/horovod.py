@@ -15,6 +15,7 @@ import os
 import threading
 from typing import Literal
 
+from ktrain import backends
 from ktrain.errors import UserError
 from ktrain.strategies.base import (ClusterProcessConfig, MultiProcessStrategy, Session,
                                     find_mpirun, find_tool, mpirun_command,
@@ -34,6 +35,10 @@ class HorovodStrategy(MultiProcessStrategy):
     config_type = HorovodConfig
 
     def prepare(self, run) -> None:
+        backends.tensorflow_only("the horovod strategy", "strategy.name",
+                                 "use strategy.name: multiworker, which on JAX joins the "
+                                 "workers with jax.distributed and averages gradients with "
+                                 "XLA's collectives (under horovodrun, mpirun or srun too)")
         super().prepare(run)
         try:
             import horovod.tensorflow  # noqa: F401

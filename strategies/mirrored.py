@@ -1,4 +1,5 @@
-"""In-process data parallelism over the devices of one machine (``tf.distribute.MirroredStrategy``)."""
+"""In-process data parallelism over the devices of one machine: ``tf.distribute.MirroredStrategy``
+on TensorFlow, ``keras.distribution.DataParallel`` on JAX (``ktrain.jax_runtime``)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from typing import Literal
 
 from pydantic import PositiveInt
 
+from ktrain import backends
 from ktrain.errors import UserError
 from ktrain.strategies.base import Session, Strategy, StrategyConfig
 
@@ -36,7 +38,9 @@ class MirroredStrategy(Strategy):
                 f"{found.world_size} (this is rank {found.rank})", where="strategy.name",
                 hint="use strategy.name=multiworker (one process per device, each with its "
                      "share of the batch), or start one process" + _ONE_PROCESS.get(found.name, ""))
-        self._devices = self._configure_devices(run.train.global_batch_size)
+        self._global_batch_size = run.train.global_batch_size
+        if backends.current() == "tensorflow":
+            self._devices = self._configure_devices(run.train.global_batch_size)
 
     def launch(self, run):
         from ktrain.worker import run_worker
@@ -44,6 +48,10 @@ class MirroredStrategy(Strategy):
         return run_worker(run, self)
 
     def open_session(self) -> Session:
+        if backends.current() == "jax":
+            from ktrain.jax_runtime import local_session
+
+            return local_session(self.config.devices, self._global_batch_size)
         import tensorflow as tf
 
         devices = self._devices

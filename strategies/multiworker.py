@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Literal
 
+from ktrain import backends
 from ktrain.errors import UserError
 from ktrain.environment import PEERS_ENV
 from ktrain.rendezvous import free_ports
@@ -30,6 +31,9 @@ class MultiWorkerStrategy(MultiProcessStrategy):
     def prepare(self, run) -> None:
         super().prepare(run)
         if self.config.communicator == "mpi":
+            backends.tensorflow_only("communicator: mpi", "strategy.communicator",
+                                     "on JAX, XLA's collectives join the workers: use "
+                                     "communicator: collective (under mpirun too)")
             _require_mpi()
             if self.config.compression == "fp16":
                 raise UserError("fp16 compression is not available over MPI",
@@ -65,12 +69,19 @@ class MultiWorkerStrategy(MultiProcessStrategy):
 
 
 def collective_session(start_timeout: float, interface: str | None = None) -> Session:
-    """A worker's session over TF collectives, with peers from the environment."""
-    from ktrain.collectives import TensorFlowCollectives
+    """A worker's session over TF collectives (or, on JAX, jax.distributed), with peers from
+    the environment."""
     from ktrain.environment import detect
     from ktrain.rendezvous import peer_addresses
 
     found = detect()
+    if backends.current() == "jax":
+        from ktrain.jax_runtime import process_session
+
+        peers = peer_addresses(found, start_timeout, interface)
+        return process_session(found.rank, peers, start_timeout)
+    from ktrain.collectives import TensorFlowCollectives
+
     device = pin_local_device(found.local_rank)  # before TensorFlow's runtime starts
     peers = peer_addresses(found, start_timeout, interface)
     return worker_session(TensorFlowCollectives(found.rank, peers, timeout_seconds=start_timeout),

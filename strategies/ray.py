@@ -284,13 +284,14 @@ class _WorkerActor:
         # driver from rank 0's log (so no line is lost when the run ends).
         console.set_verbosity(console.QUIET)
         console.speak_through_log()
-        console.import_tensorflow()
-        from ktrain import strategies
         from ktrain.config import RunConfig
+
+        run = RunConfig.model_validate_json(plan_json)
+        console.import_keras(run.backend)
+        from ktrain import strategies
         from ktrain.errors import KtrainError, Stopped, UserError
         from ktrain.worker import run_worker
 
-        run = RunConfig.model_validate_json(plan_json)
         strategy = strategies.create(run.strategy)
         strategy.data_shard = shard
         try:

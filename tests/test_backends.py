@@ -1,0 +1,140 @@
+"""The same configs on Keras' JAX backend: equal weights on 1 and N replicas under every
+strategy that runs on JAX, the same accuracy as on TensorFlow, and checkpoints and saved
+models that move between the backends."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from helpers import KTRAIN, REPO, base_config, assert_same_weights, run_cli, write_config
+
+pytest.importorskip("jax", reason="JAX is not installed: bash scripts/setup.sh")
+
+JAX = {"backend": "jax"}
+
+
+def config_file(tmp_path, name: str, **sections):
+    """``base_config`` (output in tmp_path/name) as tmp_path/name.yaml; a strategy section
+    replaces the default one whole."""
+    config = base_config(tmp_path / name, **sections)
+    config["strategy"] = sections.get("strategy", config["strategy"])
+    return write_config(tmp_path / f"{name}.yaml", config)
+
+
+def train(tmp_path, name: str, *overrides: str, **sections) -> dict:
+    """A finished run of ``config_file`` in tmp_path/name; its summary."""
+    out = tmp_path / name
+    config = config_file(tmp_path, name, **sections)
+    result = run_cli("run", config, "-q", *overrides)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return json.loads((out / "summary.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def one_jax_device(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("jax-reference")
+    summary = train(folder, "out", **JAX)
+    assert (summary["backend"], summary["num_replicas"]) == ("jax", 1)
+    return folder / "out"
+
+
+@pytest.mark.parametrize("strategy", [
+    {"name": "mirrored", "devices": 2},
+    {"name": "multiworker", "workers": 2},
+    pytest.param({"name": "spark", "workers": 2, "master": "local[2]"}, id="spark"),
+    pytest.param({"name": "ray", "workers": 2}, id="ray"),
+], ids=lambda s: s["name"])
+def test_two_jax_replicas_match_one_jax_device(tmp_path, one_jax_device, strategy):
+    if strategy["name"] in ("spark", "ray"):
+        pytest.importorskip("pyspark" if strategy["name"] == "spark" else "ray",
+                            reason=f"{strategy['name']} is not installed: bash scripts/setup.sh")
+    summary = train(tmp_path, "out", strategy=strategy, **JAX)
+    assert (summary["backend"], summary["num_replicas"]) == ("jax", 2)
+    assert_same_weights(one_jax_device, tmp_path / "out")
+
+
+def quickstart(tmp_path, *overrides: str) -> dict:
+    """The README's quickstart (as `ktrain init` writes it), a few epochs."""
+    project = tmp_path / "project"
+    if not project.exists():
+        assert run_cli("init", project).returncode == 0
+    out = tmp_path / overrides[0].partition("=")[2]
+    result = run_cli("run", project / "config.yaml", f"output_dir={out}", "train.epochs=5", "-q",
+                     *overrides[1:])
+    assert result.returncode == 0, result.stdout + result.stderr
+    return json.loads((out / "summary.json").read_text())
+
+
+def test_tensorflow_and_jax_reach_the_same_accuracy_on_the_quickstart(tmp_path):
+    on_tf = quickstart(tmp_path, "output_dir=tf")
+    on_jax = quickstart(tmp_path, "output_dir=jax", "backend=jax")
+    assert (on_tf["backend"], on_jax["backend"]) == ("tensorflow", "jax")
+    assert on_tf["final_metrics"]["val_accuracy"] > 0.9
+    assert abs(on_tf["final_metrics"]["val_accuracy"]
+               - on_jax["final_metrics"]["val_accuracy"]) <= 0.02
+
+
+@pytest.mark.parametrize("first, then", [("tensorflow", "jax"), ("jax", "tensorflow")])
+def test_a_checkpoint_resumes_on_the_other_backend(tmp_path, first, then):
+    """Epochs 1-2 on one backend, epoch 3 on the other: the same weights as 3 epochs on the
+    first (whose seed drew the initial weights; the backends round slightly differently)."""
+    config = base_config(tmp_path / "moved", backend=first, train={"epochs": 2})
+    path = write_config(tmp_path / "moved.yaml", config)
+    assert run_cli("run", path, "-q").returncode == 0
+    resumed = run_cli("run", path, f"backend={then}", "train.epochs=3")
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert "resuming from the checkpoint after epoch 2" in resumed.stdout
+    summary = json.loads((tmp_path / "moved" / "summary.json").read_text())
+    assert (summary["backend"], summary["epochs_completed"]) == (then, 3)
+    train(tmp_path, "unbroken", backend=first)
+    assert_same_weights(tmp_path / "unbroken", tmp_path / "moved", atol=1e-4)
+
+
+def test_a_model_saved_on_jax_predicts_the_same_under_tensorflow(tmp_path):
+    train(tmp_path, "out", **JAX)
+    model = tmp_path / "out" / "model.keras"
+    inputs = np.random.default_rng(0).random((16, 64), dtype=np.float32)
+    np.save(tmp_path / "inputs.npy", inputs)
+    predict = ("import sys, numpy as np, keras; "
+               "m = keras.saving.load_model(sys.argv[1]); "
+               "np.save(sys.argv[3], m.predict(np.load(sys.argv[2]), verbose=0))")
+    for backend in ("jax", "tensorflow"):
+        done = subprocess.run([sys.executable, "-c", predict, model, tmp_path / "inputs.npy",
+                               tmp_path / f"{backend}.npy"], cwd=REPO, capture_output=True,
+                              text=True, env=dict(os.environ, KERAS_BACKEND=backend))
+        assert done.returncode == 0, done.stderr
+    np.testing.assert_allclose(np.load(tmp_path / "tensorflow.npy"),
+                               np.load(tmp_path / "jax.npy"), atol=1e-6)
+
+
+@pytest.mark.parametrize("config, env, expected", [
+    ({"strategy": {"name": "horovod", "workers": 2}, **JAX}, {},
+     ["strategy.name: the horovod strategy runs on the TensorFlow backend only",
+      "HINT: use strategy.name: multiworker"]),
+    ({"strategy": {"name": "multiworker", "communicator": "mpi"}, **JAX}, {},
+     ["strategy.communicator: communicator: mpi runs on the TensorFlow backend only"]),
+    ({"strategy": {"name": "multiworker", "compression": "fp16"}, **JAX}, {},
+     ["strategy.compression: compression: fp16 runs on the TensorFlow backend only"]),
+    ({"backend": "tensorflow"}, {"KERAS_BACKEND": "jax"},
+     ["backend: the config says backend: tensorflow, but KERAS_BACKEND is 'jax'",
+      "HINT: remove one of them"]),
+    ({}, {"KERAS_BACKEND": "torch"},
+     ["KERAS_BACKEND: KERAS_BACKEND is 'torch'; ktrain trains on tensorflow or jax"]),
+])
+def test_what_a_backend_cannot_do_is_a_user_error(tmp_path, config, env, expected):
+    result = run_cli("run", config_file(tmp_path, "out", **config), env=env)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "out").exists()
+    for text in expected:
+        assert text in result.stderr, result.stderr
+
+
+def test_ktrain_env_reports_the_backend():
+    shown = subprocess.run([KTRAIN, "env"], capture_output=True, text=True,
+                           env=dict(os.environ, KERAS_BACKEND="jax"))
+    assert shown.returncode == 0, shown.stderr
+    assert "backend         jax (from KERAS_BACKEND" in shown.stdout
