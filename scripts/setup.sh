@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # One-time set-up: a virtual environment in .venv with ktrain, TensorFlow (CPU build), MPI,
-# Spark, Ray and the test tools. Safe to re-run. `bash scripts/setup.sh gpu` installs
-# TensorFlow's CUDA build instead. (Horovod: scripts/install_horovod.sh.)
+# Spark, Ray, JAX (for backend: jax) and the test tools. Safe to re-run.
+# `bash scripts/setup.sh gpu` installs TensorFlow's CUDA build instead.
+# (Horovod: scripts/install_horovod.sh.)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-extras="${1:-cpu},mpi,spark,ray,test"
+extras="${1:-cpu},mpi,spark,ray,jax,test"
 python3 -m venv .venv
 .venv/bin/python -m pip install --quiet --upgrade pip
 .venv/bin/python -m pip install --quiet -e ".[${extras}]"

@@ -138,3 +138,21 @@ def test_ktrain_env_reports_the_backend():
                            env=dict(os.environ, KERAS_BACKEND="jax"))
     assert shown.returncode == 0, shown.stderr
     assert "backend         jax (from KERAS_BACKEND" in shown.stdout
+
+
+def test_sigterm_stops_jax_workers_at_one_step_and_the_rerun_resumes(tmp_path, background):
+    """The stop flags travel between JAX processes too: every rank stops after the same step,
+    with a checkpoint there, and the re-run ends with the unbroken run's weights."""
+    from test_preemption import long_run, stop_with_sigterm
+
+    unbroken = long_run(tmp_path / "unbroken", "mirrored", epochs=4)
+    result = run_cli("run", write_config(tmp_path / "u.yaml", {**unbroken, **JAX}), "-q")
+    assert result.returncode == 0, result.stderr
+    out = tmp_path / "out"
+    config = {**long_run(out, "tf-collectives", epochs=4), **JAX}
+    config = write_config(tmp_path / "c.yaml", config)
+    newest = stop_with_sigterm(background("run", config), out)
+    result = run_cli("run", config)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"resuming from the checkpoint {newest}" in result.stdout
+    assert_same_weights(tmp_path / "unbroken", out, atol=1e-6)
