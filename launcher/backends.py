@@ -60,6 +60,26 @@ def current() -> str:
     return os.environ.get(ENV) or DEFAULT
 
 
+def optional_tensorflow():
+    """TensorFlow, or None where it is not installed: tf.data feeds every backend where it
+    exists; JAX without it trains on arrays in memory (``ktrain.data.ArraySplit``)."""
+    try:
+        import tensorflow
+
+        return tensorflow
+    except ImportError:
+        return None
+
+
+def require_tensorflow(what: str, where: str) -> None:
+    """Refuse ``what`` (which reads through tf.data) where TensorFlow is not installed."""
+    if optional_tensorflow() is None:
+        raise UserError(f"{what} is read through TensorFlow's tf.data, and TensorFlow is not "
+                        f"installed", where=where,
+                        hint="pip install tensorflow-cpu (its CPU build is enough, beside JAX "
+                             "on GPUs too), or return the examples as NumPy arrays")
+
+
 def tensorflow_only(feature: str, where: str, hint: str) -> None:
     """Refuse, on another backend, ``feature``, which exists on TensorFlow only."""
     if current() != "tensorflow":

@@ -4,6 +4,9 @@ Three kinds of split: examples in memory (here), data in files (``ktrain.sources
 worker's own share handed over by its engine (a Spark partition, a Ray Data stream). For the
 first two the order of examples is a pure function of (seed, epoch): a resumed run, or a run on
 N workers, sees exactly the global batches an uninterrupted single-worker run would see.
+
+tf.data carries the batches wherever TensorFlow is installed, whatever the backend. On JAX
+without TensorFlow, arrays in memory are the one kind of data, fed by NumPy (``ArraySplit``).
 """
 
 from __future__ import annotations
@@ -13,13 +16,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Union
 
+import keras
 import numpy as np
-import tensorflow as tf
 
-from ktrain import console
+from ktrain import backends, console
 from ktrain.errors import UserError
 from ktrain.sources import Files, FileSplit, ShardAudit
 
+tf = backends.optional_tensorflow()
 _EXPECTED = ("(x, y), ((x, y), (x_val, y_val)) as keras.datasets returns, {'train': (x, y), "
              "'validation': (x, y)}, an unbatched tf.data.Dataset of (features, label), or a "
              "dict of such datasets; x may be a list or dict of arrays for several inputs")
@@ -61,7 +65,60 @@ class Split:
         """Any number of workers can share examples in memory."""
 
 
-AnySplit = Union[Split, FileSplit, "RayStreamSplit"]
+@dataclass(frozen=True)
+class ArraySplit:
+    """Examples in memory as NumPy arrays, fed without TensorFlow (``backend: jax`` where
+    it is not installed). Shared as ``Split`` shares them (worker r takes global positions r,
+    r+N, ...), but a shuffled epoch is one NumPy permutation drawn from (seed, epoch), so its
+    batches differ from those of the same config where tf.data orders them."""
+
+    x: Any
+    y: Any
+    size: int
+
+    def rows(self, index) -> tuple[Any, Any]:
+        return keras.tree.map_structure(lambda a: a[index], (self.x, self.y))
+
+    def part(self, start: int, stop: int) -> ArraySplit:
+        return ArraySplit(*self.rows(slice(start, stop)), stop - start)
+
+    def batches(self, *, first_epoch: int, epochs: int, first_step: int, steps: int, rank: int,
+                world_size: int, batch_size: int, shuffle: bool, seed: int):
+        """This worker's batches of every remaining epoch, one after the other."""
+        for epoch in range(first_epoch, epochs):
+            order = np.random.default_rng([seed, epoch]).permutation(self.size) if shuffle \
+                else np.arange(self.size)
+            mine = order[:steps * batch_size * world_size][rank::world_size]
+            for step in range(first_step if epoch == first_epoch else 0, steps):
+                yield self.rows(mine[step * batch_size:(step + 1) * batch_size])
+
+    def evaluation_examples(self, rank: int, world_size: int) -> tuple[ArraySplit, int]:
+        """This worker's interleaved share, and its size."""
+        if world_size == 1:
+            return self, self.size
+        share = ArraySplit(*self.rows(slice(rank, None, world_size)),
+                           len(range(rank, self.size, world_size)))
+        return share, share.size
+
+    def check_workers(self, world_size: int, where: str) -> None:
+        """Any number of workers can share examples in memory."""
+
+
+class _EvaluationBatches(keras.utils.PyDataset):
+    """An ``ArraySplit``'s examples in batches, as often as Keras evaluates them."""
+
+    def __init__(self, split: ArraySplit, batch_size: int):
+        super().__init__()
+        self.split, self.batch_size = split, batch_size
+
+    def __len__(self) -> int:
+        return -(-self.split.size // self.batch_size)
+
+    def __getitem__(self, index: int):
+        return self.split.rows(slice(index * self.batch_size, (index + 1) * self.batch_size))
+
+
+AnySplit = Union[Split, ArraySplit, FileSplit, "RayStreamSplit"]
 
 
 @dataclass(frozen=True)
@@ -112,6 +169,8 @@ def to_splits(result: Any, validation_split: float, key: str = "data.fn") -> Spl
         n_val = int(train.size * validation_split)
         n_train = train.size - n_val
         # The last fraction is held out, as Keras' own validation_split does.
+        if isinstance(train, ArraySplit):
+            return Splits(train.part(0, n_train), train.part(n_train, train.size))
         return Splits(Split(train.dataset.take(n_train), n_train),
                       Split(train.dataset.skip(n_train), n_val))
     return Splits(train, None)
@@ -203,7 +262,7 @@ def _several_arrays(value: Any) -> bool:
 def _to_split(value: Any, key: str) -> AnySplit:
     if isinstance(value, Files):
         return FileSplit(value, key)
-    if isinstance(value, tf.data.Dataset):
+    if tf is not None and isinstance(value, tf.data.Dataset):
         return _dataset_split(value, key)
     if _is_pair(value):
         x, y = (_arrays(part) for part in value)
@@ -213,6 +272,9 @@ def _to_split(value: Any, key: str) -> AnySplit:
             raise UserError(f"the data fn returned arrays with different numbers of rows "
                             f"({counts})", where=key,
                             hint="features and labels need one row per example")
+        if tf is None:
+            x, y = keras.tree.map_structure(np.asarray, (x, y))
+            return ArraySplit(x, y, next(iter(rows.values())))
         try:
             dataset = tf.data.Dataset.from_tensor_slices((x, y))
         except (ValueError, TypeError) as err:
@@ -304,12 +366,20 @@ def steps_per_epoch(split: AnySplit, global_batch_size: int,
     return steps
 
 
+def first_features(split: AnySplit) -> Any:
+    """The first example's features, as a batch of one (to build a model)."""
+    if isinstance(split, ArraySplit):
+        return split.rows(slice(0, 1))[0]
+    return next(iter(split.dataset.batch(1)))[0]
+
+
 def training_batches(split: AnySplit, *, global_batch_size: int, rank: int, world_size: int,
                      shuffle: bool, shuffle_buffer: int, seed: int,
                      first_epoch: int, epochs: int, first_step: int = 0,
                      partition_steps: int | None = None,
                      audit: ShardAudit | None = None) -> tuple[tf.data.Dataset, int]:
-    """Every remaining epoch of this worker's batches, in one dataset; and steps per epoch.
+    """Every remaining epoch of this worker's batches, in one dataset (or generator, for an
+    ``ArraySplit``); and steps per epoch.
 
     The split puts each epoch in an order that depends on (seed, epoch) only and gives worker
     r the global positions r, r+N, ...; so the union of the workers' k-th batches is the k-th
@@ -320,6 +390,10 @@ def training_batches(split: AnySplit, *, global_batch_size: int, rank: int, worl
     """
     steps = steps_per_epoch(split, global_batch_size, partition_steps)
     local_batch = global_batch_size // world_size
+    if isinstance(split, ArraySplit):
+        return split.batches(first_epoch=first_epoch, epochs=epochs, first_step=first_step,
+                             steps=steps, rank=rank, world_size=world_size,
+                             batch_size=local_batch, shuffle=shuffle, seed=seed), steps
     own = partition_steps is not None
     batches_of = split.batches_by_epoch(
         first_epoch=first_epoch, epochs=epochs, rank=0 if own else rank,
@@ -352,5 +426,8 @@ def evaluation_batches(split: AnySplit, *, global_batch_size: int, rank: int,
             console.note(f"validation: {common * world_size} of {split.size} examples are "
                          f"evaluated, {common} per worker (on JAX every batch splits evenly "
                          f"over the devices, and the workers' batches form one array)")
-        data, size = data.take(common), common
+        data, size = (data.part(0, common) if isinstance(data, ArraySplit) else
+                      data.take(common)), common
+    if isinstance(data, ArraySplit):
+        return _EvaluationBatches(data, global_batch_size // world_size), size
     return data.batch(global_batch_size // world_size).prefetch(tf.data.AUTOTUNE), size

@@ -20,12 +20,12 @@ from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
-import tensorflow as tf
 
-from ktrain import console
+from ktrain import backends, console
 from ktrain.config import DEFAULT_LANES
 from ktrain.errors import UserError
 
+tf = backends.optional_tensorflow()
 FORMATS = ("parquet", "tfrecord")
 CHUNK_BYTES = 2 << 20
 """About this many bytes of rows are read, mixed and interleaved at a time (at most 4096
@@ -97,6 +97,7 @@ class FileSplit:
     """A training or validation split in files (see the module's docstring)."""
 
     def __init__(self, source: Files, key: str):
+        backends.require_tensorflow("a dataset in files", key)
         if source.lanes < 1:
             raise UserError(f"lanes must be at least 1, not {source.lanes}", where=key,
                             hint=f"use the default, {DEFAULT_LANES}")

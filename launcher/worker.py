@@ -19,15 +19,13 @@ from dataclasses import dataclass
 
 import keras
 import numpy as np
-import tensorflow as tf
 
-from ktrain import STARTED_AT, console
+from ktrain import STARTED_AT, backends, console
 from ktrain.checkpoint import CheckpointStore, Position, TrainingState, load_checkpoint_url
-from ktrain.collectives import (GlobalMetrics, broadcast_variables, distribute_optimizer,
-                                undistribute)
 from ktrain.config import RunConfig, TrainSpec
-from ktrain.data import (RayStreamSplit, Splits, evaluation_batches, partition_splits,
-                         ray_stream_splits, steps_per_epoch, to_splits, training_batches)
+from ktrain.data import (ArraySplit, RayStreamSplit, Splits, evaluation_batches,
+                         first_features, partition_splits, ray_stream_splits, steps_per_epoch,
+                         to_splits, training_batches)
 from ktrain.environment import PARTITION_ENV
 from ktrain.errors import UserError, WorkersFailed, all_of
 from ktrain.jax_runtime import even_share
@@ -39,6 +37,14 @@ from ktrain.strategies.ray import is_ray_dataset
 from ktrain.supervisor import is_supervised, mark
 from ktrain.userfn import call_user, load_function
 from ktrain.watchdog import watching_for_stalls
+
+
+tf = backends.optional_tensorflow()
+# What model.fit raises when the model and the data do not fit together, and when a collective
+# fails (TensorFlow's own errors, where it is installed).
+_MISFIT = (ValueError, TypeError) + ((tf.errors.InvalidArgumentError,
+                                      tf.errors.UnimplementedError) if tf else ())
+_OP_ERROR = tf.errors.OpError if tf else ()
 
 
 @dataclass
@@ -144,6 +150,9 @@ def _training_data_for(model_fn, splits: Splits) -> dict:
         wanted = TRAIN_DATA_PARAMETER in inspect.signature(model_fn).parameters
     except (TypeError, ValueError):
         wanted = False
+    if wanted and isinstance(splits.train, ArraySplit):
+        backends.require_tensorflow("train_data (a tf.data.Dataset for the model fn)",
+                                    "model.fn")
     if wanted and isinstance(splits.train, RayStreamSplit):
         raise UserError("the model fn asks for train_data, and a ray.data.Dataset streams "
                         "each worker only its share, once per epoch", where="model.fn",
@@ -158,6 +167,8 @@ def _join_group(run: RunConfig, session: Session, model: keras.Model, flags) -> 
     state from the same seed (or checkpoint)."""
     communicator = session.communicator
     if communicator.reduces_gradients:
+        from ktrain.collectives import broadcast_variables, distribute_optimizer
+
         distribute_optimizer(model.optimizer, communicator, flags=flags,
                              fp16=getattr(run.strategy, "compression", "none") == "fp16")
         model.jit_compile = False  # numpy_function, Horovod and collective ops are not XLA ops
@@ -232,8 +243,7 @@ def train_option_problems(train: TrainSpec) -> list[UserError]:
 def _build(model: keras.Model, splits: Splits) -> None:
     """Create the model's and optimizer's variables, so a checkpoint can be restored into them."""
     if not model.built:
-        features, _ = next(iter(splits.train.dataset.batch(1)))
-        model(features)
+        model(first_features(splits.train))
     model.optimizer.build(model.trainable_variables)
 
 
@@ -518,6 +528,8 @@ def _fit(run: RunConfig, session: Session, model: keras.Model, splits: Splits,
     if audit:  # before any checkpoint takes the epoch
         callbacks.insert(0, _AuditShards(audit, session))
     if communicator is not None and communicator.reduces_gradients:
+        from ktrain.collectives import GlobalMetrics
+
         callbacks.insert(0, GlobalMetrics(  # first, so the others see global metrics
             session.communicator, steps * train.global_batch_size // session.world_size,
             validation_share))
@@ -566,7 +578,10 @@ def _fit(run: RunConfig, session: Session, model: keras.Model, splits: Splits,
     early_stopping = _early_stopping_report(stopper) if model.stop_training and stopper else None
     if early_stopping:
         output.say(early_stopping.pop("said"))
-    undistribute(model.optimizer)
+    if session.communicator is not None and session.communicator.reduces_gradients:
+        from ktrain.collectives import undistribute
+
+        undistribute(model.optimizer)
     model_path = output.save_model(model)
     summary = _summary(run, session, recorder, history, start.epoch, fit_started, fit_ended,
                        model_path)
@@ -636,15 +651,14 @@ def _fit_phase(run, session, model, store, batches, first_epoch, end_epoch, step
                       validation_freq=run.train.validation_freq, shuffle=False,
                       callbacks=callbacks,
                       verbose=1 if console.verbosity() >= console.VERBOSE else 0)
-    except (ValueError, TypeError, tf.errors.InvalidArgumentError,
-            tf.errors.UnimplementedError) as err:
+    except _MISFIT as err:
         raise TrainingFailed(
             f"training failed: {type(err).__name__}: {_without_graph_stack(err)}",
             where="model.fit",
             hint="this usually means the model and the data do not fit together (input "
                  "shape, number of classes, label format): check your model and data fns"
         ) from err
-    except tf.errors.OpError as err:
+    except _OP_ERROR as err:
         if session.communicator is None:
             raise
         raise _peer_lost(session, err, store) from err
@@ -653,7 +667,7 @@ def _fit_phase(run, session, model, store, batches, first_epoch, end_epoch, step
 def _without_graph_stack(err: Exception) -> str:
     """TensorFlow's message without the Python stack where the failing op was defined (the
     launcher's frames, not the user's) and the op names around it."""
-    message = err.message if isinstance(err, tf.errors.OpError) else str(err)
+    message = err.message if tf and isinstance(err, tf.errors.OpError) else str(err)
     kept = [line.strip() for line in message.splitlines()
             if line.strip() and not line.startswith("  File ") and not line.lstrip().startswith("[[")
             and line.strip() not in ("Graph execution error:",)
@@ -687,7 +701,8 @@ class _ScaledLearningRate(keras.callbacks.Callback):
         self._ramping = True
 
     def on_train_begin(self, logs=None):
-        if not isinstance(self.model.optimizer.learning_rate, (tf.Variable, keras.Variable)):
+        if not isinstance(self.model.optimizer.learning_rate,
+                          (keras.Variable, *((tf.Variable,) if tf else ()))):
             raise UserError("strategy.lr_scaling needs a constant learning rate, not a schedule",
                             where="strategy.lr_scaling", hint="set lr_scaling: off")
         if self.base is None:  # fit may be called again (a resumed epoch, then the rest)

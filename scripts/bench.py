@@ -50,16 +50,21 @@ sys.path.insert(0, REPO)
 
 def plain_keras(config_path: str, overrides: list[str]) -> dict:
     """Baseline: what a user would write by hand with model.fit on one process."""
+    from ktrain import console
+    from ktrain.config import load_config
+
+    run = load_config(config_path, overrides)
+    console.import_keras(run.backend)  # the config's backend, as ktrain's run has
     import keras
 
-    from ktrain.config import load_config
     from ktrain.userfn import load_function
     from ktrain.worker import compile_from_config
 
-    run = load_config(config_path, overrides)
     keras.utils.set_random_seed(run.train.seed)
     data = load_function(run.data.fn, "data.fn", run.base_dir)(**run.data.kwargs)
     (x, y), validation = (data["train"], data.get("validation")) if isinstance(data, dict) else (data, None)
+    if run.train.precision != "float32":
+        keras.mixed_precision.set_global_policy(run.train.precision)
     model = load_function(run.model.fn, "model.fn", run.base_dir)(**run.model.kwargs)
     if not model.compiled:
         compile_from_config(model, run.train)
@@ -473,6 +478,7 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], metavar="key.path=value",
                         help="override applied to both runs of every config")
     parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--json", metavar="PATH", help="also write the throughput rows here")
     args = parser.parse_args()
     if args.allreduce:
         bench_allreduce()
@@ -491,6 +497,8 @@ def main() -> None:
             or not args.configs):
         return
     rows = [compare(os.path.abspath(c), args.set, args.repeats) for c in args.configs]
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2))
     columns = list(rows[0])
     print("| " + " | ".join(columns) + " |")
     print("|" + "---|" * len(columns))

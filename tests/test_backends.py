@@ -18,10 +18,10 @@ JAX = {"backend": "jax"}
 
 
 def config_file(tmp_path, name: str, **sections):
-    """``base_config`` (output in tmp_path/name) as tmp_path/name.yaml; a strategy section
-    replaces the default one whole."""
+    """``base_config`` (output in tmp_path/name) as tmp_path/name.yaml; a strategy or data
+    section replaces the default one whole."""
     config = base_config(tmp_path / name, **sections)
-    config["strategy"] = sections.get("strategy", config["strategy"])
+    config.update({key: sections[key] for key in ("strategy", "data") if key in sections})
     return write_config(tmp_path / f"{name}.yaml", config)
 
 
@@ -156,3 +156,57 @@ def test_sigterm_stops_jax_workers_at_one_step_and_the_rerun_resumes(tmp_path, b
     assert result.returncode == 0, result.stdout + result.stderr
     assert f"resuming from the checkpoint {newest}" in result.stdout
     assert_same_weights(tmp_path / "unbroken", out, atol=1e-6)
+
+
+WITHOUT_TENSORFLOW = {"PYTHONPATH": str(REPO / "tests" / "fixtures" / "without_tensorflow")}
+"""As on a machine with JAX only (the GPU machine): ``import tensorflow`` fails."""
+
+
+@pytest.fixture(scope="module")
+def one_device_without_tensorflow(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("jax-without-tf")
+    config = config_file(folder, "out", train={"shuffle": True}, **JAX)
+    result = run_cli("run", config, "-q", env=WITHOUT_TENSORFLOW)
+    assert result.returncode == 0, result.stderr
+    return folder / "out"
+
+
+@pytest.mark.parametrize("strategy", [{"name": "mirrored", "devices": 2},
+                                      {"name": "multiworker", "workers": 2}],
+                         ids=lambda s: s["name"])
+def test_without_tensorflow_numpy_feeds_jax_the_same_global_batches(
+        tmp_path, one_device_without_tensorflow, strategy):
+    """Arrays in memory need no tf.data: shuffled by NumPy, 2 replicas still see 1 device's
+    global batches."""
+    config = config_file(tmp_path, "out", train={"shuffle": True}, strategy=strategy, **JAX)
+    result = run_cli("run", config, "-q", env=WITHOUT_TENSORFLOW)
+    assert result.returncode == 0, result.stderr
+    assert_same_weights(one_device_without_tensorflow, tmp_path / "out")
+
+
+def test_without_tensorflow_files_say_what_to_install(tmp_path):
+    (tmp_path / "train.parquet").write_bytes(b"")
+    config = config_file(tmp_path, "out", data={"files": str(tmp_path / "train.parquet"),
+                                                "features": ["x"], "label": "y"}, **JAX)
+    result = run_cli("run", config, env=WITHOUT_TENSORFLOW)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert ("data: a dataset in files is read through TensorFlow's tf.data, and TensorFlow is "
+            "not installed") in result.stderr
+    assert "HINT: pip install tensorflow-cpu" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_the_gpu_check_runs_where_only_jax_is_installed(tmp_path):
+    """scripts/gpu_check.sh --smoke: the GPU check's steps, tiny, on the CPU, without
+    TensorFlow; it writes ktrain env and both runs' images/s, ratio and first-step times."""
+    done = subprocess.run(["bash", "scripts/gpu_check.sh", "--smoke"], cwd=REPO,
+                          capture_output=True, text=True, timeout=600,
+                          env=dict(os.environ, OUT=str(tmp_path), PYTHON=sys.executable,
+                                   **WITHOUT_TENSORFLOW))
+    assert done.returncode == 0, done.stdout + done.stderr
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert any(line.startswith("backend         jax") for line in report["ktrain_env"])
+    [row] = report["throughput"]
+    assert row["plain_samples_per_second"] > 0 and row["ktrain_samples_per_second"] > 0
+    assert row["ratio"] == pytest.approx(row["ktrain_samples_per_second"]
+                                         / row["plain_samples_per_second"], rel=0.01)
+    assert row["plain_first_step_s"] > 0 and row["ktrain_first_step_s"] > 0
