@@ -109,18 +109,26 @@ class HostFlags:
     def __init__(self, processes: JaxProcesses, count: int):
         self.processes = processes
         self.raised = np.zeros(count)
-        self.steps = 0
+        self.taken = 0
 
     def raise_flag(self, index: int = 0) -> None:
         self.raised[index] = 1.0
 
     def agreed(self) -> list[int]:
-        self.steps += 1
         return [int(i) for i in np.flatnonzero(self.processes.sum_host(self.raised) > 0)]
 
+    def counting(self, batches):
+        """``batches`` (a tf.data.Dataset or NumPy batches), counted as this rank takes them.
+        A rank ahead waits for the others inside the compiled step, where ktrain cannot count,
+        so the stall watchdog compares how many batches each rank has taken instead."""
+        for batch in batches.as_numpy_iterator() if hasattr(batches, "as_numpy_iterator") \
+                else batches:
+            self.taken += 1
+            yield batch
+
     def arrived(self) -> int:
-        """Steps this rank has finished and offered its flags for (see ktrain.watchdog)."""
-        return self.steps
+        """Batches this rank has taken from its input (see ktrain.watchdog)."""
+        return self.taken
 
 
 def even_share(session: Session) -> Callable[[int], int] | None:

@@ -2,9 +2,10 @@
 Python stacks, and ends the group, wherever the ranks run (ktrain's launcher, ``srun``,
 ``mpirun``, Spark tasks, Ray actors), since the ranks watch themselves.
 
-Every rank reports, once a second, how many gradient allreduces it has arrived at to rank 0,
-over one TCP connection (rank 0's address reaches the others through the communicator as the
-watch starts). When the counts have not moved for ``strategy.stall_timeout`` seconds and are
+Every rank reports, once a second, how far it has come to rank 0 (on TensorFlow the gradient
+allreduces it has arrived at; on JAX, whose reduction sits inside the compiled step, the
+batches it has taken from its input), over one TCP connection (rank 0's address reaches the
+others through the communicator as the watch starts). When the counts have not moved for ``strategy.stall_timeout`` seconds and are
 not all equal, rank 0 asks the ranks behind for their stacks, tells every rank to end, prints
 one message and ends first, so that its launcher reports it (and restarts the group, if
 ``max_restarts`` allows); the others end as soon as it is gone, since a launcher such as

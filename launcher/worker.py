@@ -553,6 +553,8 @@ def _fit(run: RunConfig, session: Session, model: keras.Model, splits: Splits,
                     shuffle_buffer=train.shuffle_buffer, seed=train.seed,
                     first_epoch=first_epoch, epochs=end_epoch, first_step=first_step,
                     partition_steps=splits.partition_steps, audit=audit)
+                if flags is not None and not communicator.reduces_gradients:
+                    batches = flags.counting(batches)
                 checkpoints.first_step = first_step
                 _fit_phase(run, session, model, store, batches, first_epoch, end_epoch,
                            steps - first_step, validation, callbacks)

@@ -10,7 +10,8 @@ import sys
 import numpy as np
 import pytest
 
-from helpers import KTRAIN, REPO, base_config, assert_same_weights, run_cli, write_config
+from helpers import (KTRAIN, REPO, assert_same_weights, base_config, kill_rank_one_mid_training,
+                     run_cli, write_config)
 
 pytest.importorskip("jax", reason="JAX is not installed: bash scripts/setup.sh")
 
@@ -210,3 +211,19 @@ def test_the_gpu_check_runs_where_only_jax_is_installed(tmp_path):
     assert row["ratio"] == pytest.approx(row["ktrain_samples_per_second"]
                                          / row["plain_samples_per_second"], rel=0.01)
     assert row["plain_first_step_s"] > 0 and row["ktrain_first_step_s"] > 0
+
+
+def test_a_killed_jax_worker_stops_the_group_naming_it(tmp_path, background):
+    config = config_file(tmp_path, "out", strategy={"name": "multiworker", "workers": 2},
+                         train={"epochs": 400}, **JAX)
+    code, output, seconds = kill_rank_one_mid_training(background, config, tmp_path / "out")
+    assert seconds < 30 and code == 1, output[-3000:]
+    assert "rank 1 was killed by SIGKILL" in output and "rank-1.log" in output, output[-3000:]
+
+
+def test_a_stalled_jax_rank_is_named_with_its_stack(tmp_path, background):
+    """The stall watchdog counts the steps whose stop flags a JAX rank offered."""
+    from test_preemption import assert_stall_reported, hanging_rank_one
+
+    config, marker = hanging_rank_one(tmp_path, {"name": "multiworker", "workers": 2})
+    assert_stall_reported(background("run", config, "backend=jax"), marker)
