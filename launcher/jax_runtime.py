@@ -11,6 +11,7 @@ batches must have one shape: see ``common_share``.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
 import numpy as np
@@ -47,12 +48,15 @@ def local_session(wanted: int | str, global_batch_size: int) -> Session:
                    devices=tuple(_name(d) for d in devices))
 
 
-def process_session(rank: int, peers: list[str], start_timeout: float) -> Session:
+def process_session(rank: int, local_rank: int, peers: list[str],
+                    start_timeout: float) -> Session:
     """Join the other processes (rank 0's address in ``peers`` is the coordinator's), then
-    DataParallel over every process' devices."""
+    DataParallel over every process' devices: one GPU per process, by local rank, unless the
+    launcher already chose (``srun --gpus-per-task`` sets CUDA_VISIBLE_DEVICES); else the CPU."""
     import jax
     import keras
 
+    os.environ.setdefault("CUDA_VISIBLE_DEVICES", str(local_rank))  # read as JAX's GPUs start
     try:
         jax.distributed.initialize(coordinator_address=peers[0], num_processes=len(peers),
                                    process_id=rank, coordinator_bind_address=peers[0],

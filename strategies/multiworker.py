@@ -79,7 +79,7 @@ def collective_session(start_timeout: float, interface: str | None = None) -> Se
         from ktrain.jax_runtime import process_session
 
         peers = peer_addresses(found, start_timeout, interface)
-        return process_session(found.rank, peers, start_timeout)
+        return process_session(found.rank, found.local_rank, peers, start_timeout)
     from ktrain.collectives import TensorFlowCollectives
 
     device = pin_local_device(found.local_rank)  # before TensorFlow's runtime starts
