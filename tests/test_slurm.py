@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import (KTRAIN, REPO, assert_same_weights, base_config, needs_horovod,
+from helpers import (KTRAIN, REPO, assert_same_weights, base_config, needs_horovod, run_cli,
                      run_command, with_strategy, worker_pid, write_config)
 
 
@@ -34,6 +34,23 @@ def test_two_srun_tasks_match_one_process(tmp_path, slurm, single_process_run, s
     assert_same_weights(single_process_run("mlp"), out)
     assert result.stdout.count("done:") == 1, result.stdout
     assert "help file" not in result.stdout + result.stderr  # Open MPI/PMIx "Sorry!" boxes
+
+
+def test_two_srun_tasks_on_jax_match_one_jax_device(tmp_path, slurm):
+    """On JAX the tasks find their coordinator (rank 0) through ktrain's rendezvous too."""
+    pytest.importorskip("jax", reason="JAX is not installed: bash scripts/setup.sh")
+    one = tmp_path / "one"
+    done = run_cli("run", write_config(tmp_path / "one.yaml", base_config(one, backend="jax")),
+                   "-q")
+    assert done.returncode == 0, done.stderr
+    out = tmp_path / "out"
+    config = write_config(tmp_path / "c.yaml",
+                          {**with_strategy(out, "multiworker"), "backend": "jax"})
+    result = srun(slurm, "-n2", "--mpi=none", KTRAIN, "run", config)
+    assert result.returncode == 0, result.stdout + result.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["backend"], summary["world_size"]) == ("jax", 2)
+    assert_same_weights(one, out)
 
 
 @pytest.mark.parametrize("strategy", [
