@@ -108,28 +108,31 @@ def import_keras(backend: str) -> None:
     if "keras" in sys.modules or verbosity() >= VERBOSE:
         import keras  # noqa: F401
         return
-    with _stderr_without(_STARTUP_NOISE):
+    with native_output_without(_STARTUP_NOISE):
         import keras  # noqa: F401
         with contextlib.suppress(ImportError):
             import tensorflow  # noqa: F401
 
 
 @contextlib.contextmanager
-def _stderr_without(noise: re.Pattern):
-    """Capture file descriptor 2 (C++ writes there directly) and replay it without ``noise``."""
-    sys.stderr.flush()
-    saved = os.dup(2)
+def native_output_without(noise: re.Pattern, stream=None):
+    """Capture ``stream``'s file descriptor (stderr by default; C++ writes there directly)
+    while the block runs, and replay what was written without the lines ``noise`` matches."""
+    stream = stream or sys.stderr
+    fd = stream.fileno()
+    stream.flush()
+    saved = os.dup(fd)
     with tempfile.TemporaryFile(mode="w+b") as captured:
-        os.dup2(captured.fileno(), 2)
+        os.dup2(captured.fileno(), fd)
         try:
             yield
         finally:
-            sys.stderr.flush()
-            os.dup2(saved, 2)
+            stream.flush()
+            os.dup2(saved, fd)
             os.close(saved)
             captured.seek(0)
             kept = [line for line in captured.read().decode(errors="replace").splitlines(True)
                     if not noise.search(line)]
             if kept:
-                sys.stderr.write("".join(kept))
-                sys.stderr.flush()
+                stream.write("".join(kept))
+                stream.flush()

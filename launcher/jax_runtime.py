@@ -12,11 +12,13 @@ batches must have one shape: see ``common_share``.
 from __future__ import annotations
 
 import os
+import re
+import sys
 from collections.abc import Callable
 
 import numpy as np
 
-from ktrain import backends
+from ktrain import backends, console
 from ktrain.errors import UserError, WorkersFailed
 from ktrain.strategies.base import Session
 
@@ -56,6 +58,8 @@ def process_session(rank: int, local_rank: int, peers: list[str],
     import jax
     import keras
 
+    from ktrain.supervisor import is_supervised
+
     os.environ.setdefault("CUDA_VISIBLE_DEVICES", str(local_rank))  # read as JAX's GPUs start
     try:
         jax.distributed.initialize(coordinator_address=peers[0], num_processes=len(peers),
@@ -66,12 +70,17 @@ def process_session(rank: int, local_rank: int, peers: list[str],
                             f"process(es) at {peers[0]}: {str(err).splitlines()[0]}",
                             hint="see the other ranks' logs; strategy.start_timeout allows "
                                  "slower starts") from None
-    local = jax.local_devices()
+    processes = JaxProcesses(rank, len(peers))
+    with console.native_output_without(_GLOO_CONNECTED, sys.stdout):
+        processes.barrier()  # the first collective: gloo connects, and says so
     distribution = keras.distribution.DataParallel(devices=jax.devices(),
                                                    auto_shard_dataset=False)
     return Session(rank=rank, world_size=len(peers), num_replicas=jax.device_count(),
-                   distribution=distribution, devices=tuple(_name(d) for d in local),
-                   communicator=JaxProcesses(rank, len(peers)))
+                   distribution=distribution, devices=tuple(_name(d) for d in jax.local_devices()),
+                   communicator=processes, log_to_file=not is_supervised())
+
+
+_GLOO_CONNECTED = re.compile(r"^\[Gloo\] Rank \d+ is connected to")
 
 
 def _name(device) -> str:

@@ -10,8 +10,8 @@ import sys
 import numpy as np
 import pytest
 
-from helpers import (KTRAIN, REPO, assert_same_weights, base_config, kill_rank_one_mid_training,
-                     run_cli, write_config)
+from helpers import (KTRAIN, REPO, assert_quiet_console, assert_same_weights, base_config,
+                     kill_rank_one_mid_training, run_cli, write_config)
 
 pytest.importorskip("jax", reason="JAX is not installed: bash scripts/setup.sh")
 
@@ -53,7 +53,9 @@ def test_two_jax_replicas_match_one_jax_device(tmp_path, one_jax_device, strateg
     if strategy["name"] in ("spark", "ray"):
         pytest.importorskip("pyspark" if strategy["name"] == "spark" else "ray",
                             reason=f"{strategy['name']} is not installed: bash scripts/setup.sh")
-    summary = train(tmp_path, "out", strategy=strategy, **JAX)
+    result = run_cli("run", config_file(tmp_path, "out", strategy=strategy, **JAX))
+    assert_quiet_console(result, tmp_path / "out", 1 if strategy["name"] == "mirrored" else 2)
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert (summary["backend"], summary["num_replicas"]) == ("jax", 2)
     assert_same_weights(one_jax_device, tmp_path / "out")
 
