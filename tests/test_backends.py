@@ -82,7 +82,8 @@ def test_tensorflow_and_jax_reach_the_same_accuracy_on_the_quickstart(tmp_path):
 
 
 @pytest.mark.parametrize("first, then", [("tensorflow", "jax"), ("jax", "tensorflow")])
-def test_a_checkpoint_resumes_on_the_other_backend(tmp_path, first, then):
+def test_a_checkpoint_resumes_on_the_other_backend(tmp_path, single_process_run, one_jax_device,
+                                                   first, then):
     """Epochs 1-2 on one backend, epoch 3 on the other: the same weights as 3 epochs on the
     first (whose seed drew the initial weights; the backends round slightly differently)."""
     config = base_config(tmp_path / "moved", backend=first, train={"epochs": 2})
@@ -93,13 +94,12 @@ def test_a_checkpoint_resumes_on_the_other_backend(tmp_path, first, then):
     assert "resuming from the checkpoint after epoch 2" in resumed.stdout
     summary = json.loads((tmp_path / "moved" / "summary.json").read_text())
     assert (summary["backend"], summary["epochs_completed"]) == (then, 3)
-    train(tmp_path, "unbroken", backend=first)
-    assert_same_weights(tmp_path / "unbroken", tmp_path / "moved", atol=1e-4)
+    unbroken = single_process_run("mlp") if first == "tensorflow" else one_jax_device
+    assert_same_weights(unbroken, tmp_path / "moved", atol=1e-4)
 
 
-def test_a_model_saved_on_jax_predicts_the_same_under_tensorflow(tmp_path):
-    train(tmp_path, "out", **JAX)
-    model = tmp_path / "out" / "model.keras"
+def test_a_model_saved_on_jax_predicts_the_same_under_tensorflow(tmp_path, one_jax_device):
+    model = one_jax_device / "model.keras"
     inputs = np.random.default_rng(0).random((16, 64), dtype=np.float32)
     np.save(tmp_path / "inputs.npy", inputs)
     predict = ("import sys, numpy as np, keras; "
@@ -145,19 +145,21 @@ def test_ktrain_env_reports_the_backend():
 
 def test_sigterm_stops_jax_workers_at_one_step_and_the_rerun_resumes(tmp_path, background):
     """The stop flags travel between JAX processes too: every rank stops after the same step,
-    with a checkpoint there, and the re-run ends with the unbroken run's weights."""
+    with a checkpoint there, and the re-run ends the next epoch with the unbroken run's
+    weights."""
     from test_preemption import long_run, stop_with_sigterm
 
-    unbroken = long_run(tmp_path / "unbroken", "mirrored", epochs=4)
-    result = run_cli("run", write_config(tmp_path / "u.yaml", {**unbroken, **JAX}), "-q")
-    assert result.returncode == 0, result.stderr
     out = tmp_path / "out"
-    config = {**long_run(out, "tf-collectives", epochs=4), **JAX}
-    config = write_config(tmp_path / "c.yaml", config)
+    config = write_config(tmp_path / "c.yaml", {**long_run(out, "tf-collectives", epochs=20),
+                                                **JAX})
     newest = stop_with_sigterm(background("run", config), out)
-    result = run_cli("run", config)
+    epochs = newest.epoch + 1
+    result = run_cli("run", config, f"train.epochs={epochs}")
     assert result.returncode == 0, result.stdout + result.stderr
     assert f"resuming from the checkpoint {newest}" in result.stdout
+    unbroken = long_run(tmp_path / "unbroken", "mirrored", epochs=epochs)
+    result = run_cli("run", write_config(tmp_path / "u.yaml", {**unbroken, **JAX}), "-q")
+    assert result.returncode == 0, result.stderr
     assert_same_weights(tmp_path / "unbroken", out, atol=1e-6)
 
 

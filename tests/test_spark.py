@@ -73,7 +73,8 @@ def test_barrier_tasks_on_two_hosts_match_one_process(tmp_path, spark_on_two_hos
 
 
 def test_too_many_workers_for_a_standalone_cluster_fail_fast(tmp_path, spark_cluster):
-    config = spark(tmp_path / "out", {"workers": 3, "master": spark_cluster.url},
+    config = spark(tmp_path / "out", {"workers": 3, "master": spark_cluster.url,
+                                      "start_timeout": 10},  # how long to wait for slots
                    train={"global_batch_size": 66})
     started = time.monotonic()
     result = run_cli("run", write_config(tmp_path / "c.yaml", config), timeout=120)
