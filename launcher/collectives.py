@@ -12,6 +12,9 @@ Public API (usable in your own training loops too):
 - ``broadcast_variables``: copy rank 0's model and optimizer state to every worker.
 - ``GlobalMetrics``: a callback that turns each worker's epoch metrics into global ones.
 
+These are the TensorFlow backend's; on JAX, XLA reduces the gradients inside the compiled step
+(``ktrain.jax_runtime``).
+
 Sparse gradients (``tf.IndexedSlices``, e.g. from Embedding layers) are densified before
 averaging, which is exact. Steps that call MPI through ``tf.numpy_function`` or Horovod cannot
 be XLA-compiled: ``needs_eager_ops`` tells the caller to set ``jit_compile=False``.

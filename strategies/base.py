@@ -69,10 +69,12 @@ class Session:
     world_size: int
     num_replicas: int
     distribution: Any = None
-    """The ``tf.distribute.Strategy`` whose scope the model is built in; None for the default."""
+    """Whose scope the model is built and trained in: a ``tf.distribute.Strategy`` (TensorFlow)
+    or a ``keras.distribution.Distribution`` (JAX); None for Keras' plain single device."""
     devices: tuple[str, ...] = ()
     communicator: Any = None
-    """A ``ktrain.collectives.Communicator`` when gradients cross process boundaries."""
+    """When the worker has peer processes: a ``ktrain.collectives.Communicator`` (TensorFlow;
+    it averages the gradients) or a ``ktrain.jax_runtime.JaxProcesses`` (XLA does)."""
     log_to_file: bool = True
     """False when a supervisor already captures this process' output into logs/rank-<r>.log."""
     data_shard: Any = None
