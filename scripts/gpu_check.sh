@@ -6,8 +6,8 @@
 #                                        # in .whl/ (keras, pydantic, ktrain itself; ~10 MiB)
 #   bash scripts/gpu_check.sh            # there: installs .whl/ (if present) into a folder of
 #                                        # its own, then runs the check (about 5 minutes)
-#   bash scripts/gpu_check.sh --smoke    # the same steps, tiny, on any CPU, with the Python
-#                                        # as it is (the tests run it)
+#   bash scripts/gpu_check.sh --smoke    # the same steps on the quickstart's MLP, on any CPU,
+#                                        # with the Python as it is (the tests run it)
 #
 # Prints, and writes to $OUT/gpu_check.json (or runs/gpu_check/): `ktrain env`, the GPU's name,
 # and for the synthetic ResNet50 (224x224, mixed_bfloat16, 320 steps of 128 images) through
@@ -40,21 +40,22 @@ fi
 
 out="${OUT:-runs/gpu_check}"
 mkdir -p "$out"
-if [[ "${1:-}" == "--smoke" ]]; then
-    size=32 samples=64 batch=16 epochs=2 devices=1
+if [[ "${1:-}" == "--smoke" ]]; then  # the quickstart's MLP: the steps, not the model
+    config=configs/quickstart.yaml size=0 samples=1437 batch=64 epochs=2
+    model=()
 else
-    size=224 samples=4096 batch=128 epochs=10 devices=1
+    config=configs/synthetic.yaml size=224 samples=4096 batch=128 epochs=10
+    model=(--set "model.kwargs.image_size=$size" --set "data.kwargs.image_size=$size"
+           --set "data.kwargs.samples=$samples")
 fi
 export KERAS_BACKEND=jax
 "$python" -m ktrain env | tee "$out/env.txt"
 gpu="$(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo none)"
 echo "GPU: $gpu"
-"$python" scripts/bench.py configs/synthetic.yaml --json "$out/throughput.json" \
+"$python" scripts/bench.py "$config" --json "$out/throughput.json" "${model[@]}" \
     --set backend=jax --set train.precision=mixed_bfloat16 \
-    --set "model.kwargs.image_size=$size" --set "data.kwargs.image_size=$size" \
-    --set "data.kwargs.samples=$samples" --set "train.global_batch_size=$batch" \
-    --set "train.epochs=$epochs" --set "checkpoint.every_epochs=$epochs" \
-    --set "strategy.devices=$devices"
+    --set "train.global_batch_size=$batch" --set "train.epochs=$epochs" \
+    --set "checkpoint.every_epochs=$epochs" --set strategy.devices=1
 GPU="$gpu" OUT_DIR="$out" STEPS=$((samples / batch * epochs)) SIZE="$size" "$python" - <<'EOF'
 import json, os
 out = os.environ["OUT_DIR"]

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from helpers import (KTRAIN, REPO, assert_quiet_console, assert_same_weights, base_config,
-                     kill_rank_one_mid_training, run_cli, write_config)
+                     run_cli, write_config)
 
 pytest.importorskip("jax", reason="JAX is not installed: bash scripts/setup.sh")
 
@@ -215,14 +215,6 @@ def test_the_gpu_check_runs_where_only_jax_is_installed(tmp_path):
     assert row["ratio"] == pytest.approx(row["ktrain_samples_per_second"]
                                          / row["plain_samples_per_second"], rel=0.01)
     assert row["plain_first_step_s"] > 0 and row["ktrain_first_step_s"] > 0
-
-
-def test_a_killed_jax_worker_stops_the_group_naming_it(tmp_path, background):
-    config = config_file(tmp_path, "out", strategy={"name": "multiworker", "workers": 2},
-                         train={"epochs": 400}, **JAX)
-    code, output, seconds = kill_rank_one_mid_training(background, config, tmp_path / "out")
-    assert seconds < 30 and code == 1, output[-3000:]
-    assert "rank 1 was killed by SIGKILL" in output and "rank-1.log" in output, output[-3000:]
 
 
 def test_a_stalled_jax_rank_is_named_with_its_stack(tmp_path, background):

@@ -193,7 +193,8 @@ def test_a_wrong_data_fn_result_is_a_user_error_without_a_traceback(tmp_path, ca
                                                                      monkeypatch, case):
     """Fuzz: every one of these exits 2 with one ktrain message, no launcher frames (run
     in-process: the CLI's own code path, without paying for a Python start per case)."""
-    monkeypatch.setenv("KTRAIN_VERBOSITY", "1")  # cli.main sets it for this process
+    monkeypatch.setenv("KTRAIN_VERBOSITY", "1")  # cli.main sets both for this process,
+    monkeypatch.setenv("KERAS_BACKEND", "tensorflow")  # and later tests' runs would inherit them
     config = base_config(tmp_path / "out", data={"fn": f"{PORTING}:wrong_result",
                                                  "kwargs": {"case": case}},
                          train={"epochs": 1})
