@@ -1,4 +1,5 @@
-"""``ktrain``: run, validate, init, env. User errors exit with 2 and one message, no traceback."""
+"""``ktrain``: run, validate, init, export, report, env. User errors exit with 2 and one
+message, no traceback."""
 
 from __future__ import annotations
 
@@ -98,6 +99,30 @@ def _parser() -> argparse.ArgumentParser:
                     "spark-entry)\" run config.yaml")
     entry.set_defaults(command=_spark_entry)
 
+    export = commands.add_parser(
+        "export", parents=[common], help="export a run's model for serving",
+        description="Write a run's model as a TensorFlow SavedModel (TF Serving), TFLite and/or "
+                    "ONNX under RUN_DIR/export/, from its model.keras, or from a checkpoint's "
+                    "weights. Made on TensorFlow, whatever backend trained the model.")
+    export.add_argument("run_dir", metavar="RUN_DIR", help="a run's output_dir")
+    export.add_argument("--format", action="append", metavar="FORMAT[,FORMAT]",
+                        help="saved_model, tflite, onnx (default: the run's export list, else "
+                             "all three)")
+    export.add_argument("--checkpoint", metavar="PATH|latest",
+                        help="export a checkpoint's weights instead of model.keras (default: "
+                             "model.keras, else the newest checkpoint)")
+    export.set_defaults(command=_export)
+
+    report = commands.add_parser(
+        "report", parents=[common], help="draw runs' curves per epoch (PNG and HTML)",
+        description="Draw loss, metrics and throughput per epoch of one or several runs side "
+                    "by side, as a PNG and an HTML page with the same numbers.")
+    report.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="runs' output_dirs")
+    report.add_argument("-o", "--output", metavar="FILE.png",
+                        help="where to write (default: report.png in the run's folder for one "
+                             "run, in the current folder for several)")
+    report.set_defaults(command=_report)
+
     env = commands.add_parser("env", parents=[common],
                               help="show versions, devices and the detected cluster environment",
                               description="Print versions of Python, TensorFlow, Keras and the "
@@ -113,6 +138,11 @@ def _run(args) -> int:
 
     config = load_config(args.config, args.overrides)
     console.import_keras(config.backend)
+    problems = after_training_problems(config)
+    if problems:
+        from ktrain.errors import all_of
+
+        raise all_of(problems)
     strategy = strategies.create(config.strategy)
     strategy.prepare(config)
     summary = strategy.launch(config).summary
@@ -150,6 +180,7 @@ def _validate(args) -> int:
     from ktrain.worker import train_option_problems
 
     problems += train_option_problems(config.train)
+    problems += after_training_problems(config)
     if problems:
         raise all_of(problems)
     print(config.dump_yaml(), end="")
@@ -175,6 +206,40 @@ def _init(args) -> int:
 def _spark_entry(args) -> int:
     print(Path(__file__).with_name("__main__.py"))
     return 0
+
+
+def _export(args) -> int:
+    from ktrain.exports import FORMATS, export_run
+
+    formats = [f.strip() for item in args.format or [] for f in item.split(",") if f.strip()]
+    unknown = [f for f in formats if f not in FORMATS]
+    if unknown:
+        raise UserError(f"unknown export format {', '.join(unknown)}", where="--format",
+                        hint=f"choose from {', '.join(FORMATS)}")
+    export_run(args.run_dir, formats or None, args.checkpoint)
+    return 0
+
+
+def _report(args) -> int:
+    from ktrain.report import write_report
+
+    console.info(f"report: {write_report(args.run_dirs, args.output)}")
+    return 0
+
+
+def after_training_problems(config) -> list[UserError]:
+    """What the config asks of the end of the run that this Python cannot do."""
+    from ktrain.exports import missing_packages
+
+    problems = [missing_packages(config.export)] if config.export else []
+    if config.mlflow:
+        from ktrain.tracking import check_installed
+
+        try:
+            check_installed()
+        except UserError as err:
+            problems.append(err)
+    return [p for p in problems if p]
 
 
 def _env(args) -> int:

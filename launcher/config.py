@@ -6,6 +6,7 @@ Everything after ``load_config`` works with the typed ``RunConfig`` and trusts i
 from __future__ import annotations
 
 import difflib
+import os
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
@@ -16,6 +17,7 @@ from pydantic import (ConfigDict, Field, NonNegativeFloat, NonNegativeInt, Posit
 from ktrain import console
 from ktrain.backends import BACKENDS, resolve
 from ktrain.errors import UserError, all_of
+from ktrain.exports import FORMATS as EXPORT_FORMATS
 from ktrain.schema import Section
 from ktrain.strategies import REGISTRY
 
@@ -148,6 +150,17 @@ class CheckpointSpec(Section):
         return names
 
 
+class MlflowSpec(Section):
+    """Experiment tracking with MLflow, from the chief (see ktrain.tracking)."""
+
+    tracking_uri: str | None = None
+    """Default: MLFLOW_TRACKING_URI. load_config settles it, so every worker gets the same."""
+    experiment: str | None = None
+    """Default: MLFLOW_EXPERIMENT_NAME, else the config file's name."""
+    run_name: str | None = None
+    """Default: output_dir's folder name."""
+
+
 def _strategy_union():
     types = tuple(cls.config_type for cls in REGISTRY.values())
     if len(types) == 1:
@@ -164,6 +177,11 @@ class RunConfig(Section):
     train: TrainSpec
     strategy: _strategy_union() = Field(default_factory=lambda: next(iter(REGISTRY.values())).config_type())  # type: ignore[valid-type]
     checkpoint: CheckpointSpec = CheckpointSpec()
+    export: list[Literal[EXPORT_FORMATS]] = []  # type: ignore[valid-type]
+    """Formats the chief writes to output_dir/export/ after training (see ktrain.exports)."""
+    report: bool = True
+    """Write report.png and report.html (curves per epoch) into output_dir after training."""
+    mlflow: MlflowSpec | None = None
     output_dir: str = ""
     base_dir: str = "."
     """The config file's folder: relative paths resolve against it. Set by load_config."""
@@ -198,8 +216,23 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
         config = RunConfig.model_validate({**raw, "base_dir": str(base_dir)})
     except ValidationError as err:
         raise _explain(err.errors(), raw, str(path), lines, override_paths) from None
-    return _resolve_paths(config.model_copy(update={"backend": resolve(config.backend)}),
-                          base_dir)
+    settled = {"backend": resolve(config.backend)}
+    if config.mlflow is not None:
+        settled["mlflow"] = _settle_mlflow(config.mlflow, path)
+    return _resolve_paths(config.model_copy(update=settled), base_dir)
+
+
+def _settle_mlflow(spec: MlflowSpec, path: Path) -> MlflowSpec:
+    """MLflow's own environment variables fill what the config leaves out, here once, so that
+    the chief logs to the same place wherever it runs (a Spark executor, a Ray actor)."""
+    uri = spec.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri:
+        raise UserError("mlflow needs a tracking server or store, and neither mlflow.tracking_uri "
+                        "nor MLFLOW_TRACKING_URI is set", where=f"{path}: mlflow.tracking_uri",
+                        hint="set mlflow.tracking_uri (e.g. http://127.0.0.1:5000, or "
+                             "sqlite:///mlflow.db), or export MLFLOW_TRACKING_URI")
+    experiment = spec.experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or path.stem
+    return spec.model_copy(update={"tracking_uri": uri, "experiment": experiment})
 
 
 def _drop_other_strategy_keys(raw: dict, overrides: dict, filename: str) -> None:

@@ -13,6 +13,7 @@ import os
 import tempfile
 
 import fsspec
+from fsspec.implementations.local import LocalFileSystem
 
 from ktrain import console
 from ktrain.errors import UserError
@@ -65,28 +66,67 @@ class RunOutput:
         self._write("metrics.csv", buffer.getvalue())
 
     def write_summary(self, summary: dict) -> None:
-        if self.is_chief:
-            self._write("summary.json", json.dumps(summary, indent=2) + "\n")
+        self.write_json("summary.json", summary)
 
     def save_model(self, model) -> str:
         """Save ``model.keras`` (Keras writes local files only, so stage it locally first)."""
-        target = f"{self.url}/model.keras"
-        if self.is_chief:
-            with tempfile.TemporaryDirectory() as tmp:
-                local = os.path.join(tmp, "model.keras")
-                model.save(local)
-                self.fs.makedirs(self.path, exist_ok=True)
-                self.fs.put_file(local, f"{self.path}/model.keras")
-        return target
+        if not self.is_chief:
+            return f"{self.url}/model.keras"
+        with tempfile.TemporaryDirectory() as tmp:
+            local = os.path.join(tmp, "model.keras")
+            model.save(local)
+            return self.publish(local, "model.keras")
+
+    def publish(self, local: str, name: str) -> str:
+        """Copy a local file or folder to ``name`` under output_dir so that no reader (and
+        no crash) meets half of it: it is written beside the target, then renamed into place;
+        a previous version is set aside first and removed last."""
+        target = f"{self.path}/{name}"
+        folder, base = os.path.split(target)
+        partial, previous = f"{folder}/.{base}.partial", f"{folder}/.{base}.previous"
+        self.fs.makedirs(folder, exist_ok=True)
+        if self.fs.exists(partial):  # left by a crash while copying
+            self.fs.rm(partial, recursive=True)
+        self.fs.put(local, partial, recursive=os.path.isdir(local))
+        if self.fs.exists(target):
+            if self.fs.exists(previous):
+                self.fs.rm(previous, recursive=True)
+            self.fs.mv(target, previous, recursive=True)
+        self.fs.mv(partial, target, recursive=True)
+        if self.fs.exists(previous):
+            self.fs.rm(previous, recursive=True)
+        return f"{self.url}/{name}"
 
     def has_model(self) -> bool:
         return self.fs.exists(f"{self.path}/model.keras")
 
+    def read_json(self, name: str) -> dict:
+        if self.fs.exists(f"{self.path}/{name}"):
+            return json.loads(self.fs.cat_file(f"{self.path}/{name}"))
+        return {}
+
+    def write_json(self, name: str, data: dict) -> None:
+        if self.is_chief:
+            self._write(name, json.dumps(data, indent=2) + "\n")
+
+    def read_summary(self) -> dict:
+        return self.read_json("summary.json")
+
+    def local_copy(self, name: str, tmp: str) -> str | None:
+        """A local path of ``name`` (a file or folder here), copied into ``tmp`` if output_dir
+        is remote; None if there is no such thing."""
+        source = f"{self.path}/{name}"
+        if not self.fs.exists(source):
+            return None
+        if isinstance(self.fs, LocalFileSystem):
+            return source
+        local = os.path.join(tmp, name)
+        self.fs.get(source, local, recursive=self.fs.isdir(source))
+        return local
+
     def update_summary(self, **fields) -> dict:
         """Change ``fields`` of summary.json, keeping the rest as the run left it."""
-        summary = {}
-        if self.fs.exists(f"{self.path}/summary.json"):
-            summary = json.loads(self.fs.cat_file(f"{self.path}/summary.json"))
+        summary = self.read_summary()
         summary.update(fields)
         self.write_summary(summary)
         return summary

@@ -6,6 +6,7 @@ only then touch output_dir -> restore the newest checkpoint -> fit -> write mode
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import inspect
@@ -30,6 +31,7 @@ from ktrain.environment import PARTITION_ENV
 from ktrain.errors import UserError, WorkersFailed, all_of
 from ktrain.jax_runtime import even_share
 from ktrain.output import RunOutput
+from ktrain.report import TIMING
 from ktrain.sources import Files, FileSplit, ShardAudit
 from ktrain.stopping import REQUEUE_SIGNAL, StopRequest, requeue_slurm_job
 from ktrain.strategies.base import Session, Strategy
@@ -62,20 +64,7 @@ def run_worker(run: RunConfig, strategy: Strategy) -> RunResult:
     if session.world_size > 1 and session.log_to_file:  # no supervisor sorts our output by rank
         console.share_terminal(session.rank, every_rank=getattr(
             run.strategy, "console_ranks", "chief") == "all")
-    model_fn = load_function(run.model.fn, "model.fn", run.base_dir)
-    keras.utils.set_random_seed(run.train.seed)
-    if run.train.precision != "float32":
-        keras.mixed_precision.set_global_policy(run.train.precision)
-
-    splits = _load_data(run, session)
-    with session.scope():
-        model = call_user(model_fn, {**_training_data_for(model_fn, splits), **run.model.kwargs},
-                          "model.fn")
-        _check_model(model)
-        if not model.compiled:
-            compile_from_config(model, run.train)
-        _build(model, splits)
-
+    model, splits = _model_and_data(run, session)
     output = RunOutput(run.output_dir, is_chief=session.is_chief, rank=session.rank,
                        keep_log=session.log_to_file)
     store = CheckpointStore(output.checkpoints_url, keep=run.checkpoint.keep,
@@ -91,6 +80,36 @@ def run_worker(run: RunConfig, strategy: Strategy) -> RunResult:
             flags = session.communicator.flags(max(1, len(run.checkpoint.stop_signals)))
         output.say(_join_group(run, session, model, flags))
     return _fit(run, session, model, splits, output, store, state, flags, fingerprint)
+
+
+def _model_and_data(run: RunConfig, session: Session) -> tuple[keras.Model, Splits]:
+    """The user's model, compiled and built in the session's scope, and the data's splits."""
+    model_fn = load_function(run.model.fn, "model.fn", run.base_dir)
+    keras.utils.set_random_seed(run.train.seed)
+    if run.train.precision != "float32":
+        keras.mixed_precision.set_global_policy(run.train.precision)
+
+    splits = _load_data(run, session)
+    with session.scope():
+        model = call_user(model_fn, {**_training_data_for(model_fn, splits), **run.model.kwargs},
+                          "model.fn")
+        _check_model(model)
+        if not model.compiled:
+            compile_from_config(model, run.train)
+        _build(model, splits)
+    return model, splits
+
+
+def checkpoint_model(run: RunConfig, state: TrainingState) -> keras.Model:
+    """The run's model holding a checkpoint's weights, made as one process would make it
+    (``ktrain export --checkpoint``)."""
+    if run.data.read_by_spark:
+        raise UserError("the run's data is read by Spark, and exporting a checkpoint remakes "
+                        "the model in this process", where="ktrain export --checkpoint",
+                        hint="export the run's model.keras (what a finished run leaves)")
+    model, _ = _model_and_data(run, Session(rank=0, world_size=1, num_replicas=1))
+    _restore(model, state)
+    return model
 
 
 def _load_data(run: RunConfig, session: Session) -> Splits:
@@ -355,6 +374,7 @@ class _RunRecorder(keras.callbacks.Callback):
         self.first_step_unix_time: float | None = None
         self.steps = 0
         self._epoch_started = 0.0
+        self._steps_before = 0
         self._config_written = False
 
     def on_train_batch_end(self, batch, logs=None):
@@ -365,16 +385,20 @@ class _RunRecorder(keras.callbacks.Callback):
 
     def on_epoch_begin(self, epoch, logs=None):
         self._epoch_started = time.perf_counter()
+        self._steps_before = self.steps
 
     def on_epoch_end(self, epoch, logs=None):
         done = epoch + 1
-        row = {"epoch": done, **{k: float(v) for k, v in (logs or {}).items()}}
+        seconds = time.perf_counter() - self._epoch_started
+        samples = (self.steps - self._steps_before) * self.run.train.global_batch_size
+        row = {"epoch": done, **{k: float(v) for k, v in (logs or {}).items()},
+               "epoch_seconds": round(seconds, 3),
+               "samples_per_second": round(samples / seconds, 2) if seconds else 0.0}
         self.history.append(row)
         if not self._config_written:  # only once training works: a failing run changes nothing
             self.output.write_config(self.run.dump_yaml())
             self._config_written = True
-        seconds = time.perf_counter() - self._epoch_started
-        metrics = "  ".join(f"{k} {v:.4f}" for k, v in row.items() if k != "epoch")
+        metrics = "  ".join(f"{k} {v:.4f}" for k, v in _metrics_of(row).items())
         self.output.say(f"epoch {done}/{self.run.train.epochs}  {metrics}  ({seconds:.1f}s)")
         self.output.write_metrics(self.history)
         self.output.flush_log()
@@ -522,7 +546,13 @@ def _fit(run: RunConfig, session: Session, model: keras.Model, splits: Splits,
     optional = _optional_callbacks(run, session, steps)
     checkpoints = _Checkpoints(run, store, history, steps, stop, flags, optional,
                                state.callbacks if state else {}, fingerprint)
-    callbacks = [recorder, *optional, checkpoints]
+    tracker = None
+    if run.mlflow and session.is_chief:
+        from ktrain.tracking import MlflowRun
+
+        tracker = MlflowRun(run, output, output.say)
+    callbacks = [recorder, *([tracker.callback(history)] if tracker else []), *optional,
+                 checkpoints]
     audit = ShardAudit(splits.train, session.rank, session.world_size) if run.data.audit \
         else None
     if audit:  # before any checkpoint takes the epoch
@@ -540,40 +570,41 @@ def _fit(run: RunConfig, session: Session, model: keras.Model, splits: Splits,
         if flags is not None:
             flags.raise_flag(stop.signals.index(received))
 
-    try:
-        with stop.listening(on_signal=raise_flag), \
-                stop.following_requests(raise_flag, follow=session.is_chief), \
-                watching_for_stalls(session, getattr(run.strategy, "stall_timeout", None),
-                                    arrivals, output,
-                                    getattr(run.strategy, "network_interface", None)):
-            for first_epoch, end_epoch, first_step in phases:
-                batches, _ = training_batches(
-                    splits.train, global_batch_size=train.global_batch_size,
-                    rank=session.rank, world_size=session.world_size, shuffle=train.shuffle,
-                    shuffle_buffer=train.shuffle_buffer, seed=train.seed,
-                    first_epoch=first_epoch, epochs=end_epoch, first_step=first_step,
-                    partition_steps=splits.partition_steps, audit=audit)
-                if flags is not None and not communicator.reduces_gradients:
-                    batches = flags.counting(batches)
-                checkpoints.first_step = first_step
-                _fit_phase(run, session, model, store, batches, first_epoch, end_epoch,
-                           steps - first_step, validation, callbacks)
-                if model.stop_training:  # early stopping
-                    break
-    except _StopNow as stopped:
-        store.wait()
-        if session.communicator is not None:
-            session.communicator.barrier()  # no rank exits before the chief committed
-        requeued = None
-        if run.checkpoint.requeue and stop.received == REQUEUE_SIGNAL and session.is_chief:
-            requeued = requeue_slurm_job()
-        error = stop.stopped(str(stopped.position), requeued)
-        if not session.is_chief:  # rank 0 tells the user; the others say it in their logs
-            console.info(error.render())
-            error.shown = True
-        if is_supervised():  # ktrain's launcher, a Spark task or a Ray actor reports the stop
-            error.exit_code = 0  # so that mpirun or horovodrun do not call it a crash
-        raise error from None
+    with tracker.ending_on_failure() if tracker else contextlib.nullcontext():
+        try:
+            with stop.listening(on_signal=raise_flag), \
+                    stop.following_requests(raise_flag, follow=session.is_chief), \
+                    watching_for_stalls(session, getattr(run.strategy, "stall_timeout", None),
+                                        arrivals, output,
+                                        getattr(run.strategy, "network_interface", None)):
+                for first_epoch, end_epoch, first_step in phases:
+                    batches, _ = training_batches(
+                        splits.train, global_batch_size=train.global_batch_size,
+                        rank=session.rank, world_size=session.world_size, shuffle=train.shuffle,
+                        shuffle_buffer=train.shuffle_buffer, seed=train.seed,
+                        first_epoch=first_epoch, epochs=end_epoch, first_step=first_step,
+                        partition_steps=splits.partition_steps, audit=audit)
+                    if flags is not None and not communicator.reduces_gradients:
+                        batches = flags.counting(batches)
+                    checkpoints.first_step = first_step
+                    _fit_phase(run, session, model, store, batches, first_epoch, end_epoch,
+                               steps - first_step, validation, callbacks)
+                    if model.stop_training:  # early stopping
+                        break
+        except _StopNow as stopped:
+            store.wait()
+            if session.communicator is not None:
+                session.communicator.barrier()  # no rank exits before the chief committed
+            requeued = None
+            if run.checkpoint.requeue and stop.received == REQUEUE_SIGNAL and session.is_chief:
+                requeued = requeue_slurm_job()
+            error = stop.stopped(str(stopped.position), requeued)
+            if not session.is_chief:  # rank 0 tells the user; the others say it in their logs
+                console.info(error.render())
+                error.shown = True
+            if is_supervised():  # ktrain's launcher, a Spark task or a Ray actor reports the stop
+                error.exit_code = 0  # so that mpirun or horovodrun do not call it a crash
+            raise error from None
     fit_ended = time.perf_counter()
     store.wait()
     stopper = next((c for c in optional if isinstance(c, keras.callbacks.EarlyStopping)), None)
@@ -594,8 +625,38 @@ def _fit(run: RunConfig, session: Session, model: keras.Model, splits: Splits,
         output.say(f"data.audit: in each of {audit.epochs_checked} epoch(s) the workers read "
                    f"every example once")
     output.write_summary(summary)
+    if session.is_chief:
+        summary = _after_training(run, output, summary, tracker)
     output.flush_log()
     return RunResult(summary, model)
+
+
+def _after_training(run: RunConfig, output: RunOutput, summary: dict,
+                    tracker) -> dict:
+    """The chief's exports, report and MLflow artifacts. The run is complete by now, so a
+    failure here is a warning that says how to retry, never the run's failure."""
+    if run.export:
+        from ktrain.exports import export_after_run
+
+        export_after_run(output.url, run.export, output.say)
+    fields = {}
+    if run.report:
+        try:
+            from ktrain.report import write_report
+
+            fields["report"] = write_report([output.url])
+        except Exception as err:
+            output.say(f"warning: the report was not drawn: {err} (`ktrain report "
+                       f"{output.url}` tries again)")
+    if tracker:
+        fields["mlflow"] = {"tracking_uri": run.mlflow.tracking_uri, "run_id": tracker.run_id}
+    summary = output.update_summary(**fields)
+    if tracker:
+        try:
+            tracker.finish(summary)
+        except Exception as err:
+            output.say(f"warning: MLflow did not take the run's files and figures: {err}")
+    return summary
 
 
 def _summed(session: Session, values: np.ndarray) -> np.ndarray:
@@ -768,6 +829,11 @@ def _user_callbacks(run: RunConfig, session: Session) -> list[keras.callbacks.Ca
     return [c for c in made if session.is_chief or not isinstance(c, _CHIEF_ONLY)]
 
 
+def _metrics_of(row: dict) -> dict:
+    """A metrics.csv row's metrics: without the epoch's number and timing."""
+    return {k: v for k, v in row.items() if k != "epoch" and k not in TIMING}
+
+
 def _summary(run, session, recorder, history, first_epoch, fit_started, fit_ended,
              model_path) -> dict:
     train = run.train
@@ -788,8 +854,7 @@ def _summary(run, session, recorder, history, first_epoch, fit_started, fit_ende
         "epochs_completed": history[-1]["epoch"] if history else 0,
         "epochs_this_run": (history[-1]["epoch"] - first_epoch) if history else 0,
         "resumed_from_epoch": first_epoch or None,
-        "final_metrics": {k: v for k, v in (history[-1] if history else {}).items()
-                          if k != "epoch"},
+        "final_metrics": _metrics_of(history[-1]) if history else {},
         "samples_per_second": round(per_second, 2),
         "time_to_first_step_seconds": round(first_step, 3) if first_step else None,
         "seconds_to_first_step_since_start": (

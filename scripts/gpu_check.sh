@@ -53,7 +53,7 @@ export KERAS_BACKEND=jax
 gpu="$(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo none)"
 echo "GPU: $gpu"
 "$python" scripts/bench.py "$config" --json "$out/throughput.json" "${model[@]}" \
-    --set backend=jax --set train.precision=mixed_bfloat16 \
+    --set backend=jax --set train.precision=mixed_bfloat16 --set report=false \
     --set "train.global_batch_size=$batch" --set "train.epochs=$epochs" \
     --set "checkpoint.every_epochs=$epochs" --set strategy.devices=1
 GPU="$gpu" OUT_DIR="$out" STEPS=$((samples / batch * epochs)) SIZE="$size" "$python" - <<'EOF'

@@ -1,0 +1,146 @@
+"""Experiment tracking with MLflow (``mlflow:`` in the config; extra ``ktrain-launcher[mlflow]``).
+
+The chief alone logs: the resolved config as params, each epoch's row of metrics.csv (the
+global metrics the console shows, and the epoch's throughput) at step = epoch, the summary's
+figures, and the run's files as artifacts. The MLflow run's id is kept in
+output_dir/mlflow.json from the moment it starts, so a resumed run (after a crash or a
+preemption) continues the same MLflow run, and epochs it had logged are not logged twice.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+import time
+
+import keras
+
+from ktrain.errors import Stopped, UserError
+
+RECORD = "mlflow.json"
+_PARAM_LIMIT = 6000  # characters MLflow keeps of a param's value
+_BATCH = 100  # params per log_batch call that MLflow accepts
+
+
+def check_installed() -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("mlflow") is None:
+        raise UserError("the config has an mlflow section, and mlflow is not installed",
+                        where="mlflow", hint="pip install 'ktrain-launcher[mlflow]', or remove "
+                                             "the mlflow section")
+
+
+class MlflowRun:
+    """The chief's MLflow run: started (or resumed) before the first epoch."""
+
+    def __init__(self, run, output, say):
+        from mlflow.tracking import MlflowClient
+
+        spec = run.mlflow
+        self.output, self.say = output, say
+        self.client = MlflowClient(tracking_uri=spec.tracking_uri)
+        record = output.read_json(RECORD)
+        if record.get("tracking_uri") == spec.tracking_uri and self._exists(record["run_id"]):
+            self.run_id = record["run_id"]
+            self.client.update_run(self.run_id, status="RUNNING")
+            say(f"mlflow: continuing run {self.run_id}")
+        else:
+            experiment = self.client.get_experiment_by_name(spec.experiment)
+            experiment_id = (experiment.experiment_id if experiment
+                             else self.client.create_experiment(spec.experiment))
+            name = spec.run_name or os.path.basename(output.path.rstrip("/"))
+            self.run_id = self.client.create_run(experiment_id, run_name=name).info.run_id
+            output.write_json(RECORD, {"tracking_uri": spec.tracking_uri,
+                                       "experiment_id": experiment_id, "run_id": self.run_id})
+            say(f"mlflow: run {self.run_id} in experiment '{spec.experiment}' at "
+                f"{spec.tracking_uri}")
+        self._log_params(run)
+        self.logged_epochs = {int(m.step) for m in self.client.get_metric_history(
+            self.run_id, "loss")}
+
+    def _exists(self, run_id: str) -> bool:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return self.client.get_run(run_id).info.lifecycle_stage == "active"
+        except MlflowException:
+            return False
+
+    def _log_params(self, run) -> None:
+        """The resolved config, one param per key path; a value logged before is kept (MLflow
+        params cannot change), and a changed one is said."""
+        from mlflow.entities import Param
+
+        config = run.model_dump(mode="json", exclude={"base_dir"})
+        params = {k: str(v)[:_PARAM_LIMIT] for k, v in _flatten(config).items()}
+        logged = self.client.get_run(self.run_id).data.params
+        changed = [k for k in params if k in logged and logged[k] != params[k]]
+        if changed:
+            self.say(f"mlflow: this run changed {', '.join(changed)}; MLflow keeps the values "
+                     f"the run began with")
+        new = [Param(k, v) for k, v in params.items() if k not in logged]
+        for start in range(0, len(new), _BATCH):
+            self.client.log_batch(self.run_id, params=new[start:start + _BATCH])
+
+    def log_epoch(self, row: dict) -> None:
+        from mlflow.entities import Metric
+
+        epoch = int(row["epoch"])
+        if epoch in self.logged_epochs:  # the run resumed before this epoch: it is logged
+            return
+        now = int(time.time() * 1000)
+        self.client.log_batch(self.run_id, metrics=[
+            Metric(k, float(v), now, epoch) for k, v in row.items() if k != "epoch"])
+        self.logged_epochs.add(epoch)
+
+    def callback(self, history: list[dict]) -> keras.callbacks.Callback:
+        """Logs each epoch's row of ``history`` (placed after the callback that appends it)."""
+        tracker = self
+
+        class _LogEpoch(keras.callbacks.Callback):
+            def on_epoch_end(self, epoch, logs=None):
+                tracker.log_epoch(history[-1])
+
+        return _LogEpoch()
+
+    def finish(self, summary: dict) -> None:
+        """Log the summary's figures and the run's files, and close the MLflow run."""
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        figures = [Metric(f"summary.{k}", float(v), now, 0) for k, v in summary.items()
+                   if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        self.client.log_batch(self.run_id, metrics=figures)
+        with tempfile.TemporaryDirectory() as tmp:
+            for name in ("model.keras", "metrics.csv", "summary.json", "config.yaml",
+                         "report.png", "report.html", "export"):
+                local = self.output.local_copy(name, tmp)
+                if local and os.path.isdir(local):
+                    self.client.log_artifacts(self.run_id, local, artifact_path=name)
+                elif local:
+                    self.client.log_artifact(self.run_id, local)
+        self.client.set_terminated(self.run_id, status="FINISHED")
+
+    @contextlib.contextmanager
+    def ending_on_failure(self):
+        """Close the MLflow run when training ends early: KILLED on a stop signal (the re-run
+        continues it), FAILED otherwise."""
+        try:
+            yield
+        except BaseException as err:
+            self.client.set_terminated(self.run_id,
+                                       status="KILLED" if isinstance(err, Stopped) else "FAILED")
+            raise
+
+
+def _flatten(value, prefix: str = "") -> dict:
+    if isinstance(value, dict) and value:
+        out = {}
+        for key, item in value.items():
+            out.update(_flatten(item, f"{prefix}{key}."))
+        return out
+    return {prefix.rstrip("."): json.dumps(value) if isinstance(value, (list, dict))
+            else value}
