@@ -96,7 +96,9 @@ def _onnx(model, saved_model: str, tmp: str) -> str:
     import onnx
     from tf2onnx import convert, tf_loader
 
-    logging.getLogger("tf2onnx").setLevel(logging.CRITICAL)  # ktrain reports what failed
+    # ktrain reports what failed; TensorFlow's deprecation notes about tf2onnx's calls are noise
+    for name in ("tf2onnx", "tensorflow"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
     local = os.path.join(tmp, "model.onnx")
     try:
         graph, inputs, outputs, renamed = tf_loader.from_saved_model(
@@ -166,7 +168,7 @@ def export_run(run_dir: str, formats: list[str] | None,
     from ktrain.errors import all_of
     from ktrain.output import RunOutput
 
-    output = RunOutput(run_dir)
+    output = RunOutput(run_dir if "://" in run_dir else os.path.abspath(run_dir))
     run = _run_config(output)
     formats = formats or run.export or list(FORMATS)
     problem = missing_packages(formats)

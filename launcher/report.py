@@ -27,7 +27,7 @@ def write_report(run_dirs: list[str], png: str | None = None) -> str:
     report.png in the one run's folder). Returns where the PNG went."""
     from ktrain.output import RunOutput
 
-    runs = [RunOutput(d) for d in run_dirs]
+    runs = [RunOutput(d if "://" in d else os.path.abspath(d)) for d in run_dirs]
     histories = {_label(out, runs): _history(out) for out in runs}
     picture = _draw(histories)
     page = _page(histories, picture)

@@ -4,7 +4,9 @@ The chief alone logs: the resolved config as params, each epoch's row of metrics
 global metrics the console shows, and the epoch's throughput) at step = epoch, the summary's
 figures, and the run's files as artifacts. The MLflow run's id is kept in
 output_dir/mlflow.json from the moment it starts, so a resumed run (after a crash or a
-preemption) continues the same MLflow run, and epochs it had logged are not logged twice.
+preemption) continues the same MLflow run. An epoch logged before a crash and trained again
+after it (from an earlier checkpoint) is not logged twice: its metrics are the same numbers
+(a resumed run repeats the uninterrupted one), and its timing stays the first attempt's.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ class MlflowRun:
 
         spec = run.mlflow
         self.output, self.say = output, say
+        os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # ktrain says it
         self.client = MlflowClient(tracking_uri=spec.tracking_uri)
         record = output.read_json(RECORD)
         if record.get("tracking_uri") == spec.tracking_uri and self._exists(record["run_id"]):
@@ -55,8 +58,12 @@ class MlflowRun:
             self.run_id = self.client.create_run(experiment_id, run_name=name).info.run_id
             output.write_json(RECORD, {"tracking_uri": spec.tracking_uri,
                                        "experiment_id": experiment_id, "run_id": self.run_id})
-            say(f"mlflow: run {self.run_id} in experiment '{spec.experiment}' at "
-                f"{spec.tracking_uri}")
+        run_info = self.client.get_run(self.run_id).info
+        self.link = (f"{spec.tracking_uri.rstrip('/')}/#/experiments/{run_info.experiment_id}"
+                     f"/runs/{self.run_id}" if spec.tracking_uri.startswith("http")
+                     else f"run {self.run_id} in {spec.tracking_uri}")
+        if not record.get("run_id") == self.run_id:
+            say(f"mlflow: experiment '{spec.experiment}', {self.link}")
         self._log_params(run)
         self.logged_epochs = {int(m.step) for m in self.client.get_metric_history(
             self.run_id, "loss")}
@@ -112,7 +119,8 @@ class MlflowRun:
 
         now = int(time.time() * 1000)
         figures = [Metric(f"summary.{k}", float(v), now, 0) for k, v in summary.items()
-                   if isinstance(v, (int, float)) and not isinstance(v, bool)]
+                   if isinstance(v, (int, float)) and not isinstance(v, bool)
+                   and k != "first_step_unix_time"]
         self.client.log_batch(self.run_id, metrics=figures)
         with tempfile.TemporaryDirectory() as tmp:
             for name in ("model.keras", "metrics.csv", "summary.json", "config.yaml",
@@ -123,6 +131,7 @@ class MlflowRun:
                 elif local:
                     self.client.log_artifact(self.run_id, local)
         self.client.set_terminated(self.run_id, status="FINISHED")
+        self.say(f"mlflow: logged the run to {self.link}")
 
     @contextlib.contextmanager
     def ending_on_failure(self):

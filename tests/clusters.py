@@ -14,6 +14,7 @@ loopback, and stops them by their own handles.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -394,3 +395,48 @@ class RayHead:
             process.wait()
         if self.MARKER.exists() and self.MARKER.read_text().strip() == self.address:
             self.MARKER.unlink()  # what the killed head left behind
+
+
+class MlflowServer:
+    """``mlflow server`` on 127.0.0.1 with a SQLite store and an artifacts folder of its own,
+    in its own process group (its web server's workers are children)."""
+
+    def __init__(self):
+        self.folder = Path(tempfile.mkdtemp(prefix="ktrain-mlflow-"))
+        self.url = f"http://127.0.0.1:{free_port()}"
+        self.process: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 90) -> MlflowServer:
+        import urllib.request
+
+        port = self.url.rsplit(":", 1)[1]
+        self.process = subprocess.Popen(
+            [Path(sys.executable).parent / "mlflow", "server", "--host", "127.0.0.1",
+             "--port", port, "--workers", "1",
+             "--backend-store-uri", f"sqlite:///{self.folder}/store.db",
+             "--artifacts-destination", str(self.folder / "artifacts")],
+            stdout=open(self.folder / "server.log", "w"), stderr=subprocess.STDOUT,
+            start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                urllib.request.urlopen(f"{self.url}/health", timeout=2)
+                return self
+            except OSError:
+                if self.process.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("mlflow server did not start:\n"
+                                       + (self.folder / "server.log").read_text()[-3000:])
+                time.sleep(0.3)
+
+    def stop(self) -> None:
+        if self.process is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+            with contextlib.suppress(ProcessLookupError):  # its workers, if any outlived it
+                os.killpg(self.process.pid, signal.SIGKILL)
+        shutil.rmtree(self.folder, ignore_errors=True)

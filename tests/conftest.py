@@ -115,3 +115,11 @@ def ray_head():
     _needs_root("ip")
     with running(clusters.TwoHosts()) as hosts, running(clusters.RayHead(hosts)) as head:
         yield head
+
+
+@pytest.fixture(scope="module")
+def mlflow_server():
+    """A real MLflow tracking server (SQLite store, proxied artifacts) on 127.0.0.1."""
+    pytest.importorskip("mlflow.server", reason="mlflow is not installed: bash scripts/setup.sh")
+    with running(clusters.MlflowServer()) as server:
+        yield server

@@ -133,7 +133,8 @@ class Background:
             os.killpg(self.process.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-        self.process.communicate()
+        if not self.process.stdout.closed:  # closed once before
+            self.process.communicate()
 
 
 def worker_pid(out: Path, rank: int) -> int | None:
