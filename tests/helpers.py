@@ -40,6 +40,7 @@ def base_config(output_dir: Path, **sections) -> dict:
                   "loss": "sparse_categorical_crossentropy", "metrics": ["accuracy"]},
         "strategy": {"name": "mirrored", "devices": 1},
         "checkpoint": {"every_epochs": 1, "keep": 3, "resume": "auto"},
+        "report": False,  # drawn in the tests of the report (test_after_training)
         "output_dir": str(output_dir),
     }
     for key, value in sections.items():

@@ -95,10 +95,11 @@ def test_export_user_errors(tmp_path):
 def test_report_draws_one_run_and_two_side_by_side(tmp_path, single_process_run):
     from PIL import Image
 
-    one = single_process_run("mlp")  # its run drew its own report at the end
-    two = tmp_path / "other"
-    config = base_config(two, train={"epochs": 4}, report=False)
+    one = tmp_path / "one"
+    config = base_config(one, train={"epochs": 4})
+    del config["report"]  # the default: a report at the end of the run
     assert run_cli("run", write_config(tmp_path / "c.yaml", config), "-q").returncode == 0
+    two = single_process_run("mlp")  # report: false
     assert not (two / "report.png").exists()
     result = run_cli("report", one, two, "-o", tmp_path / "both.png")
     assert result.returncode == 0, result.stderr

@@ -8,7 +8,8 @@ import pytest
 from helpers import REPO, run_cli
 
 
-@pytest.mark.parametrize("command", ["run", "validate", "init", "spark-entry", "env"])
+@pytest.mark.parametrize("command", ["run", "validate", "init", "export", "report", "spark-entry",
+                                     "env"])
 def test_every_command_has_help(command):
     result = run_cli(command, "--help")
     assert result.returncode == 0 and f"usage: ktrain {command}" in result.stdout
