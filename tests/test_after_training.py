@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import signal
 import subprocess
 import sys
 
@@ -27,12 +26,13 @@ def predictions_differ_by(run_dir) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def test_a_two_input_model_exports_at_the_end_of_its_run(tmp_path):
+def test_a_two_input_model_trained_on_jax_exports_at_the_end_of_its_run(tmp_path):
+    """Exports are made on TensorFlow from the JAX run's model.keras."""
     out = tmp_path / "two"
     config = base_config(out, model={"fn": f"{SERVING}:two_input_functional", "kwargs": {}},
                          data={"fn": f"{SERVING}:two_inputs"},
                          train={"epochs": 2, "validation_split": 0.2},
-                         export=list(FORMATS))
+                         export=list(FORMATS), backend="jax")
     result = run_cli("run", write_config(tmp_path / "c.yaml", config))
     assert result.returncode == 0, result.stderr
     for name in FORMATS:
@@ -153,10 +153,21 @@ def test_mlflow_logs_from_the_chief_and_a_resumed_run_continues(tmp_path, mlflow
     assert "mlflow" not in (out / "logs" / "rank-1.log").read_text().lower()
 
 
-def test_mlflow_without_a_tracking_uri_is_a_user_error(tmp_path, monkeypatch):
+def test_mlflow_settings_come_from_the_config_or_mlflows_variables(tmp_path, monkeypatch):
+    from ktrain.config import load_config
+    from ktrain.errors import UserError
+
+    config = write_config(tmp_path / "digits.yaml", base_config(tmp_path / "out", mlflow={}))
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    config = write_config(tmp_path / "c.yaml", base_config(tmp_path / "out", mlflow={}))
-    result = run_cli("validate", config, env={"MLFLOW_TRACKING_URI": ""})
-    assert result.returncode == 2
-    assert "mlflow.tracking_uri" in result.stderr and "MLFLOW_TRACKING_URI" in result.stderr
-    assert not (tmp_path / "out").exists()
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
+    with pytest.raises(UserError) as missing:
+        load_config(config)
+    assert missing.value.exit_code == 2 and "mlflow.tracking_uri" in missing.value.render()
+    assert "export MLFLOW_TRACKING_URI" in missing.value.render()
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")
+    settled = load_config(config).mlflow
+    assert (settled.tracking_uri, settled.experiment) == ("http://127.0.0.1:9", "digits")
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "theirs")
+    assert load_config(config).mlflow.experiment == "theirs"
+    assert load_config(config, ["mlflow.experiment=mine"]).mlflow.experiment == "mine"
