@@ -232,6 +232,7 @@ def export_after_run(output_url: str, formats: list[str], say) -> None:
     """At the end of a run (chief): ``ktrain export`` in a child process; its lines go to
     ``say``, and a failure is a warning, never the run's failure."""
     env = {k: v for k, v in os.environ.items() if k != "KERAS_BACKEND"}
+    env["CUDA_VISIBLE_DEVICES"] = ""  # converting is CPU work; the run still holds its GPUs
     done = subprocess.run(
         [sys.executable, "-m", "ktrain", "export", output_url, "--format", ",".join(formats)],
         env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True)

@@ -35,35 +35,58 @@ def check_installed() -> None:
                                              "the mlflow section")
 
 
+_CLIENT_DEFAULTS = {
+    "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",  # ktrain says where the run is
+    # A server that does not answer is said within seconds, not after MLflow's two minutes of
+    # retries (set these yourself to wait longer).
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
+}
+
+
 class MlflowRun:
-    """The chief's MLflow run: started (or resumed) before the first epoch."""
+    """The chief's MLflow run: started (or resumed) before the first epoch. If the tracking
+    server stops answering during training, training goes on and the run's end logs the
+    epochs it missed."""
 
     def __init__(self, run, output, say):
         from mlflow.tracking import MlflowClient
 
+        for name, value in _CLIENT_DEFAULTS.items():
+            os.environ.setdefault(name, value)
         spec = run.mlflow
         self.output, self.say = output, say
-        os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # ktrain says it
+        self.history: list[dict] = []
+        self.paused = False
         self.client = MlflowClient(tracking_uri=spec.tracking_uri)
-        record = output.read_json(RECORD)
+        try:
+            self._open(run, spec)
+        except Exception as err:
+            raise UserError(f"MLflow at {spec.tracking_uri} did not take the run: "
+                            f"{_first_line(err)}", where="mlflow.tracking_uri",
+                            hint="start the tracking server or correct the URI (the chief "
+                                 "must reach it), or remove the mlflow section") from None
+
+    def _open(self, run, spec) -> None:
+        record = self.output.read_json(RECORD)
         if record.get("tracking_uri") == spec.tracking_uri and self._exists(record["run_id"]):
             self.run_id = record["run_id"]
             self.client.update_run(self.run_id, status="RUNNING")
-            say(f"mlflow: continuing run {self.run_id}")
         else:
             experiment = self.client.get_experiment_by_name(spec.experiment)
             experiment_id = (experiment.experiment_id if experiment
                              else self.client.create_experiment(spec.experiment))
-            name = spec.run_name or os.path.basename(output.path.rstrip("/"))
+            name = spec.run_name or os.path.basename(self.output.path.rstrip("/"))
             self.run_id = self.client.create_run(experiment_id, run_name=name).info.run_id
-            output.write_json(RECORD, {"tracking_uri": spec.tracking_uri,
-                                       "experiment_id": experiment_id, "run_id": self.run_id})
-        run_info = self.client.get_run(self.run_id).info
-        self.link = (f"{spec.tracking_uri.rstrip('/')}/#/experiments/{run_info.experiment_id}"
-                     f"/runs/{self.run_id}" if spec.tracking_uri.startswith("http")
+            self.output.write_json(RECORD, {"tracking_uri": spec.tracking_uri,
+                                            "experiment_id": experiment_id,
+                                            "run_id": self.run_id})
+        experiment_id = self.client.get_run(self.run_id).info.experiment_id
+        self.link = (f"{spec.tracking_uri.rstrip('/')}/#/experiments/{experiment_id}/runs/"
+                     f"{self.run_id}" if spec.tracking_uri.startswith("http")
                      else f"run {self.run_id} in {spec.tracking_uri}")
-        if not record.get("run_id") == self.run_id:
-            say(f"mlflow: experiment '{spec.experiment}', {self.link}")
+        self.say(f"mlflow: continuing {self.link}" if record.get("run_id") == self.run_id
+                 else f"mlflow: experiment '{spec.experiment}', {self.link}")
         self._log_params(run)
         self.logged_epochs = {int(m.step) for m in self.client.get_metric_history(
             self.run_id, "loss")}
@@ -105,11 +128,20 @@ class MlflowRun:
 
     def callback(self, history: list[dict]) -> keras.callbacks.Callback:
         """Logs each epoch's row of ``history`` (placed after the callback that appends it)."""
+        self.history = history
         tracker = self
 
         class _LogEpoch(keras.callbacks.Callback):
             def on_epoch_end(self, epoch, logs=None):
-                tracker.log_epoch(history[-1])
+                if tracker.paused:
+                    return
+                try:
+                    tracker.log_epoch(history[-1])
+                except Exception as err:
+                    tracker.paused = True
+                    tracker.say(f"warning: MLflow did not take epoch {epoch + 1}'s metrics "
+                                f"({_first_line(err)}); training goes on, and the run's end "
+                                f"logs the epochs missed")
 
         return _LogEpoch()
 
@@ -117,6 +149,8 @@ class MlflowRun:
         """Log the summary's figures and the run's files, and close the MLflow run."""
         from mlflow.entities import Metric
 
+        for row in self.history:  # those a pause in the server's answers missed
+            self.log_epoch(row)
         now = int(time.time() * 1000)
         figures = [Metric(f"summary.{k}", float(v), now, 0) for k, v in summary.items()
                    if isinstance(v, (int, float)) and not isinstance(v, bool)
@@ -143,6 +177,11 @@ class MlflowRun:
             self.client.set_terminated(self.run_id,
                                        status="KILLED" if isinstance(err, Stopped) else "FAILED")
             raise
+
+
+def _first_line(err: Exception) -> str:
+    lines = str(err).strip().splitlines()
+    return lines[0][:300] if lines else type(err).__name__
 
 
 def _flatten(value, prefix: str = "") -> dict:

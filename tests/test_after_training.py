@@ -129,7 +129,7 @@ def test_mlflow_logs_from_the_chief_and_a_resumed_run_continues(tmp_path, mlflow
     first.close()  # the whole group killed: a crash, not a stop
     result = run_cli("run", config)
     assert result.returncode == 0, result.stderr
-    assert "mlflow: continuing run" in result.stdout
+    assert f"mlflow: continuing {mlflow_server.url}/#/experiments/" in result.stdout
 
     client = MlflowClient(mlflow_server.url)
     experiment = client.get_experiment_by_name("ktrain-test")
@@ -171,3 +171,17 @@ def test_mlflow_settings_come_from_the_config_or_mlflows_variables(tmp_path, mon
     monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "theirs")
     assert load_config(config).mlflow.experiment == "theirs"
     assert load_config(config, ["mlflow.experiment=mine"]).mlflow.experiment == "mine"
+
+
+def test_an_mlflow_server_that_does_not_answer_is_said_before_training(tmp_path):
+    from clusters import free_port
+
+    nobody = f"http://127.0.0.1:{free_port()}"
+    config = write_config(tmp_path / "c.yaml", base_config(
+        tmp_path / "out", mlflow={"tracking_uri": nobody}))
+    result = run_cli("run", config, env={"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"})
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert result.stderr.startswith(f"ktrain: error: mlflow.tracking_uri: MLflow at {nobody} "
+                                    f"did not take the run"), result.stderr
+    assert "HINT: start the tracking server" in result.stderr
+    assert "epoch 1/" not in result.stdout and "Traceback" not in result.stderr
