@@ -119,7 +119,7 @@ def test_mlflow_logs_from_the_chief_and_a_resumed_run_continues(tmp_path, mlflow
     from mlflow.tracking import MlflowClient
 
     out = tmp_path / "tracked"
-    sections = base_config(out, train={"epochs": 40}, mlflow={
+    sections = base_config(out, train={"epochs": 40}, report=True, mlflow={
         "tracking_uri": mlflow_server.url, "experiment": "ktrain-test"})
     sections["strategy"] = {"name": "multiworker", "workers": 2}
     config = write_config(tmp_path / "tracked.yaml", sections)
