@@ -230,15 +230,10 @@ def _report(args) -> int:
 def after_training_problems(config) -> list[UserError]:
     """What the config asks of the end of the run that this Python cannot do."""
     from ktrain.exports import missing_packages
+    from ktrain.tracking import missing_mlflow
 
-    problems = [missing_packages(config.export)] if config.export else []
-    if config.mlflow:
-        from ktrain.tracking import check_installed
-
-        try:
-            check_installed()
-        except UserError as err:
-            problems.append(err)
+    problems = [missing_packages(config.export) if config.export else None,
+                missing_mlflow() if config.mlflow else None]
     return [p for p in problems if p]
 
 

@@ -32,6 +32,12 @@ class UserError(KtrainError):
     exit_code = 2
 
 
+def first_line(err: BaseException) -> str:
+    """An exception's first line, for a one-line message (its type if it says nothing)."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
 def all_of(problems: list[UserError]) -> UserError:
     """One error for every problem found (``ktrain validate`` reports them all at once)."""
     if len(problems) == 1:

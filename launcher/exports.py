@@ -21,7 +21,7 @@ import subprocess
 import sys
 import tempfile
 
-from ktrain.errors import UserError
+from ktrain.errors import UserError, first_line
 
 FORMATS = ("saved_model", "tflite", "onnx")
 TARGETS = {"saved_model": "export/saved_model", "tflite": "export/model.tflite",
@@ -130,7 +130,7 @@ def _cannot(model, fmt: str, err: Exception | None, ops: list[tuple[str, str]],
                         else f"op {op}" for node, op in ops})
         what = f"{', '.join(named)} cannot be exported"
     else:
-        what = f"the model cannot be exported: {_first_line(err)}"
+        what = f"the model cannot be exported: {first_line(err)[:300]}"
     return UserError(what, where=f"export {fmt}", hint=hint or None)
 
 
@@ -149,11 +149,6 @@ def _layer_of(node: str, model) -> str:
             if candidate in names:
                 found = candidate
     return found
-
-
-def _first_line(err: Exception | None) -> str:
-    text = str(err).strip().splitlines() if err else []
-    return text[0][:300] if text else type(err).__name__
 
 
 # ------------------------------------------------------------------- ktrain export

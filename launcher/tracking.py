@@ -19,20 +19,22 @@ import time
 
 import keras
 
-from ktrain.errors import Stopped, UserError
+from ktrain.errors import Stopped, UserError, first_line
 
 RECORD = "mlflow.json"
 _PARAM_LIMIT = 6000  # characters MLflow keeps of a param's value
 _BATCH = 100  # params per log_batch call that MLflow accepts
 
 
-def check_installed() -> None:
+def missing_mlflow() -> UserError | None:
+    """Said before training where the config asks for MLflow and it is not installed."""
     import importlib.util
 
-    if importlib.util.find_spec("mlflow") is None:
-        raise UserError("the config has an mlflow section, and mlflow is not installed",
-                        where="mlflow", hint="pip install 'ktrain-launcher[mlflow]', or remove "
-                                             "the mlflow section")
+    if importlib.util.find_spec("mlflow") is not None:
+        return None
+    return UserError("the config has an mlflow section, and mlflow is not installed",
+                     where="mlflow", hint="pip install 'ktrain-launcher[mlflow]', or remove the "
+                                          "mlflow section")
 
 
 _CLIENT_DEFAULTS = {
@@ -63,7 +65,7 @@ class MlflowRun:
             self._open(run, spec)
         except Exception as err:
             raise UserError(f"MLflow at {spec.tracking_uri} did not take the run: "
-                            f"{_first_line(err)}", where="mlflow.tracking_uri",
+                            f"{first_line(err)[:300]}", where="mlflow.tracking_uri",
                             hint="start the tracking server or correct the URI (the chief "
                                  "must reach it), or remove the mlflow section") from None
 
@@ -140,7 +142,7 @@ class MlflowRun:
                 except Exception as err:
                     tracker.paused = True
                     tracker.say(f"warning: MLflow did not take epoch {epoch + 1}'s metrics "
-                                f"({_first_line(err)}); training goes on, and the run's end "
+                                f"({first_line(err)[:300]}); training goes on, and the run's end "
                                 f"logs the epochs missed")
 
         return _LogEpoch()
@@ -177,11 +179,6 @@ class MlflowRun:
             self.client.set_terminated(self.run_id,
                                        status="KILLED" if isinstance(err, Stopped) else "FAILED")
             raise
-
-
-def _first_line(err: Exception) -> str:
-    lines = str(err).strip().splitlines()
-    return lines[0][:300] if lines else type(err).__name__
 
 
 def _flatten(value, prefix: str = "") -> dict:

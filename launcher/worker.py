@@ -28,7 +28,7 @@ from ktrain.data import (ArraySplit, RayStreamSplit, Splits, evaluation_batches,
                          first_features, partition_splits, ray_stream_splits, steps_per_epoch,
                          to_splits, training_batches)
 from ktrain.environment import PARTITION_ENV
-from ktrain.errors import UserError, WorkersFailed, all_of
+from ktrain.errors import UserError, WorkersFailed, all_of, first_line
 from ktrain.jax_runtime import even_share
 from ktrain.output import RunOutput
 from ktrain.report import TIMING
@@ -741,7 +741,7 @@ def _without_graph_stack(err: Exception) -> str:
 def _peer_lost(session: Session, err: Exception, store: CheckpointStore) -> WorkersFailed:
     """A collective failed mid-training: almost always another rank died. Say so, once."""
     store.wait()
-    message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    message = first_line(err)
     peer = re.search(r"/task:(\d+)", str(err))
     lost = f"rank {peer.group(1)}" if peer and int(peer.group(1)) != session.rank else "a peer"
     saved = store.positions()

@@ -18,7 +18,7 @@ from typing import Any, Literal
 from pydantic import AliasChoices, Field, NonNegativeFloat, NonNegativeInt
 
 from ktrain.environment import RAY_JOB_ENV, ray_job_working_dir
-from ktrain.errors import UserError
+from ktrain.errors import UserError, first_line
 from ktrain.strategies.base import MultiProcessConfig, MultiProcessStrategy, Session
 from ktrain.strategies.multiworker import collective_session
 
@@ -164,11 +164,11 @@ class RayStrategy(MultiProcessStrategy):
                         log = f"{run.output_dir}/logs/rank-{rank}.log"
                         tail = log_tail(log)
                         return blame_chief_first(
-                            Failure(rank, f"rank {rank}'s actor died ({_first_line(err)})",
+                            Failure(rank, f"rank {rank}'s actor died ({first_line(err)})",
                                     tail, log=log, shown=echoed_report(rank, tail)),
                             f"{run.output_dir}/logs/rank-0.log")
                     except ray.exceptions.RayTaskError as err:
-                        return Failure(rank, f"rank {rank} failed: {_first_line(err)}")
+                        return Failure(rank, f"rank {rank} failed: {first_line(err)}")
                     if outcome is not None and outcome[0] == "stopped":
                         stopped[rank] = outcome[1]
                     elif outcome is not None:
@@ -249,8 +249,6 @@ def _check_output_outlives_the_job(output_dir: str) -> None:
                  "(e.g. s3://bucket/run), for example output_dir=/shared/runs/my-run")
 
 
-def _first_line(err: Exception) -> str:
-    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
 
 
 class _WorkerActor:
