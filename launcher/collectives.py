@@ -3,7 +3,7 @@
 Public API (usable in your own training loops too):
 
 - ``Communicator``: ``allreduce_sum`` / ``allreduce_mean`` / ``broadcast`` / ``barrier`` over a
-  list of tensors, fused into one buffer per dtype. Implementations: ``TensorFlowCollectives``
+  list of tensors, fused into buckets (one buffer per dtype, or of a chosen size). Implementations: ``TensorFlowCollectives``
   (TF's collective ops over gRPC, from a list of peers; no Horovod needed), ``MpiCommunicator``
   (mpi4py), ``HorovodCommunicator`` (``hvd.grouped_allreduce``).
 - ``distribute_optimizer(optimizer, communicator)``: makes any Keras 3 optimizer (the user's own
@@ -26,6 +26,7 @@ import abc
 import itertools
 import json
 import os
+import sys
 from typing import Sequence
 
 import keras
@@ -33,13 +34,22 @@ import numpy as np
 import tensorflow as tf
 
 
+COMPRESSED = {"fp16": tf.float16, "bf16": tf.bfloat16}
+"""The dtypes ``compression`` may send float32 and float64 gradients in."""
+
+
 class Communicator(abc.ABC):
-    """Sums tensors across all workers. Subclasses implement one flat-buffer reduction."""
+    """Sums tensors across all workers. Subclasses implement one flat-buffer reduction (or
+    ``_allreduce_bucket``, for a transport that fuses tensors itself)."""
+
+    name: str
+    """The transport, as ``strategy.communicator`` names it."""
 
     needs_eager_ops = False
     """True when the transport runs through tf.numpy_function or custom ops (no XLA)."""
 
-    supports_fp16 = True
+    compressions: tuple[str, ...] = tuple(COMPRESSED)
+    """The ``compression`` values this transport can send (it must sum those dtypes)."""
 
     reduces_gradients = True
     """The optimizer must be wrapped (``distribute_optimizer``) to average gradients."""
@@ -49,28 +59,34 @@ class Communicator(abc.ABC):
         self.world_size = world_size
 
     @abc.abstractmethod
-    def _allreduce_flat(self, flat: tf.Tensor) -> tf.Tensor:
-        """Sum one 1-D tensor elementwise over all workers (callable inside tf.function)."""
+    def _allreduce_flat(self, flat: tf.Tensor, *, fresh: bool) -> tf.Tensor:
+        """Sum one 1-D tensor elementwise over all workers (callable inside tf.function).
+        ``fresh``: ``flat`` is a buffer made for this call alone, which may be reduced in place."""
 
-    def allreduce_sum(self, tensors: Sequence[tf.Tensor], *, fp16: bool = False) -> list[tf.Tensor]:
-        """Sum each tensor over all workers; tensors of one dtype travel as one fused buffer."""
+    def _allreduce_bucket(self, parts: list[tf.Tensor]) -> list[tf.Tensor]:
+        """Sum tensors of one dtype, fused into one buffer."""
+        flat = tf.concat([tf.reshape(p, [-1]) for p in parts], axis=0)
+        reduced = self._allreduce_flat(flat, fresh=len(parts) > 1)  # tf.concat of one: a view
+        sizes = [p.shape.num_elements() for p in parts]
+        return [tf.reshape(r, p.shape) for r, p in zip(tf.split(reduced, sizes), parts)]
+
+    def allreduce_sum(self, tensors: Sequence[tf.Tensor], *, compression: str = "none",
+                      bucket_bytes: int | None = None) -> list[tf.Tensor]:
+        """Sum each tensor over all workers: tensors of one dtype travel fused, in buckets of at
+        most ``bucket_bytes`` (None: one per dtype), float ones in the ``compression`` dtype."""
         tensors = [tf.convert_to_tensor(t) for t in tensors]  # densifies IndexedSlices
+        wire = COMPRESSED.get(compression)
+        sent = [tf.cast(t, wire) if wire is not None and t.dtype in (tf.float32, tf.float64)
+                else t for t in tensors]
         results: list[tf.Tensor | None] = [None] * len(tensors)
-        for dtype, indices in _indices_by_dtype(tensors).items():
-            flat = tf.concat([tf.reshape(tensors[i], [-1]) for i in indices], axis=0)
-            compress = fp16 and dtype in (tf.float32, tf.float64)
-            if compress:
-                flat = tf.cast(flat, tf.float16)
-            reduced = self._allreduce_flat(flat)
-            if compress:
-                reduced = tf.cast(reduced, dtype)
-            sizes = [int(np.prod(tensors[i].shape)) for i in indices]
-            for i, part in zip(indices, tf.split(reduced, sizes)):
-                results[i] = tf.reshape(part, tensors[i].shape)
+        for indices in buckets(sent, bucket_bytes):
+            for i, reduced in zip(indices, self._allreduce_bucket([sent[i] for i in indices])):
+                results[i] = tf.cast(reduced, tensors[i].dtype) if sent[i] is not tensors[i] \
+                    else reduced
         return results
 
-    def allreduce_mean(self, tensors: Sequence[tf.Tensor], *, fp16: bool = False) -> list[tf.Tensor]:
-        summed = self.allreduce_sum(tensors, fp16=fp16)
+    def allreduce_mean(self, tensors: Sequence[tf.Tensor], **options) -> list[tf.Tensor]:
+        summed = self.allreduce_sum(tensors, **options)
         return [s / tf.cast(self.world_size, s.dtype) if s.dtype.is_floating else s // self.world_size
                 for s in summed]
 
@@ -92,11 +108,21 @@ class Communicator(abc.ABC):
         return SharedFlags(count)
 
 
-def _indices_by_dtype(tensors: Sequence[tf.Tensor]) -> dict[tf.DType, list[int]]:
-    groups: dict[tf.DType, list[int]] = {}
-    for i, tensor in enumerate(tensors):
-        groups.setdefault(tensor.dtype, []).append(i)
-    return groups
+def buckets(tensors: Sequence[tf.Tensor], bucket_bytes: int | None) -> list[list[int]]:
+    """Indices of ``tensors`` in groups of one dtype and at most ``bucket_bytes`` (a larger
+    tensor alone), from the last tensor to the first: backprop makes the gradients of the last
+    layers first, so their exchange can start while the first layers' are computed."""
+    done: list[list[int]] = []
+    filling: dict[tf.DType, tuple[list[int], int]] = {}
+    for i in reversed(range(len(tensors))):
+        dtype = tensors[i].dtype
+        size = tensors[i].shape.num_elements() * dtype.size
+        indices, total = filling.get(dtype, ([], 0))
+        if indices and bucket_bytes and total + size > bucket_bytes:
+            done.append(indices)
+            indices, total = [], 0
+        filling[dtype] = (indices + [i], total + size)
+    return done + [indices for indices, _ in filling.values()]
 
 
 class TensorFlowCollectives(Communicator):
@@ -109,6 +135,7 @@ class TensorFlowCollectives(Communicator):
     Must be created before TensorFlow runs any op in this process.
     """
 
+    name = "collective"
     _GROUP_KEY = 1
 
     def __init__(self, rank: int, peers: Sequence[str], timeout_seconds: float = 0):
@@ -124,7 +151,7 @@ class TensorFlowCollectives(Communicator):
         self._runtime = tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
         self._instance_keys = itertools.count(1000)
 
-    def _allreduce_flat(self, flat: tf.Tensor) -> tf.Tensor:
+    def _allreduce_flat(self, flat: tf.Tensor, *, fresh: bool) -> tf.Tensor:
         # Every worker creates its reductions in the same order, so keys agree across workers.
         return tf.raw_ops.CollectiveReduceV2(
             input=flat, group_size=self.world_size, group_key=self._GROUP_KEY,
@@ -133,10 +160,19 @@ class TensorFlowCollectives(Communicator):
 
 
 class MpiCommunicator(Communicator):
-    """MPI ``Allreduce`` through mpi4py, called from the train step by ``tf.numpy_function``."""
+    """MPI ``Allreduce`` through mpi4py, called from the train step by ``tf.numpy_function``.
 
+    A bucket's tensors reach NumPy as views of TensorFlow's memory; they are copied into a
+    fused buffer that the bucket reuses from step to step (``_FusedBuffers``), reduced there in place
+    (``MPI.IN_PLACE``), and handed back as views that TensorFlow adopts without copying. The
+    one copy left is the fusing one, made for a bucket of one tensor too: over shared memory,
+    copying into a buffer MPI reduces in place beats MPI reading from one and writing to
+    another.
+    """
+
+    name = "mpi"
     needs_eager_ops = True
-    supports_fp16 = False  # MPI has no standard half-precision datatype
+    compressions = ()  # MPI has no standard half-precision datatype
 
     def __init__(self):
         from mpi4py import MPI
@@ -145,21 +181,78 @@ class MpiCommunicator(Communicator):
         self._comm = MPI.COMM_WORLD
         super().__init__(self._comm.Get_rank(), self._comm.Get_size())
 
-    def _allreduce_flat(self, flat: tf.Tensor) -> tf.Tensor:
-        def reduce(array: np.ndarray) -> np.ndarray:
-            out = np.empty_like(array)
-            self._comm.Allreduce(np.ascontiguousarray(array), out, op=self._mpi.SUM)
-            return out
+    def _allreduce_bucket(self, parts: list[tf.Tensor]) -> list[tf.Tensor]:
+        buffers = _FusedBuffers()  # this bucket's own, for as long as its step function lives
 
-        result = tf.numpy_function(reduce, [flat], flat.dtype, stateful=True)
-        result.set_shape(flat.shape)
-        return result
+        def reduce(*arrays: np.ndarray) -> list[np.ndarray]:
+            fused = buffers.take(arrays)
+            for slot, array in zip(fused.slots, arrays):
+                slot[...] = array.reshape(-1)
+            self._comm.Allreduce(self._mpi.IN_PLACE, fused.flat, op=self._mpi.SUM)
+            return [slot.reshape(array.shape) for slot, array in zip(fused.slots, arrays)]
+
+        results = tf.nest.flatten(  # eagerly, one output comes back as a tensor, not a list
+            tf.numpy_function(reduce, parts, [p.dtype for p in parts], stateful=True))
+        for result, part in zip(results, parts):
+            result.set_shape(part.shape)
+        return results
+
+    def _allreduce_flat(self, flat: tf.Tensor, *, fresh: bool) -> tf.Tensor:
+        return self._allreduce_bucket([flat])[0]
+
+
+_ALIGNMENT = 64
+"""TensorFlow adopts a NumPy array returned to it, without copying, when its data is aligned
+so (EIGEN_MAX_ALIGN_BYTES)."""
+
+
+class _FusedBuffers:
+    """A bucket's fused buffers, kept from step to step (no allocation or page faults per
+    step). A buffer is reused only once TensorFlow has let go of every view it was handed;
+    until then the bucket gets another one."""
+
+    _PER_LAYOUT = 2
+
+    def __init__(self):
+        self._kept: dict[tuple, list[_Fused]] = {}
+
+    def take(self, arrays: Sequence[np.ndarray]) -> _Fused:
+        sizes = [a.size for a in arrays]
+        kept = self._kept.setdefault((arrays[0].dtype.str, *sizes), [])
+        for fused in kept:
+            if fused.idle():
+                return fused
+        fused = _Fused(arrays[0].dtype, sizes)
+        if len(kept) < self._PER_LAYOUT:
+            kept.append(fused)
+        return fused
+
+
+class _Fused:
+    """One buffer with a slot per tensor, each slot starting at an aligned address."""
+
+    def __init__(self, dtype: np.dtype, sizes: list[int]):
+        step = max(1, _ALIGNMENT // dtype.itemsize)
+        offsets = np.cumsum([0] + [-(-size // step) * step for size in sizes])
+        nbytes = int(offsets[-1]) * dtype.itemsize
+        self._memory = np.empty(nbytes + _ALIGNMENT, np.uint8)
+        start = -self._memory.ctypes.data % _ALIGNMENT
+        self.flat = self._memory[start:start + nbytes].view(dtype)
+        self.flat[...] = 0  # the padding between slots is summed too
+        self.slots = [self.flat[o:o + size] for o, size in zip(offsets, sizes)]
+        self._references = sys.getrefcount(self._memory)  # every view NumPy made from it
+
+    def idle(self) -> bool:
+        """No view of it handed out is still alive."""
+        return sys.getrefcount(self._memory) == self._references
 
 
 class HorovodCommunicator(Communicator):
     """Horovod (Gloo or MPI underneath); ``grouped_allreduce`` lets Horovod fuse the tensors."""
 
+    name = "horovod"
     needs_eager_ops = True
+    compressions = ("fp16",)  # Horovod's allreduce has no bfloat16 kernel
 
     def __init__(self):
         import horovod.tensorflow as hvd
@@ -168,19 +261,10 @@ class HorovodCommunicator(Communicator):
         self._hvd = hvd
         super().__init__(hvd.rank(), hvd.size())
 
-    def allreduce_sum(self, tensors: Sequence[tf.Tensor], *, fp16: bool = False) -> list[tf.Tensor]:
-        hvd = self._hvd
-        tensors = [tf.convert_to_tensor(t) for t in tensors]
-        compression = hvd.Compression.fp16 if fp16 else hvd.Compression.none
-        results: list[tf.Tensor | None] = [None] * len(tensors)
-        for indices in _indices_by_dtype(tensors).values():  # a group must share one dtype
-            reduced = hvd.grouped_allreduce([tensors[i] for i in indices], op=hvd.Sum,
-                                            compression=compression)
-            for i, tensor in zip(indices, reduced):
-                results[i] = tensor
-        return results
+    def _allreduce_bucket(self, parts: list[tf.Tensor]) -> list[tf.Tensor]:
+        return self._hvd.grouped_allreduce(parts, op=self._hvd.Sum)
 
-    def _allreduce_flat(self, flat: tf.Tensor) -> tf.Tensor:
+    def _allreduce_flat(self, flat: tf.Tensor, *, fresh: bool) -> tf.Tensor:
         return self._hvd.allreduce(flat, op=self._hvd.Sum)
 
 
@@ -209,10 +293,11 @@ class SharedFlags:
 
 
 def distribute_optimizer(optimizer: keras.optimizers.Optimizer, communicator: Communicator,
-                         *, fp16: bool = False,
+                         *, compression: str = "none", bucket_bytes: int | None = None,
                          flags: SharedFlags | None = None) -> keras.optimizers.Optimizer:
     """Make ``optimizer`` average gradients over ``communicator`` before every update
-    (and ``flags``, if given, with them).
+    (and ``flags``, if given, with them), in buckets of ``bucket_bytes`` sent as
+    ``compression`` says (see ``Communicator.allreduce_sum``).
 
     The instance is changed in place (its class becomes a subclass of its own class), so the
     model keeps the same optimizer object, its variables and its config. ``undistribute``
@@ -227,8 +312,9 @@ def distribute_optimizer(optimizer: keras.optimizers.Optimizer, communicator: Co
         _ktrain_communicator = communicator
 
         def _backend_update_step(self, grads, trainable_variables, learning_rate):
+            options = {"compression": compression, "bucket_bytes": bucket_bytes}
             if flags is None:
-                grads = communicator.allreduce_mean(grads, fp16=fp16)
+                grads = communicator.allreduce_mean(grads, **options)
             else:
                 # Counted once this rank's gradients exist: its data and compute are done.
                 computed = [g.values if isinstance(g, tf.IndexedSlices) else g for g in grads]
@@ -236,7 +322,7 @@ def distribute_optimizer(optimizer: keras.optimizers.Optimizer, communicator: Co
                     arrived = flags.arrivals.assign_add(1)
                 with tf.control_dependencies([arrived]):
                     raised = flags.raised.read_value()
-                *grads, agreed = communicator.allreduce_mean([*grads, raised], fp16=fp16)
+                *grads, agreed = communicator.allreduce_mean([*grads, raised], **options)
                 flags.agreed_values.assign(agreed)
             return super()._backend_update_step(grads, trainable_variables, learning_rate)
 

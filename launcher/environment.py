@@ -169,6 +169,10 @@ def describe() -> str:
         lines.append(f"{'rendezvous':<15} rank 0 listens at {found.master_addr}:"
                      f"{found.master_port} (TF collectives; {PORT_ENV} overrides the port)")
         lines.append(f"{'MPI under srun':<15} {_pmix_report(os.environ)}")
+    from ktrain.strategies.multiworker import choose_communicator
+
+    transport, why = choose_communicator(found)
+    lines.append(f"{'communicator':<15} multiworker's auto: {transport} ({why})")
     if found.hint:
         lines.append(f"{'HINT':<15} {found.hint}")
     return "\n".join(lines)

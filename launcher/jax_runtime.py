@@ -92,6 +92,7 @@ class JaxProcesses:
     step; this adds up the small host-side values ktrain shares (stop flags, the validation
     share, memory, the audit) through JAX's own collectives."""
 
+    name = "jax.distributed"
     reduces_gradients = False
     """The train step reduces gradients by itself: nothing to wrap."""
 

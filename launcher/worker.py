@@ -188,8 +188,10 @@ def _join_group(run: RunConfig, session: Session, model: keras.Model, flags) -> 
     if communicator.reduces_gradients:
         from ktrain.collectives import broadcast_variables, distribute_optimizer
 
+        bucket_mb = run.strategy.bucket_mb
         distribute_optimizer(model.optimizer, communicator, flags=flags,
-                             fp16=getattr(run.strategy, "compression", "none") == "fp16")
+                             compression=run.strategy.compression,
+                             bucket_bytes=int(bucket_mb * 2**20) if bucket_mb else None)
         model.jit_compile = False  # numpy_function, Horovod and collective ops are not XLA ops
     mark(session.rank, "arrived")
     if communicator.reduces_gradients:
@@ -198,7 +200,7 @@ def _join_group(run: RunConfig, session: Session, model: keras.Model, flags) -> 
         communicator.barrier()
     mark(session.rank, "joined")
     return (f"rank {session.rank} of {session.world_size} joined "
-            f"({type(communicator).__name__}, host {socket.gethostname()}, pid {os.getpid()}, "
+            f"({communicator.name}, host {socket.gethostname()}, pid {os.getpid()}, "
             f"{', '.join(session.devices)})")
 
 
@@ -850,6 +852,7 @@ def _summary(run, session, recorder, history, first_epoch, fit_started, fit_ende
         "backend": keras.backend.backend(),
         "world_size": session.world_size,
         "num_replicas": session.num_replicas,
+        "transport": session.communicator.name if session.communicator else None,
         "devices": list(session.devices),
         "epochs_completed": history[-1]["epoch"] if history else 0,
         "epochs_this_run": (history[-1]["epoch"] - first_epoch) if history else 0,

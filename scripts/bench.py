@@ -87,10 +87,11 @@ def plain_keras(config_path: str, overrides: list[str]) -> dict:
             "time_to_first_step_seconds": FirstStep.done - fit_started}
 
 
-def _ktrain(config: str, overrides: list[str], output_dir: str) -> dict:
+def _ktrain(config: str, overrides: list[str], output_dir: str,
+            extra_env: dict | None = None) -> dict:
     subprocess.run([sys.executable, "-m", "ktrain", "run", config, *overrides,
                     f"output_dir={output_dir}", "checkpoint.resume=never", "-q"],
-                   check=True, cwd=REPO, env=_env())
+                   check=True, cwd=REPO, env={**_env(), **(extra_env or {})})
     with open(os.path.join(output_dir, "summary.json")) as f:
         return json.load(f)
 
@@ -124,11 +125,14 @@ def compare(config: str, overrides: list[str], repeats: int) -> dict:
 
 
 SIZES_MB = (1, 4, 64)
-ALLREDUCE_ROUNDS = 10
+ALLREDUCE_ROUNDS, ALLREDUCE_TRIALS = 10, 5
+"""Each size: the fastest of TRIALS runs of ROUNDS allreduces (the 2 cores are shared)."""
 
 
 def allreduce_worker(kind: str) -> None:
-    """In one of 2 processes: time allreduce of float32 tensors; rank 0 prints JSON."""
+    """In one of 2 processes: time allreduces of a float32 tensor, ROUNDS of them in one call
+    (a train step's function call is paid once per step, not per allreduce); rank 0 prints
+    JSON."""
     import numpy as np
 
     if kind == "raw-mpi4py":
@@ -139,79 +143,82 @@ def allreduce_worker(kind: str) -> None:
 
         def reduce_fn(size):
             data, out = np.ones(size, np.float32), np.empty(size, np.float32)
-            return lambda: comm.Allreduce(data, out, op=MPI.SUM)
+
+            def rounds():
+                for _ in range(ALLREDUCE_ROUNDS):
+                    comm.Allreduce(data, out, op=MPI.SUM)
+            return rounds
     else:
         import tensorflow as tf
 
-        from ktrain import collectives
-
-        if kind == "collective":
-            communicator = collectives.TensorFlowCollectives(
-                int(os.environ["KTRAIN_RANK"]), os.environ["KTRAIN_PEERS"].split(","))
-        elif kind == "mpi":
-            communicator = collectives.MpiCommunicator()
-        else:
-            communicator = collectives.HorovodCommunicator()
+        communicator = _communicator(kind)
         rank, world = communicator.rank, communicator.world_size
 
         def reduce_fn(size):
             tensor = tf.ones([size], tf.float32)
-            step = tf.function(lambda: communicator.allreduce_sum([tensor])[0])
-            return lambda: step().numpy()
+
+            @tf.function
+            def rounds():
+                reduced = tensor
+                for _ in range(ALLREDUCE_ROUNDS):
+                    reduced = communicator.allreduce_sum([reduced])[0]
+                return reduced[0]
+            return rounds
 
     results = {}
     for megabytes in SIZES_MB:
         size = megabytes * 2**20 // 4
-        run = reduce_fn(size)
-        for _ in range(3):
-            run()
-        started = time.perf_counter()
-        for _ in range(ALLREDUCE_ROUNDS):
-            run()
-        seconds = (time.perf_counter() - started) / ALLREDUCE_ROUNDS
+        rounds = reduce_fn(size)
+        rounds()
+        seconds = min(_timed(rounds) for _ in range(ALLREDUCE_TRIALS)) / ALLREDUCE_ROUNDS
         results[megabytes] = 2 * (world - 1) / world * megabytes * 2**20 / seconds / 1e9
     if rank == 0:
         print("RESULT " + json.dumps(results), flush=True)
 
 
-def _allreduce_commands() -> dict[str, list[list[str]]]:
-    """Each transport's launch command(s) for 2 local workers."""
+def _timed(call) -> float:
+    started = time.perf_counter()
+    call()
+    return time.perf_counter() - started
+
+
+def _two_ranks(kind: str, worker_args: list[str], extra_env: dict | None = None) -> dict | None:
+    """Run this script with ``worker_args`` as 2 ranks joined by transport ``kind`` (raw-mpi4py,
+    mpi, collective, horovod-gloo, horovod-mpi); the JSON rank 0 printed, or None."""
     from ktrain.rendezvous import free_ports
 
     bin_dir = os.path.dirname(sys.executable)
-    worker = [sys.executable, __file__, "--allreduce-worker"]
+    worker = [sys.executable, __file__, *worker_args]
     mpirun = [os.path.join(bin_dir, "mpirun"), "-np", "2", "--oversubscribe",
               "--allow-run-as-root", "--mca", "btl", "self,vader"]
     horovodrun = [os.path.join(bin_dir, "horovodrun"), "-np", "2", "-H", "localhost:2"]
-    commands = {"raw-mpi4py": [mpirun + worker + ["raw-mpi4py"]],
-                "mpi": [mpirun + worker + ["mpi"]],
-                "collective": [worker + ["collective"]] * 2}
-    if os.path.exists(horovodrun[0]):
-        commands["horovod-gloo"] = [horovodrun + ["--gloo", "--network-interface", "lo"] +
-                                    worker + ["horovod"]]
-        commands["horovod-mpi"] = [mpirun + worker + ["horovod"]]
+    if kind.startswith("horovod") and not os.path.exists(horovodrun[0]):
+        return None
     peers = ",".join(f"127.0.0.1:{p}" for p in free_ports(2))
-    commands["collective"] = [(c, {"KTRAIN_RANK": str(r), "KTRAIN_PEERS": peers})
-                              for r, c in enumerate(commands["collective"])]
-    return commands
+    commands = {
+        "collective": [(worker, {"KTRAIN_RANK": str(r), "KTRAIN_PEERS": peers})
+                       for r in range(2)],
+        "horovod-gloo": [(horovodrun + ["--gloo", "--network-interface", "lo"] + worker, {})],
+    }.get(kind, [(mpirun + worker, {})])
+    processes = [subprocess.Popen(command, env={**_env(), **(extra_env or {}), **extra},
+                                  cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                  text=True)
+                 for command, extra in commands]
+    outputs = [p.communicate(timeout=900)[0] for p in processes]
+    found = [line for out in outputs for line in out.splitlines() if "RESULT " in line]
+    if not found:
+        print(f"{kind}: failed\n" + "\n".join(outputs)[-2000:], file=sys.stderr)
+        return None
+    return json.loads(found[0].split("RESULT ", 1)[1])
 
 
 def bench_allreduce() -> None:
     measured = {}
-    for kind, commands in _allreduce_commands().items():
-        processes = []
-        for command in commands:
-            command, extra = command if isinstance(command, tuple) else (command, {})
-            processes.append(subprocess.Popen(command, env={**_env(), **extra}, cwd=REPO,
-                                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                              text=True))
-        outputs = [p.communicate(timeout=600)[0] for p in processes]
-        found = [line for out in outputs for line in out.splitlines() if "RESULT " in line]
-        if not found:
-            print(f"{kind}: failed\n" + "\n".join(outputs)[-2000:], file=sys.stderr)
-            continue
-        measured[kind] = {int(k): v for k, v in
-                          json.loads(found[0].split("RESULT ", 1)[1]).items()}
+    for kind in ("raw-mpi4py", "mpi", "collective", "horovod-gloo", "horovod-mpi"):
+        worker_kind = "horovod" if kind.startswith("horovod") else kind
+        result = _two_ranks(kind, ["--allreduce-worker", worker_kind])
+        if result:
+            measured[kind] = {int(k): v for k, v in result.items()}
     raw = measured.get("raw-mpi4py", {})
     print("| communicator | " + " | ".join(f"{mb} MB GB/s (ratio to raw mpi4py)" for mb in SIZES_MB) + " |")
     print("|---|" + "---|" * len(SIZES_MB))
@@ -219,6 +226,154 @@ def bench_allreduce() -> None:
         cells = [f"{values[mb]:.2f} ({values[mb] / raw[mb]:.2f})" if raw else f"{values[mb]:.2f}"
                  for mb in SIZES_MB]
         print(f"| {kind} | " + " | ".join(cells) + " |")
+
+
+ONE_THREAD = {"TF_NUM_INTRAOP_THREADS": "1", "TF_NUM_INTEROP_THREADS": "1",
+              "OMP_NUM_THREADS": "1"}
+"""Each worker process computes on one core (TensorFlow's and OpenMP's pools)."""
+
+SCALING_RUNS = (
+    ("multiworker, default transport", "{name: multiworker}"),
+    ("multiworker, TF collectives", "{name: multiworker, communicator: collective}"),
+    ("multiworker, mpi", "{name: multiworker, communicator: mpi}"),
+    ("horovod, gloo", "{name: horovod, controller: gloo}"),
+    ("horovod, mpi", "{name: horovod, controller: mpi}"),
+)
+
+
+def bench_scaling(config: str, overrides: list[str], workers: int, repeats: int) -> None:
+    """Weak scaling: each worker keeps the config's batch and number of steps (the global batch
+    and data.kwargs.samples grow with the workers), one thread per process; efficiency is
+    samples/s over ``workers`` times the 1-process samples/s, each the median of the epochs
+    after the first, the best of ``repeats`` rounds. Then where a step's time goes."""
+    from ktrain.config import load_config
+
+    run = load_config(config, overrides)
+    batch, samples = run.train.global_batch_size, run.data.kwargs.get("samples")
+
+    def grown(n: int, strategy: str) -> list[str]:
+        """The overrides of a run on ``n`` workers (strategy.* ones only for several)."""
+        return [f"strategy={strategy}",
+                *(o for o in overrides if n > 1 or not o.startswith("strategy.")),
+                f"train.global_batch_size={batch * n}",
+                *([f"data.kwargs.samples={samples * n}"] if samples else [])]
+
+    runs = [("1 process (mirrored, 1 device)", "{name: mirrored, devices: 1}", 1),
+            *((f"{workers} workers, {label}", strategy, workers)
+              for label, strategy in SCALING_RUNS)]
+    best: dict[str, float] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for round_ in range(repeats):
+            for index, (label, strategy, n) in enumerate(runs):
+                out = os.path.join(tmp, f"{round_}-{index}")
+                try:
+                    summary = _ktrain(config, grown(n, strategy), out, ONE_THREAD)
+                except subprocess.CalledProcessError:
+                    print(f"{label}: failed", file=sys.stderr)
+                    continue
+                best[label] = max(best.get(label, 0.0), _steady_speed(out))
+                if index == 1 and round_ == 0:
+                    print(f"(default transport: {summary['transport']})", flush=True)
+    single = best.get(runs[0][0])
+    print("| run | samples/s | speed-up | weak-scaling efficiency |")
+    print("|---|---|---|---|")
+    for label, speed in best.items():
+        ratio = speed / single if single else float("nan")
+        efficiency = "-" if label == runs[0][0] else f"{ratio / workers:.0%}"
+        print(f"| {label} | {speed:.1f} | {ratio:.2f} | {efficiency} |")
+    bench_step_breakdown(config, grown(2, "{name: multiworker}"))
+
+
+def _steady_speed(output_dir: str) -> float:
+    """samples/s of a run's epochs after the first (the median; the first one warms up)."""
+    import csv
+    import statistics
+
+    with open(os.path.join(output_dir, "metrics.csv")) as f:
+        speeds = [float(row["samples_per_second"]) for row in csv.DictReader(f)]
+    return statistics.median(speeds[1:] or speeds)
+
+
+BREAKDOWN_STEPS = 8
+
+
+def step_breakdown_worker(kind: str, config: str, overrides: list[str]) -> None:
+    """In one of 2 processes: the config's model and this worker's batches, as ktrain makes
+    them; milliseconds per step of reading a batch, a step without exchange, the exchange of
+    the step's gradients alone, and a whole distributed step. Rank 0 prints JSON."""
+    from ktrain import console
+    from ktrain.config import load_config
+
+    run = load_config(config, overrides)
+    console.import_keras("tensorflow")
+    import tensorflow as tf
+
+    from ktrain import collectives
+    from ktrain.data import training_batches
+    from ktrain.strategies.base import Session
+    from ktrain.worker import _model_and_data
+
+    communicator = _communicator(kind)
+    session = Session(rank=communicator.rank, world_size=communicator.world_size,
+                      num_replicas=communicator.world_size, communicator=communicator)
+    model, splits = _model_and_data(run, session)
+    batches, _ = training_batches(
+        splits.train, global_batch_size=run.train.global_batch_size, rank=session.rank,
+        world_size=session.world_size, shuffle=False, shuffle_buffer=1, seed=0,
+        first_epoch=0, epochs=4)
+    batches = iter(batches)
+    collected = [next(batches) for _ in range(BREAKDOWN_STEPS + 2)]
+
+    def per_step(step) -> float:
+        for x, y in collected[:2]:
+            step(x, y)
+        communicator.barrier()
+        started = time.perf_counter()
+        for x, y in collected[2:]:
+            step(x, y)
+        return (time.perf_counter() - started) / BREAKDOWN_STEPS * 1e3
+
+    bucket_mb = run.strategy.bucket_mb if hasattr(run.strategy, "bucket_mb") else None
+    options = {"compression": getattr(run.strategy, "compression", "none"),
+               "bucket_bytes": int(bucket_mb * 2**20) if bucket_mb else None}
+    gradients = [tf.zeros_like(v) for v in model.trainable_variables]
+    exchange = tf.function(lambda: communicator.allreduce_mean(gradients, **options))
+    result = {
+        "input": per_step(lambda x, y: next(batches)),
+        "compute": per_step(lambda x, y: model.train_on_batch(x, y)),
+        "exchange": per_step(lambda x, y: exchange()),
+    }
+    collectives.distribute_optimizer(model.optimizer, communicator, **options)
+    model.make_train_function(force=True)
+    result["whole step"] = per_step(lambda x, y: model.train_on_batch(x, y))
+    if session.rank == 0:
+        print("RESULT " + json.dumps(result), flush=True)
+
+
+def _communicator(kind: str):
+    from ktrain import collectives
+
+    if kind == "collective":
+        return collectives.TensorFlowCollectives(int(os.environ["KTRAIN_RANK"]),
+                                                 os.environ["KTRAIN_PEERS"].split(","))
+    if kind == "mpi":
+        return collectives.MpiCommunicator()
+    return collectives.HorovodCommunicator()
+
+
+def bench_step_breakdown(config: str, overrides: list[str]) -> None:
+    """Where a 2-worker step's time goes, for each communicator."""
+    rows = {kind: _two_ranks(kind, ["--step-breakdown-worker", kind, config, *overrides],
+                             ONE_THREAD)
+            for kind in ("collective", "mpi", "horovod-gloo", "horovod-mpi")}
+    rows = {kind: row for kind, row in rows.items() if row}
+    if not rows:
+        return
+    columns = list(next(iter(rows.values())))
+    print("\n| 2 workers, ms per step | " + " | ".join(columns) + " |")
+    print("|---|" + "---|" * len(columns))
+    for kind, row in rows.items():
+        print(f"| {kind} | " + " | ".join(f"{row[c]:.1f}" for c in columns) + " |")
 
 
 WORKER_RUNS = (
@@ -454,6 +609,9 @@ def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--allreduce-worker":
         allreduce_worker(sys.argv[2])
         return
+    if len(sys.argv) > 1 and sys.argv[1] == "--step-breakdown-worker":
+        step_breakdown_worker(sys.argv[2], sys.argv[3], sys.argv[4:])
+        return
     if len(sys.argv) > 1 and sys.argv[1] == "--hand-written-streaming":
         print(json.dumps(hand_written_streaming(sys.argv[2])))
         return
@@ -465,6 +623,8 @@ def main() -> None:
     parser.add_argument("configs", nargs="*")
     parser.add_argument("--allreduce", action="store_true", help="communicator bandwidth")
     parser.add_argument("--workers", action="store_true", help="1 vs 2 worker processes")
+    parser.add_argument("--scaling", type=int, metavar="N",
+                        help="weak scaling: 1 process vs N workers, one thread each")
     parser.add_argument("--spark-master", action="append", default=[], metavar="URL",
                         help="with --workers: also 2 spark workers on this cluster")
     parser.add_argument("--ray-train", action="store_true",
@@ -485,6 +645,9 @@ def main() -> None:
     if args.workers:
         for config in args.configs:
             bench_workers(os.path.abspath(config), args.set, args.spark_master)
+    if args.scaling:
+        for config in args.configs:
+            bench_scaling(os.path.abspath(config), args.set, args.scaling, args.repeats)
     if args.ray_train:
         for config in args.configs:
             bench_ray_train(os.path.abspath(config), args.set)
@@ -493,7 +656,7 @@ def main() -> None:
             bench_preemption(os.path.abspath(config), args.set, args.preemption, args.repeats)
     if args.streaming:
         bench_streaming(args.rows, args.width, args.repeats)
-    if (args.allreduce or args.workers or args.ray_train or args.preemption or args.streaming
+    if (args.allreduce or args.workers or args.scaling or args.ray_train or args.preemption or args.streaming
             or not args.configs):
         return
     rows = [compare(os.path.abspath(c), args.set, args.repeats) for c in args.configs]

@@ -49,6 +49,9 @@ class HorovodStrategy(MultiProcessStrategy):
             _horovodrun()
         else:
             find_mpirun()
+        from ktrain.collectives import HorovodCommunicator
+
+        self.check_compression("Horovod", HorovodCommunicator.compressions)
 
     def run_group(self, run):
         from ktrain.supervisor import WorkerSpec, python_command

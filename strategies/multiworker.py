@@ -1,17 +1,19 @@
-"""Several worker processes averaging gradients over TF collectives (gRPC) or MPI (mpi4py).
+"""Several worker processes averaging gradients over MPI (mpi4py) or TF collectives (gRPC).
 
-``ktrain run`` with ``workers: N`` on one machine starts N processes on 127.0.0.1 itself (like
-``torchrun --nproc-per-node``); under ``srun`` or ``mpirun`` it joins what the environment
-describes instead.
+``ktrain run`` with ``workers: N`` on one machine starts N processes itself (under ``mpirun``,
+or on 127.0.0.1 for TF collectives, like ``torchrun --nproc-per-node``); under ``srun`` or
+``mpirun`` it joins what the environment describes instead.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import os
 from typing import Literal
 
-from ktrain import backends
+from ktrain import backends, console
 from ktrain.errors import UserError
-from ktrain.environment import PEERS_ENV
+from ktrain.environment import PEERS_ENV, ClusterEnvironment, detect
 from ktrain.rendezvous import free_ports
 from ktrain.strategies.base import (ClusterProcessConfig, MultiProcessStrategy, Session,
                                     find_mpirun, mpirun_command, pin_local_device,
@@ -20,32 +22,71 @@ from ktrain.strategies.base import (ClusterProcessConfig, MultiProcessStrategy, 
 
 class MultiWorkerConfig(ClusterProcessConfig):
     name: Literal["multiworker"] = "multiworker"
-    communicator: Literal["collective", "mpi"] = "collective"
-    """collective: TensorFlow's collective ops over gRPC; mpi: MPI Allreduce via mpi4py."""
+    communicator: Literal["auto", "mpi", "collective"] = "auto"
+    """mpi: MPI Allreduce via mpi4py; collective: TensorFlow's collective ops over gRPC;
+    auto: mpi where MPI can join the ranks, else collective (see ``choose_communicator``)."""
+
+
+def choose_communicator(found: ClusterEnvironment,
+                        env: dict[str, str] | None = None) -> tuple[str, str]:
+    """The transport ``communicator: auto`` uses in the world ``found`` describes, and why.
+
+    MPI where it can join the ranks (ktrain starting them with mpirun, or mpirun or
+    ``srun --mpi=pmix`` having started them): on the machines measured it is the fastest at
+    every size (README, Performance). TF collectives everywhere else, and on JAX.
+    """
+    if backends.current() == "jax":
+        return "collective", "on JAX, jax.distributed joins the workers"
+    if importlib.util.find_spec("mpi4py") is None:
+        return "collective", "mpi4py is not installed"
+    if found.world_size == 1:  # ktrain starts the workers
+        try:
+            find_mpirun()
+        except UserError:
+            return "collective", "mpirun was not found"
+        return "mpi", "mpi4py and mpirun are installed"
+    if found.name in ("openmpi", "mpich"):
+        return "mpi", f"{found.launcher} started the ranks"
+    if found.name == "slurm" and "PMIX_RANK" in (os.environ if env is None else env):
+        return "mpi", "srun --mpi=pmix started the ranks"
+    return "collective", f"{found.launcher} started the ranks without an MPI world"
 
 
 class MultiWorkerStrategy(MultiProcessStrategy):
     name = "multiworker"
     config_type = MultiWorkerConfig
 
+    def communicator(self) -> str:
+        """The transport this process uses: the config's, or the one auto chooses here."""
+        chosen = self.config.communicator
+        return chosen if chosen != "auto" else choose_communicator(detect())[0]
+
     def prepare(self, run) -> None:
         super().prepare(run)
-        if self.config.communicator == "mpi":
+        found = detect()
+        if self.config.communicator == "auto":
+            chosen, why = choose_communicator(found)
+            if found.rank == 0:
+                console.info(f"communicator: {chosen} ({why}; set strategy.communicator to "
+                             f"choose)")
+        elif self.config.communicator == "mpi":
             backends.tensorflow_only("communicator: mpi", "strategy.communicator",
                                      "on JAX, XLA's collectives join the workers: use "
                                      "communicator: collective (under mpirun too)")
             _require_mpi()
-            if self.config.compression == "fp16":
-                raise UserError("fp16 compression is not available over MPI",
-                                where="strategy.compression",
-                                hint="use communicator: collective, or compression: none")
+        if self.config.compression != "none":
+            from ktrain.collectives import MpiCommunicator, TensorFlowCollectives
+
+            transport = self.communicator()
+            kind = MpiCommunicator if transport == "mpi" else TensorFlowCollectives
+            self.check_compression(f"communicator {transport}", kind.compressions)
 
     def run_group(self, run):
         from ktrain.supervisor import WorkerSpec, python_command
 
         n = self.config.workers
         plan = {"KTRAIN_PLAN": run.model_dump_json()}
-        if self.config.communicator == "mpi":
+        if self.communicator() == "mpi":
             command = python_command("-m", "mpi4py", "-m", "ktrain.worker_entry")
             return self.run_local_group(run, [WorkerSpec(mpirun_command(n, command), plan,
                                                          tuple(range(n)))])
@@ -58,9 +99,8 @@ class MultiWorkerStrategy(MultiProcessStrategy):
 
     def open_session(self) -> Session:
         use_network_interface(self.config.network_interface)
-        if self.config.communicator == "mpi":
+        if self.communicator() == "mpi":
             from ktrain.collectives import MpiCommunicator
-            from ktrain.environment import detect
 
             found = detect()
             device = pin_local_device(found.local_rank)
@@ -71,15 +111,14 @@ class MultiWorkerStrategy(MultiProcessStrategy):
 def collective_session(start_timeout: float, interface: str | None = None) -> Session:
     """A worker's session over TF collectives (or, on JAX, jax.distributed), with peers from
     the environment."""
-    from ktrain.environment import detect
     from ktrain.rendezvous import peer_addresses
 
     found = detect()
     if backends.current() == "jax":
         from ktrain.jax_runtime import process_session
 
-        peers = peer_addresses(found, start_timeout, interface)
-        return process_session(found.rank, found.local_rank, peers, start_timeout)
+        return process_session(found.rank, found.local_rank,
+                               peer_addresses(found, start_timeout, interface), start_timeout)
     from ktrain.collectives import TensorFlowCollectives
 
     device = pin_local_device(found.local_rank)  # before TensorFlow's runtime starts

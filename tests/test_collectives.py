@@ -7,9 +7,10 @@ exercised with real processes in test_multiworker.py.
 
 import keras
 import numpy as np
+import pytest
 import tensorflow as tf
 
-from ktrain.collectives import Communicator, distribute_optimizer, undistribute
+from ktrain.collectives import Communicator, buckets, distribute_optimizer, undistribute
 from ktrain.worker import _ScaledLearningRate
 
 
@@ -18,7 +19,7 @@ class Loopback(Communicator):
         super().__init__(rank=0, world_size=1)
         self.calls = tf.Variable(0, dtype=tf.int64)
 
-    def _allreduce_flat(self, flat):
+    def _allreduce_flat(self, flat, *, fresh):
         self.calls.assign_add(1)
         return tf.identity(flat)
 
@@ -66,12 +67,30 @@ def test_undistribute_restores_a_savable_optimizer(tmp_path):
     assert type(keras.saving.load_model(tmp_path / "m.keras").optimizer) is keras.optimizers.SGD
 
 
-def test_fused_buffers_keep_shapes_and_dtypes():
-    tensors = [tf.ones([2, 3]), tf.range(4), tf.zeros([5], tf.float64)]
-    out = Loopback().allreduce_sum(tensors, fp16=True)
+@pytest.mark.parametrize("compression", ["none", "fp16", "bf16"])
+def test_fused_buffers_keep_shapes_dtypes_and_values(compression):
+    tensors = [tf.ones([2, 3]), tf.range(4), tf.zeros([5], tf.float64), tf.fill([7], 0.25)]
+    out = Loopback().allreduce_sum(tensors, compression=compression, bucket_bytes=32)
     assert [t.shape for t in out] == [t.shape for t in tensors]
     assert [t.dtype for t in out] == [t.dtype for t in tensors]
-    np.testing.assert_array_equal(out[1].numpy(), np.arange(4))
+    for before, after in zip(tensors, out):
+        np.testing.assert_array_equal(after.numpy(), before.numpy())
+
+
+def test_buckets_hold_one_dtype_up_to_the_size_last_tensor_first():
+    tensors = [tf.zeros([4]), tf.zeros([4]), tf.zeros([2], tf.int32), tf.zeros([8]),
+               tf.zeros([1]), tf.zeros([1])]  # float32: 16, 16, 32, 4, 4 bytes
+    assert buckets(tensors, 24) == [[5, 4], [3], [1], [0], [2]]
+    assert buckets(tensors, None) == [[5, 4, 3, 1, 0], [2]]
+
+
+def test_each_bucket_is_one_reduction_per_step():
+    comm = Loopback()
+    model = embedding_model()  # kernels of 50x4 and 12x2 floats, biases of 2
+    optimizer = distribute_optimizer(keras.optimizers.SGD(0.5), comm, bucket_bytes=200)
+    model.jit_compile = False
+    train(model, optimizer)
+    assert int(comm.calls.numpy()) == 4 * 2  # [bias, dense kernel] and [embeddings]
 
 
 def test_learning_rate_scaling_warms_up_linearly():

@@ -1,8 +1,12 @@
 """Cluster detection, with the schedulers' environment variables faked (never the engine)."""
 
+import importlib.util
+
 import pytest
 
 from ktrain.environment import detect, parse_slurm_nodelist
+from ktrain.errors import UserError
+from ktrain.strategies import multiworker
 
 
 @pytest.mark.parametrize("nodelist, hosts", [
@@ -49,3 +53,26 @@ def test_order_of_precedence():
     assert (detect(ompi).name, detect(ompi).rank) == ("openmpi", 1)
     assert detect({"PMI_RANK": "2", "PMI_SIZE": "3"}).world_size == 3
     assert detect({}).name == "local"
+
+
+def test_auto_communicator_is_mpi_where_mpi_joins_the_ranks(monkeypatch):
+    def choose(env):
+        return multiworker.choose_communicator(detect(env), env)
+
+    mpirun = {"OMPI_COMM_WORLD_RANK": "1", "OMPI_COMM_WORLD_SIZE": "2"}
+    assert choose({}) == ("mpi", "mpi4py and mpirun are installed")  # ktrain starts them
+    assert choose(mpirun) == ("mpi", "mpirun started the ranks")
+    assert choose({**SLURM_STEP, "PMIX_RANK": "3"}) == ("mpi", "srun --mpi=pmix started the ranks")
+    assert choose(SLURM_STEP) == ("collective", "srun started the ranks without an MPI world")
+    assert choose({"KTRAIN_RANK": "1", "KTRAIN_WORLD_SIZE": "2"})[0] == "collective"
+
+    def no_mpirun():
+        raise UserError("mpirun was not found")
+    monkeypatch.setattr(multiworker, "find_mpirun", no_mpirun)
+    assert choose({}) == ("collective", "mpirun was not found")
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "mpi4py" else find_spec(name, *a))
+    assert choose(mpirun) == ("collective", "mpi4py is not installed")
+    monkeypatch.setenv("KERAS_BACKEND", "jax")
+    assert choose(mpirun)[0] == "collective"

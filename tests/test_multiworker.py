@@ -69,10 +69,24 @@ def test_max_restarts_resumes_the_group_and_completes(tmp_path, background):
                                                            train={"epochs": 60}))
     code, output, _ = kill_rank_one_mid_training(background, config, out)
     assert code == 0, output
+    # no communicator in the config: MPI, since ktrain can start the ranks with mpirun here
+    assert "communicator: mpi (mpi4py and mpirun are installed" in output
     assert "rank 1 was killed by SIGKILL; restarting all workers" in output
     assert "resuming from the checkpoint after epoch" in output
     summary = json.loads((out / "summary.json").read_text())
     assert summary["epochs_completed"] == 60 and summary["resumed_from_epoch"] >= 2
+    assert summary["transport"] == "mpi"
+
+
+def test_bf16_gradients_in_small_buckets_match_one_process_loosely(tmp_path, single_process_run):
+    one, two = single_process_run("mlp"), tmp_path / "two"
+    config = multiworker(two, {"communicator": "collective", "compression": "bf16",
+                               "bucket_mb": 0.001})  # a bucket per tensor or two
+    result = run_cli("run", write_config(tmp_path / "two.yaml", config), "-q")
+    assert result.returncode == 0, result.stderr
+    assert_same_weights(one, two, atol=5e-3)
+    with pytest.raises(AssertionError):  # half precision did change the numbers
+        assert_same_weights(one, two, atol=1e-6)
 
 
 def rank1_config(tmp_path, **strategy):
