@@ -172,7 +172,7 @@ class WorkerGroup:
         logs = {rank: open(self.log_dir / f"rank-{rank}.log", "a") for rank in ranks}
         try:
             for line in process.stdout:
-                line = line.rstrip("\n")
+                line = line.rstrip("\n").replace("\0", "")  # mpirun ends some output with NUL
                 rank = ranks[0]
                 tagged = _RANK_TAG.match(line) if len(ranks) > 1 else None
                 if tagged:
@@ -252,6 +252,11 @@ class WorkerGroup:
         """(rank, how it ended) from mpirun's or horovodrun's report; a rank that was killed
         by a signal is the root cause rather than the peers that failed after it."""
         said = " ".join(self._launcher_tail)
+        everything = " ".join([said, *(line for tail in self._tails.values() for line in tail)])
+        aborted = re.search(r"MPI_ABORT was invoked on rank (\d+) in communicator \S+ +Proc: "
+                            r"\S+ +Errorcode: (\d+)", everything)  # python -m mpi4py, on exit
+        if aborted:  # the rank that ended the world; mpirun then killed the others
+            return int(aborted.group(1)), describe_exit(int(aborted.group(2)))
         exits = [(int(rank), int(code)) for rank, code in
                  re.findall(r"Process (\d+) exit with status code (-?\d+)", said)]  # horovodrun
         exits += [(int(rank), -int(sig)) for rank, sig in

@@ -132,6 +132,6 @@ def test_collective_communicator_under_mpirun_matches_one_process(tmp_path, sing
     config = write_config(tmp_path / "c.yaml", multiworker(out, {"communicator": "collective"}))
     result = run_command([*MPIRUN, KTRAIN, "run", config], timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "TensorFlowCollectives" in result.stdout
+    assert "joined (collective, host" in result.stdout
     assert json.loads((out / "summary.json").read_text())["world_size"] == 2
     assert_same_weights(single_process_run("mlp"), out)
