@@ -25,8 +25,8 @@ def slurm_step(hosts, rank: int) -> dict:
 
 
 @pytest.mark.parametrize("environment, strategy", [
-    pytest.param(tf_config, {"name": "multiworker"}, id="tf-collectives-TF_CONFIG"),
-    pytest.param(slurm_step, {"name": "multiworker"}, id="tf-collectives-srun"),
+    pytest.param(tf_config, {"name": "multiworker"}, id="tf-collectives-TF_CONFIG"),  # auto
+    pytest.param(slurm_step, {"name": "multiworker"}, id="tf-collectives-srun"),  # no PMIx
     pytest.param(slurm_step, {"name": "horovod", "network_interface": TwoHosts.INTERFACE},
                  id="horovod-gloo-srun", marks=needs_horovod),
 ])
@@ -45,7 +45,7 @@ def test_workers_across_two_hosts_match_one_process(tmp_path, two_hosts, environ
 
 @pytest.mark.parametrize("strategy", [
     pytest.param({"name": "multiworker", "communicator": "mpi"}, id="mpi4py"),
-    pytest.param({"name": "multiworker"}, id="tf-collectives"),
+    pytest.param({"name": "multiworker", "communicator": "collective"}, id="tf-collectives"),
     pytest.param({"name": "horovod"}, id="horovod-gloo", marks=needs_horovod),
     pytest.param({"name": "horovod", "controller": "mpi"}, id="horovod-mpi", marks=needs_horovod),
 ])
@@ -85,7 +85,7 @@ def test_horovod_gloo_where_host_names_resolve_to_loopback_is_a_clear_error(tmp_
 
 
 @pytest.mark.parametrize("strategy, srun_options", [
-    pytest.param({"name": "multiworker"}, ["-N2", "-n2"], id="tf-collectives"),
+    pytest.param({"name": "multiworker"}, ["-N2", "-n2"], id="tf-collectives"),  # auto: no PMIx
     pytest.param({"name": "multiworker"}, ["-N2", "-n4", "--distribution=cyclic"],
                  id="tf-collectives-cyclic"),
     pytest.param({"name": "multiworker", "communicator": "mpi"}, ["-N2", "-n2", "--mpi=pmix"],

@@ -17,7 +17,7 @@ from ktrain.supervisor import Failure, blame_chief_first
 
 STRATEGIES = {
     "mirrored": {"name": "mirrored", "devices": 1},
-    "tf-collectives": {"name": "multiworker", "workers": 2},
+    "tf-collectives": {"name": "multiworker", "workers": 2, "communicator": "collective"},
     "mpi4py": {"name": "multiworker", "workers": 2, "communicator": "mpi"},
     "horovod-gloo": {"name": "horovod", "workers": 2},
     "horovod-mpi": {"name": "horovod", "workers": 2, "controller": "mpi"},
