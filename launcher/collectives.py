@@ -39,8 +39,7 @@ COMPRESSED = {"fp16": tf.float16, "bf16": tf.bfloat16}
 
 
 class Communicator(abc.ABC):
-    """Sums tensors across all workers. Subclasses implement one flat-buffer reduction (or
-    ``_allreduce_bucket``, for a transport that fuses tensors itself)."""
+    """Sums tensors across all workers. Subclasses implement the reduction of one bucket."""
 
     name: str
     """The transport, as ``strategy.communicator`` names it."""
@@ -59,16 +58,9 @@ class Communicator(abc.ABC):
         self.world_size = world_size
 
     @abc.abstractmethod
-    def _allreduce_flat(self, flat: tf.Tensor, *, fresh: bool) -> tf.Tensor:
-        """Sum one 1-D tensor elementwise over all workers (callable inside tf.function).
-        ``fresh``: ``flat`` is a buffer made for this call alone, which may be reduced in place."""
-
     def _allreduce_bucket(self, parts: list[tf.Tensor]) -> list[tf.Tensor]:
-        """Sum tensors of one dtype, fused into one buffer."""
-        flat = tf.concat([tf.reshape(p, [-1]) for p in parts], axis=0)
-        reduced = self._allreduce_flat(flat, fresh=len(parts) > 1)  # tf.concat of one: a view
-        sizes = [p.shape.num_elements() for p in parts]
-        return [tf.reshape(r, p.shape) for r, p in zip(tf.split(reduced, sizes), parts)]
+        """Sum tensors of one dtype elementwise over all workers, as one fused message
+        (callable inside tf.function)."""
 
     def allreduce_sum(self, tensors: Sequence[tf.Tensor], *, compression: str = "none",
                       bucket_bytes: int | None = None) -> list[tf.Tensor]:
@@ -151,12 +143,15 @@ class TensorFlowCollectives(Communicator):
         self._runtime = tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
         self._instance_keys = itertools.count(1000)
 
-    def _allreduce_flat(self, flat: tf.Tensor, *, fresh: bool) -> tf.Tensor:
+    def _allreduce_bucket(self, parts: list[tf.Tensor]) -> list[tf.Tensor]:
+        flat = tf.concat([tf.reshape(p, [-1]) for p in parts], axis=0)
         # Every worker creates its reductions in the same order, so keys agree across workers.
-        return tf.raw_ops.CollectiveReduceV2(
+        reduced = tf.raw_ops.CollectiveReduceV2(
             input=flat, group_size=self.world_size, group_key=self._GROUP_KEY,
             instance_key=next(self._instance_keys), ordering_token=[], merge_op="Add",
             final_op="Id", communication_hint=self._hint)
+        sizes = [p.shape.num_elements() for p in parts]
+        return [tf.reshape(r, p.shape) for r, p in zip(tf.split(reduced, sizes), parts)]
 
 
 class MpiCommunicator(Communicator):
@@ -196,9 +191,6 @@ class MpiCommunicator(Communicator):
         for result, part in zip(results, parts):
             result.set_shape(part.shape)
         return results
-
-    def _allreduce_flat(self, flat: tf.Tensor, *, fresh: bool) -> tf.Tensor:
-        return self._allreduce_bucket([flat])[0]
 
 
 _ALIGNMENT = 64
@@ -263,9 +255,6 @@ class HorovodCommunicator(Communicator):
 
     def _allreduce_bucket(self, parts: list[tf.Tensor]) -> list[tf.Tensor]:
         return self._hvd.grouped_allreduce(parts, op=self._hvd.Sum)
-
-    def _allreduce_flat(self, flat: tf.Tensor, *, fresh: bool) -> tf.Tensor:
-        return self._hvd.allreduce(flat, op=self._hvd.Sum)
 
 
 class SharedFlags:

@@ -19,9 +19,9 @@ class Loopback(Communicator):
         super().__init__(rank=0, world_size=1)
         self.calls = tf.Variable(0, dtype=tf.int64)
 
-    def _allreduce_flat(self, flat, *, fresh):
+    def _allreduce_bucket(self, parts):
         self.calls.assign_add(1)
-        return tf.identity(flat)
+        return [tf.identity(p) for p in parts]
 
 
 def embedding_model():

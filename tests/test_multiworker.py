@@ -2,6 +2,7 @@
 restarts."""
 
 import json
+import sys
 import time
 
 import numpy as np
@@ -135,3 +136,10 @@ def test_collective_communicator_under_mpirun_matches_one_process(tmp_path, sing
     assert "joined (collective, host" in result.stdout
     assert json.loads((out / "summary.json").read_text())["world_size"] == 2
     assert_same_weights(single_process_run("mlp"), out)
+
+
+def test_mpi_sums_stay_intact_while_their_buffers_are_reused():
+    result = run_command([*MPIRUN, sys.executable, FIXTURES.parent / "mpi_buffers.py"],
+                         timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.count("sums intact") == 2, result.stdout
