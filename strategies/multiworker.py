@@ -31,12 +31,15 @@ def choose_communicator(found: ClusterEnvironment,
                         env: dict[str, str] | None = None) -> tuple[str, str]:
     """The transport ``communicator: auto`` uses in the world ``found`` describes, and why.
 
-    MPI where it can join the ranks (ktrain starting them with mpirun, or mpirun or
-    ``srun --mpi=pmix`` having started them): on the machines measured it is the fastest at
-    every size (README, Performance). TF collectives everywhere else, and on JAX.
+    On CPUs, MPI where it can join the ranks (ktrain starting them with mpirun, or mpirun or
+    ``srun --mpi=pmix`` having started them): it was the fastest in every measurement (README,
+    Performance). TF collectives everywhere else, on GPUs (NCCL, where MPI would copy through
+    the host), and on JAX.
     """
     if backends.current() == "jax":
         return "collective", "on JAX, jax.distributed joins the workers"
+    if _has_gpu():
+        return "collective", "GPUs: TF collectives reduce on them with NCCL"
     if importlib.util.find_spec("mpi4py") is None:
         return "collective", "mpi4py is not installed"
     if found.world_size == 1:  # ktrain starts the workers
@@ -125,6 +128,12 @@ def collective_session(start_timeout: float, interface: str | None = None) -> Se
     peers = peer_addresses(found, start_timeout, interface)
     return worker_session(TensorFlowCollectives(found.rank, peers, timeout_seconds=start_timeout),
                           device, found)
+
+
+def _has_gpu() -> bool:
+    import tensorflow as tf
+
+    return bool(tf.config.list_physical_devices("GPU"))
 
 
 def _require_mpi() -> None:

@@ -66,6 +66,10 @@ def test_auto_communicator_is_mpi_where_mpi_joins_the_ranks(monkeypatch):
     assert choose(SLURM_STEP) == ("collective", "srun started the ranks without an MPI world")
     assert choose({"KTRAIN_RANK": "1", "KTRAIN_WORLD_SIZE": "2"})[0] == "collective"
 
+    monkeypatch.setattr(multiworker, "_has_gpu", lambda: True)
+    assert choose(mpirun) == ("collective", "GPUs: TF collectives reduce on them with NCCL")
+    monkeypatch.setattr(multiworker, "_has_gpu", lambda: False)
+
     def no_mpirun():
         raise UserError("mpirun was not found")
     monkeypatch.setattr(multiworker, "find_mpirun", no_mpirun)

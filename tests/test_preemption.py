@@ -94,7 +94,7 @@ def stop_with_sigterm(run, out):
 
 @pytest.mark.parametrize("strategy, rerun_with", [
     *(pytest.param(name, name, marks=needs_horovod if name.startswith("horovod") else ())
-      for name in STRATEGIES),
+      for name in STRATEGIES if name != "tf-collectives"),
     ("tf-collectives", "mirrored")])
 def test_sigterm_stops_every_rank_at_one_step_with_a_checkpoint_and_the_rerun_resumes(
         tmp_path, background, unbroken, strategy, rerun_with):
@@ -192,9 +192,10 @@ def assert_stall_reported(run, marker) -> None:
     assert output.count("ktrain: error:") == 1, output
 
 
+# TF collectives: under srun below, and under ktrain in the restart test after.
 @pytest.mark.parametrize("strategy", [
     pytest.param(name, marks=needs_horovod if name.startswith("horovod") else ())
-    for name in STRATEGIES if name != "mirrored"])
+    for name in STRATEGIES if name not in ("mirrored", "tf-collectives")])
 def test_a_stalled_rank_is_named_with_its_stack_within_the_stall_timeout(
         tmp_path, background, strategy):
     config, marker = hanging_rank_one(tmp_path, STRATEGIES[strategy])
