@@ -54,7 +54,8 @@ def test_two_workers_match_one_process(tmp_path, model_fn, transport, single_pro
     assert (two / "logs" / "rank-1.log").exists()
 
 
-@pytest.mark.parametrize("transport", TRANSPORTS)
+# mpi4py: the default transport, killed the same way in the restart test below.
+@pytest.mark.parametrize("transport", [t for t in TRANSPORTS if t.id != "mpi4py"])
 def test_killed_worker_stops_the_group_with_a_root_cause(tmp_path, background, transport):
     out = tmp_path / "out"
     config = write_config(tmp_path / "c.yaml", multiworker(out, transport, train={"epochs": 400}))
