@@ -148,15 +148,18 @@ class MultiProcessStrategy(Strategy):
                 where="train.global_batch_size",
                 hint=f"use a multiple of {workers}, e.g. {(size // workers + 1) * workers}")
 
-    def check_compression(self, transport: str, supported: tuple[str, ...]) -> None:
-        """``strategy.compression`` must be one that ``transport`` can send."""
+    def check_compression(self, transport: str, supported: tuple[str, ...],
+                          elsewhere: str = "") -> None:
+        """``strategy.compression`` must be one that ``transport`` can send (``elsewhere``:
+        where else the wanted one is, for the hint)."""
         from ktrain.errors import UserError
 
         wanted = self.config.compression
         if wanted != "none" and wanted not in supported:
-            choices = ", ".join(("none", *supported))
+            choices = " or ".join(f"compression: {c}" for c in ("none", *supported))
             raise UserError(f"compression: {wanted} is not available over {transport}",
-                            where="strategy.compression", hint=f"use one of: {choices}")
+                            where="strategy.compression",
+                            hint=" ".join(filter(None, (f"use {choices}", elsewhere))))
 
     def launch(self, run: RunConfig) -> RunResult:
         from ktrain.environment import detect

@@ -27,19 +27,21 @@ class MultiWorkerConfig(ClusterProcessConfig):
     auto: mpi where MPI can join the ranks, else collective (see ``choose_communicator``)."""
 
 
-def choose_communicator(found: ClusterEnvironment,
-                        env: dict[str, str] | None = None) -> tuple[str, str]:
+def choose_communicator(found: ClusterEnvironment, env: dict[str, str] | None = None,
+                        compression: str = "none") -> tuple[str, str]:
     """The transport ``communicator: auto`` uses in the world ``found`` describes, and why.
 
     On CPUs, MPI where it can join the ranks (ktrain starting them with mpirun, or mpirun or
     ``srun --mpi=pmix`` having started them): it was the fastest in every measurement (README,
     Performance). TF collectives everywhere else, on GPUs (NCCL, where MPI would copy through
-    the host), and on JAX.
+    the host), with compression (MPI has no half-precision type), and on JAX.
     """
     if backends.current() == "jax":
         return "collective", "on JAX, jax.distributed joins the workers"
     if _has_gpu():
         return "collective", "GPUs: TF collectives reduce on them with NCCL"
+    if compression != "none":
+        return "collective", f"compression: {compression} travels over TF collectives"
     if importlib.util.find_spec("mpi4py") is None:
         return "collective", "mpi4py is not installed"
     if found.world_size == 1:  # ktrain starts the workers
@@ -62,13 +64,16 @@ class MultiWorkerStrategy(MultiProcessStrategy):
     def communicator(self) -> str:
         """The transport this process uses: the config's, or the one auto chooses here."""
         chosen = self.config.communicator
-        return chosen if chosen != "auto" else choose_communicator(detect())[0]
+        return chosen if chosen != "auto" else self._auto(detect())[0]
+
+    def _auto(self, found: ClusterEnvironment) -> tuple[str, str]:
+        return choose_communicator(found, compression=self.config.compression)
 
     def prepare(self, run) -> None:
         super().prepare(run)
         found = detect()
         if self.config.communicator == "auto":
-            chosen, why = choose_communicator(found)
+            chosen, why = self._auto(found)
             if found.rank == 0:
                 console.info(f"communicator: {chosen} ({why}; set strategy.communicator to "
                              f"choose)")
@@ -82,7 +87,8 @@ class MultiWorkerStrategy(MultiProcessStrategy):
 
             transport = self.communicator()
             kind = MpiCommunicator if transport == "mpi" else TensorFlowCollectives
-            self.check_compression(f"communicator {transport}", kind.compressions)
+            self.check_compression(f"communicator {transport}", kind.compressions,
+                                   "or communicator: collective (fp16, bf16)")
 
     def run_group(self, run):
         from ktrain.supervisor import WorkerSpec, python_command

@@ -69,6 +69,8 @@ def test_auto_communicator_is_mpi_where_mpi_joins_the_ranks(monkeypatch):
     monkeypatch.setattr(multiworker, "_has_gpu", lambda: True)
     assert choose(mpirun) == ("collective", "GPUs: TF collectives reduce on them with NCCL")
     monkeypatch.setattr(multiworker, "_has_gpu", lambda: False)
+    assert multiworker.choose_communicator(detect(mpirun), mpirun, compression="bf16") == (
+        "collective", "compression: bf16 travels over TF collectives")
 
     def no_mpirun():
         raise UserError("mpirun was not found")
