@@ -3,9 +3,9 @@
 Public API (usable in your own training loops too):
 
 - ``Communicator``: ``allreduce_sum`` / ``allreduce_mean`` / ``broadcast`` / ``barrier`` over a
-  list of tensors, fused into buckets (one buffer per dtype, or of a chosen size). Implementations: ``TensorFlowCollectives``
-  (TF's collective ops over gRPC, from a list of peers; no Horovod needed), ``MpiCommunicator``
-  (mpi4py), ``HorovodCommunicator`` (``hvd.grouped_allreduce``).
+  list of tensors, fused into buckets (one per dtype, or of a chosen size). Implementations:
+  ``TensorFlowCollectives`` (TF's collective ops over gRPC, from a list of peers; no Horovod
+  needed), ``MpiCommunicator`` (mpi4py), ``HorovodCommunicator`` (``hvd.grouped_allreduce``).
 - ``distribute_optimizer(optimizer, communicator)``: makes any Keras 3 optimizer (the user's own
   included) average gradients across workers before it applies them. The hook sits where Keras
   applies an update, so with ``gradient_accumulation_steps=K`` there is one allreduce per K steps.
@@ -158,8 +158,8 @@ class MpiCommunicator(Communicator):
     """MPI ``Allreduce`` through mpi4py, called from the train step by ``tf.numpy_function``.
 
     A bucket's tensors reach NumPy as views of TensorFlow's memory; they are copied into a
-    fused buffer that the bucket reuses from step to step (``_FusedBuffers``), reduced there in place
-    (``MPI.IN_PLACE``), and handed back as views that TensorFlow adopts without copying. The
+    fused buffer that the bucket reuses from step to step (``_FusedBuffers``), reduced there in
+    place (``MPI.IN_PLACE``), and handed back as views that TensorFlow adopts without copying. The
     one copy left is the fusing one, made for a bucket of one tensor too: over shared memory,
     copying into a buffer MPI reduces in place beats MPI reading from one and writing to
     another.
@@ -297,11 +297,12 @@ def distribute_optimizer(optimizer: keras.optimizers.Optimizer, communicator: Co
     if getattr(base, "_ktrain_communicator", None) is not None:
         return optimizer
 
+    options = {"compression": compression, "bucket_bytes": bucket_bytes}
+
     class Averaging(base):
         _ktrain_communicator = communicator
 
         def _backend_update_step(self, grads, trainable_variables, learning_rate):
-            options = {"compression": compression, "bucket_bytes": bucket_bytes}
             if flags is None:
                 grads = communicator.allreduce_mean(grads, **options)
             else:

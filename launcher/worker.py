@@ -188,10 +188,9 @@ def _join_group(run: RunConfig, session: Session, model: keras.Model, flags) -> 
     if communicator.reduces_gradients:
         from ktrain.collectives import broadcast_variables, distribute_optimizer
 
-        bucket_mb = run.strategy.bucket_mb
         distribute_optimizer(model.optimizer, communicator, flags=flags,
                              compression=run.strategy.compression,
-                             bucket_bytes=int(bucket_mb * 2**20) if bucket_mb else None)
+                             bucket_bytes=run.strategy.bucket_bytes)
         model.jit_compile = False  # numpy_function, Horovod and collective ops are not XLA ops
     mark(session.rank, "arrived")
     if communicator.reduces_gradients:

@@ -224,8 +224,9 @@ def bench_allreduce(repeats: int) -> None:
     for _ in range(repeats):
         for kind in ("raw-mpi4py", "mpi", "collective", "horovod-gloo", "horovod-mpi"):
             worker_kind = "horovod" if kind.startswith("horovod") else kind
-            for size, speed in (_two_ranks(kind, ["--allreduce-worker", worker_kind]) or {}).items():
-                best = measured.setdefault(kind, {})
+            result = _two_ranks(kind, ["--allreduce-worker", worker_kind]) or {}
+            best = measured.setdefault(kind, {})
+            for size, speed in result.items():
                 best[int(size)] = max(best.get(int(size), 0.0), speed)
     raw = measured.get("raw-mpi4py", {})
     print("| communicator | " + " | ".join(f"{mb} MB GB/s (ratio to raw mpi4py)" for mb in SIZES_MB) + " |")
@@ -341,9 +342,8 @@ def step_breakdown_worker(kind: str, config: str, overrides: list[str]) -> None:
             step(x, y)
         return (time.perf_counter() - started) / BREAKDOWN_STEPS * 1e3
 
-    bucket_mb = run.strategy.bucket_mb if hasattr(run.strategy, "bucket_mb") else None
-    options = {"compression": getattr(run.strategy, "compression", "none"),
-               "bucket_bytes": int(bucket_mb * 2**20) if bucket_mb else None}
+    options = {"compression": run.strategy.compression,  # a multiworker config: see its caller
+               "bucket_bytes": run.strategy.bucket_bytes}
     gradients = [tf.zeros_like(v) for v in model.trainable_variables]
     exchange = tf.function(lambda: communicator.allreduce_mean(gradients, **options))
     result = {

@@ -51,6 +51,11 @@ class MultiProcessConfig(StrategyConfig):
     console_ranks: Literal["chief", "all"] = "chief"
     """Which ranks' output the console shows (every rank's goes to logs/rank-<r>.log)."""
 
+    @property
+    def bucket_bytes(self) -> int | None:
+        """``bucket_mb`` as ``ktrain.collectives`` takes it."""
+        return int(self.bucket_mb * 2**20) if self.bucket_mb else None
+
     @field_validator("lr_scaling", mode="before")
     @classmethod
     def _yaml_off(cls, value):
@@ -139,7 +144,6 @@ class MultiProcessStrategy(Strategy):
                                      "on JAX the gradients travel in the model's own dtype "
                                      "(train.precision: mixed_bfloat16 halves them): remove "
                                      "strategy.compression")
-
         workers = self.world_size()
         if run.train.global_batch_size % workers:
             size = run.train.global_batch_size

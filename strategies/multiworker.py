@@ -61,23 +61,21 @@ class MultiWorkerStrategy(MultiProcessStrategy):
     name = "multiworker"
     config_type = MultiWorkerConfig
 
-    def communicator(self) -> str:
-        """The transport this process uses: the config's, or the one auto chooses here."""
-        chosen = self.config.communicator
-        return chosen if chosen != "auto" else self._auto(detect())[0]
-
-    def _auto(self, found: ClusterEnvironment) -> tuple[str, str]:
-        return choose_communicator(found, compression=self.config.compression)
+    def communicator(self, found: ClusterEnvironment | None = None) -> tuple[str, str | None]:
+        """The transport this process uses in the world ``found`` (default: detected here):
+        the config's, or the one auto chooses, and auto's reason."""
+        if self.config.communicator != "auto":
+            return self.config.communicator, None
+        return choose_communicator(found or detect(), compression=self.config.compression)
 
     def prepare(self, run) -> None:
         super().prepare(run)
         found = detect()
-        if self.config.communicator == "auto":
-            chosen, why = self._auto(found)
-            if found.rank == 0:
-                console.info(f"communicator: {chosen} ({why}; set strategy.communicator to "
-                             f"choose)")
-        elif self.config.communicator == "mpi":
+        transport, why = self.communicator(found)
+        if why and found.rank == 0:
+            console.info(f"communicator: {transport} ({why}; set strategy.communicator to "
+                         f"choose)")
+        if self.config.communicator == "mpi":
             backends.tensorflow_only("communicator: mpi", "strategy.communicator",
                                      "on JAX, XLA's collectives join the workers: use "
                                      "communicator: collective (under mpirun too)")
@@ -85,7 +83,6 @@ class MultiWorkerStrategy(MultiProcessStrategy):
         if self.config.compression != "none":
             from ktrain.collectives import MpiCommunicator, TensorFlowCollectives
 
-            transport = self.communicator()
             kind = MpiCommunicator if transport == "mpi" else TensorFlowCollectives
             self.check_compression(f"communicator {transport}", kind.compressions,
                                    "or communicator: collective (fp16, bf16)")
@@ -95,7 +92,7 @@ class MultiWorkerStrategy(MultiProcessStrategy):
 
         n = self.config.workers
         plan = {"KTRAIN_PLAN": run.model_dump_json()}
-        if self.communicator() == "mpi":
+        if self.communicator()[0] == "mpi":
             command = python_command("-m", "mpi4py", "-m", "ktrain.worker_entry")
             return self.run_local_group(run, [WorkerSpec(mpirun_command(n, command), plan,
                                                          tuple(range(n)))])
@@ -108,10 +105,10 @@ class MultiWorkerStrategy(MultiProcessStrategy):
 
     def open_session(self) -> Session:
         use_network_interface(self.config.network_interface)
-        if self.communicator() == "mpi":
+        found = detect()
+        if self.communicator(found)[0] == "mpi":
             from ktrain.collectives import MpiCommunicator
 
-            found = detect()
             device = pin_local_device(found.local_rank)
             return worker_session(MpiCommunicator(), device, found)
         return collective_session(self.config.start_timeout, self.config.network_interface)
