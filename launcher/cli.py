@@ -133,17 +133,20 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _run(args) -> int:
-    from ktrain import strategies
+    from ktrain import backends, strategies
     from ktrain.config import load_config
 
     config = load_config(args.config, args.overrides)
-    console.import_keras(config.backend)
+    strategy = strategies.create(config.strategy)
+    if strategy.trains_here():  # before prepare, which may look at the devices
+        console.import_keras(config.backend)
+    else:  # a launcher: its workers load Keras
+        backends.activate(config.backend)
     problems = after_training_problems(config)
     if problems:
         from ktrain.errors import all_of
 
         raise all_of(problems)
-    strategy = strategies.create(config.strategy)
     strategy.prepare(config)
     summary = strategy.launch(config).summary
     if summary.get("nothing_to_train"):

@@ -47,9 +47,6 @@ class Communicator(abc.ABC):
     needs_eager_ops = False
     """True when the transport runs through tf.numpy_function or custom ops (no XLA)."""
 
-    compressions: tuple[str, ...] = tuple(COMPRESSED)
-    """The ``compression`` values this transport can send (it must sum those dtypes)."""
-
     reduces_gradients = True
     """The optimizer must be wrapped (``distribute_optimizer``) to average gradients."""
 
@@ -167,7 +164,6 @@ class MpiCommunicator(Communicator):
 
     name = "mpi"
     needs_eager_ops = True
-    compressions = ()  # MPI has no standard half-precision datatype
 
     def __init__(self):
         from mpi4py import MPI
@@ -244,7 +240,6 @@ class HorovodCommunicator(Communicator):
 
     name = "horovod"
     needs_eager_ops = True
-    compressions = ("fp16",)  # Horovod's allreduce has no bfloat16 kernel
 
     def __init__(self):
         import horovod.tensorflow as hvd

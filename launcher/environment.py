@@ -7,6 +7,7 @@ variable names are rows of a table, not code.
 
 from __future__ import annotations
 
+import glob
 import importlib.metadata
 import json
 import os
@@ -72,6 +73,22 @@ def detect(env: dict[str, str] | None = None) -> ClusterEnvironment:
             f"this SLURM allocation has {env['SLURM_NTASKS']} tasks but ktrain was started "
             f"without srun, so it runs as one process; start it with `srun ktrain run ...`"))
     return ClusterEnvironment("local")
+
+
+def visible_gpus(env: dict[str, str] | None = None, devices: str = "/dev") -> int:
+    """The NVIDIA GPUs this process may use, told without loading a framework (a launcher never
+    loads one): the driver's device files, narrowed by CUDA_VISIBLE_DEVICES, which CUDA reads
+    up to its first invalid entry ("-1" hides them all)."""
+    env = os.environ if env is None else env
+    present = len(glob.glob(os.path.join(devices, "nvidia[0-9]*")))
+    if "CUDA_VISIBLE_DEVICES" not in env:
+        return present
+    chosen = 0
+    for entry in env["CUDA_VISIBLE_DEVICES"].split(","):
+        if not entry.strip() or entry.strip().startswith("-"):
+            break
+        chosen += 1
+    return min(present, chosen)
 
 
 def _from_table(name: str, env) -> ClusterEnvironment:

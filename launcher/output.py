@@ -11,12 +11,22 @@ import io
 import json
 import os
 import tempfile
+from dataclasses import dataclass
+from typing import Any
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from ktrain import console
 from ktrain.errors import UserError
+
+
+@dataclass
+class RunResult:
+    """What a finished run hands back: its summary, and in the process that trained, the model."""
+
+    summary: dict
+    model: Any = None
 
 
 class RunOutput:

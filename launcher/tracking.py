@@ -16,14 +16,16 @@ import json
 import os
 import tempfile
 import time
-
-import keras
+from typing import TYPE_CHECKING
 
 from ktrain.errors import Stopped, UserError, first_line
 
 RECORD = "mlflow.json"
 _PARAM_LIMIT = 6000  # characters MLflow keeps of a param's value
 _BATCH = 100  # params per log_batch call that MLflow accepts
+
+if TYPE_CHECKING:
+    import keras
 
 
 def missing_mlflow() -> UserError | None:
@@ -130,6 +132,8 @@ class MlflowRun:
 
     def callback(self, history: list[dict]) -> keras.callbacks.Callback:
         """Logs each epoch's row of ``history`` (placed after the callback that appends it)."""
+        import keras
+
         self.history = history
         tracker = self
 

@@ -16,7 +16,6 @@ import re
 import resource
 import socket
 import time
-from dataclasses import dataclass
 
 import keras
 import numpy as np
@@ -30,7 +29,7 @@ from ktrain.data import (ArraySplit, RayStreamSplit, Splits, evaluation_batches,
 from ktrain.environment import PARTITION_ENV
 from ktrain.errors import UserError, WorkersFailed, all_of, first_line
 from ktrain.jax_runtime import even_share
-from ktrain.output import RunOutput
+from ktrain.output import RunOutput, RunResult
 from ktrain.report import TIMING
 from ktrain.sources import Files, FileSplit, ShardAudit
 from ktrain.stopping import REQUEUE_SIGNAL, StopRequest, requeue_slurm_job
@@ -47,12 +46,6 @@ tf = backends.optional_tensorflow()
 _MISFIT = (ValueError, TypeError) + ((tf.errors.InvalidArgumentError,
                                       tf.errors.UnimplementedError) if tf else ())
 _OP_ERROR = tf.errors.OpError if tf else ()
-
-
-@dataclass
-class RunResult:
-    summary: dict
-    model: keras.Model | None = None
 
 
 class TrainingFailed(UserError):

@@ -7,21 +7,18 @@ crosses the process boundary. Rank and world size come from the environment (ktr
 import os
 import sys
 
-from ktrain import console
 from ktrain.cli import guarded
 
 PLAN_ENV = "KTRAIN_PLAN"
 
 
 def main() -> int:
+    from ktrain import strategies
     from ktrain.config import RunConfig
+    from ktrain.strategies.base import train_here
 
     run = RunConfig.model_validate_json(os.environ[PLAN_ENV])
-    console.import_keras(run.backend)  # before anything else loads it, so its start-up lines go
-    from ktrain import strategies
-    from ktrain.worker import run_worker
-
-    return guarded(lambda: run_worker(run, strategies.create(run.strategy)) and 0)
+    return guarded(lambda: train_here(run, strategies.create(run.strategy)) and 0)
 
 
 if __name__ == "__main__":

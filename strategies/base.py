@@ -19,13 +19,18 @@ from ktrain.schema import Section
 
 if TYPE_CHECKING:
     from ktrain.config import RunConfig
-    from ktrain.worker import RunResult
+    from ktrain.output import RunResult
 
 
 class StrategyConfig(Section):
     """The ``strategy:`` section; each strategy subclasses it with ``name: Literal[...]``."""
 
     name: str
+
+
+COMPRESSIONS = {"collective": ("fp16", "bf16"), "mpi": (), "horovod": ("fp16",)}
+"""The ``compression`` values each transport can send: MPI has no standard half-precision
+datatype, and Horovod's allreduce no bfloat16 kernel."""
 
 
 class MultiProcessConfig(StrategyConfig):
@@ -113,6 +118,11 @@ class Strategy(abc.ABC):
     def launch(self, run: RunConfig) -> RunResult:
         """Start the workers, wait for them, and return the chief's result."""
 
+    def trains_here(self) -> bool:
+        """Whether this process trains; if not, it only starts and watches the workers, and
+        never loads Keras or TensorFlow (seconds of start-up, on every run)."""
+        return True
+
     @abc.abstractmethod
     def open_session(self) -> Session:
         """Called inside a worker: set up devices and communicators for this process."""
@@ -152,28 +162,31 @@ class MultiProcessStrategy(Strategy):
                 where="train.global_batch_size",
                 hint=f"use a multiple of {workers}, e.g. {(size // workers + 1) * workers}")
 
-    def check_compression(self, transport: str, supported: tuple[str, ...],
-                          elsewhere: str = "") -> None:
-        """``strategy.compression`` must be one that ``transport`` can send (``elsewhere``:
-        where else the wanted one is, for the hint)."""
+    def check_compression(self, transport: str, said: str, elsewhere: str = "") -> None:
+        """``strategy.compression`` must be one that ``transport`` (a key of COMPRESSIONS;
+        ``said`` as the user knows it) can send; ``elsewhere``: where else it is, for the
+        hint."""
         from ktrain.errors import UserError
 
-        wanted = self.config.compression
+        wanted, supported = self.config.compression, COMPRESSIONS[transport]
         if wanted != "none" and wanted not in supported:
             choices = " or ".join(f"compression: {c}" for c in ("none", *supported))
-            raise UserError(f"compression: {wanted} is not available over {transport}",
+            raise UserError(f"compression: {wanted} is not available over {said}",
                             where="strategy.compression",
                             hint=" ".join(filter(None, (f"use {choices}", elsewhere))))
 
-    def launch(self, run: RunConfig) -> RunResult:
+    def trains_here(self) -> bool:
         from ktrain.environment import detect
-        from ktrain.worker import run_worker
 
+        return detect().world_size > 1  # srun, mpirun or ktrain started this process
+
+    def launch(self, run: RunConfig) -> RunResult:
         from ktrain import console
+        from ktrain.environment import detect
 
+        if self.trains_here():
+            return train_here(run, self)
         found = detect()
-        if found.world_size > 1:
-            return run_worker(run, self)
         if found.hint:
             console.info(f"HINT: {found.hint}")
         return self.run_with_restarts(run, self.run_group)
@@ -204,8 +217,7 @@ class MultiProcessStrategy(Strategy):
 
         from ktrain import STARTED_AT, console
         from ktrain.errors import UserError, WorkersFailed
-        from ktrain.output import RunOutput
-        from ktrain.worker import RunResult
+        from ktrain.output import RunOutput, RunResult
 
         restarts = 0
         while (failure := attempt(run)) is not None:
@@ -226,6 +238,17 @@ class MultiProcessStrategy(Strategy):
         # The command's wall time as the user saw it, workers' start-up and restarts included.
         return RunResult(RunOutput(run.output_dir).update_summary(
             wall_seconds=round(time.perf_counter() - STARTED_AT, 3)))
+
+
+def train_here(run: RunConfig, strategy: Strategy) -> RunResult:
+    """Run the worker in this process, Keras loaded first without TensorFlow's start-up lines
+    (``ktrain.worker`` imports it)."""
+    from ktrain import console
+
+    console.import_keras(run.backend)
+    from ktrain.worker import run_worker
+
+    return run_worker(run, strategy)
 
 
 def local_log_dir(output_dir: str):

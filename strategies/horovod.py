@@ -11,6 +11,7 @@ Horovod's rendezvous and gives every rank its place, so ``srun`` needs no PMI fo
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import threading
 from typing import Literal
@@ -40,18 +41,13 @@ class HorovodStrategy(MultiProcessStrategy):
                                  "workers with jax.distributed and averages gradients with "
                                  "XLA's collectives (under horovodrun, mpirun or srun too)")
         super().prepare(run)
-        try:
-            import horovod.tensorflow  # noqa: F401
-        except ImportError as err:
-            raise UserError(f"Horovod is not installed ({err})", where="strategy.name",
-                            hint=_INSTALL_HINT) from None
+        if importlib.util.find_spec("horovod") is None:  # its TensorFlow part: in the workers
+            raise _not_installed("No module named 'horovod'")
         if self.config.controller == "gloo":
             _horovodrun()
         else:
             find_mpirun()
-        from ktrain.collectives import HorovodCommunicator
-
-        self.check_compression("Horovod", HorovodCommunicator.compressions)
+        self.check_compression("horovod", "Horovod")
 
     def run_group(self, run):
         from ktrain.supervisor import WorkerSpec, python_command
@@ -75,7 +71,16 @@ class HorovodStrategy(MultiProcessStrategy):
         if self.config.controller == "gloo" and found.name not in ("horovodrun", "ktrain"):
             _join_gloo(found, self.config)
         device = pin_local_device(found.local_rank)
-        return worker_session(HorovodCommunicator(), device, found)
+        try:
+            communicator = HorovodCommunicator()
+        except ImportError as err:  # horovod.tensorflow, e.g. built without TensorFlow
+            raise _not_installed(str(err)) from None
+        return worker_session(communicator, device, found)
+
+
+def _not_installed(why: str) -> UserError:
+    return UserError(f"Horovod is not installed ({why})", where="strategy.name",
+                     hint=_INSTALL_HINT)
 
 
 def _horovodrun() -> str:

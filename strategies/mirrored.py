@@ -10,7 +10,7 @@ from pydantic import PositiveInt
 
 from ktrain import backends
 from ktrain.errors import UserError
-from ktrain.strategies.base import Session, Strategy, StrategyConfig
+from ktrain.strategies.base import Session, Strategy, StrategyConfig, train_here
 
 
 class MirroredConfig(StrategyConfig):
@@ -43,9 +43,7 @@ class MirroredStrategy(Strategy):
             self._devices = self._configure_devices(run.train.global_batch_size)
 
     def launch(self, run):
-        from ktrain.worker import run_worker
-
-        return run_worker(run, self)
+        return train_here(run, self)
 
     def open_session(self) -> Session:
         if backends.current() == "jax":

@@ -13,7 +13,7 @@ from typing import Literal
 
 from ktrain import backends, console
 from ktrain.errors import UserError
-from ktrain.environment import PEERS_ENV, ClusterEnvironment, detect
+from ktrain.environment import PEERS_ENV, ClusterEnvironment, detect, visible_gpus
 from ktrain.rendezvous import free_ports
 from ktrain.strategies.base import (ClusterProcessConfig, MultiProcessStrategy, Session,
                                     find_mpirun, mpirun_command, pin_local_device,
@@ -38,7 +38,7 @@ def choose_communicator(found: ClusterEnvironment, env: dict[str, str] | None = 
     """
     if backends.current() == "jax":
         return "collective", "on JAX, jax.distributed joins the workers"
-    if _has_gpu():
+    if visible_gpus(env):
         return "collective", "GPUs: TF collectives reduce on them with NCCL"
     if compression != "none":
         return "collective", f"compression: {compression} travels over TF collectives"
@@ -80,12 +80,8 @@ class MultiWorkerStrategy(MultiProcessStrategy):
                                      "on JAX, XLA's collectives join the workers: use "
                                      "communicator: collective (under mpirun too)")
             _require_mpi()
-        if self.config.compression != "none":
-            from ktrain.collectives import MpiCommunicator, TensorFlowCollectives
-
-            kind = MpiCommunicator if transport == "mpi" else TensorFlowCollectives
-            self.check_compression(f"communicator {transport}", kind.compressions,
-                                   "or communicator: collective (fp16, bf16)")
+        self.check_compression(transport, f"communicator {transport}",
+                               "or communicator: collective (fp16, bf16)")
 
     def run_group(self, run):
         from ktrain.supervisor import WorkerSpec, python_command
@@ -131,12 +127,6 @@ def collective_session(start_timeout: float, interface: str | None = None) -> Se
     peers = peer_addresses(found, start_timeout, interface)
     return worker_session(TensorFlowCollectives(found.rank, peers, timeout_seconds=start_timeout),
                           device, found)
-
-
-def _has_gpu() -> bool:
-    import tensorflow as tf
-
-    return bool(tf.config.list_physical_devices("GPU"))
 
 
 def _require_mpi() -> None:

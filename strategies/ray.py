@@ -284,16 +284,15 @@ class _WorkerActor:
         console.speak_through_log()
         from ktrain.config import RunConfig
 
-        run = RunConfig.model_validate_json(plan_json)
-        console.import_keras(run.backend)
         from ktrain import strategies
         from ktrain.errors import KtrainError, Stopped, UserError
-        from ktrain.worker import run_worker
+        from ktrain.strategies.base import train_here
 
+        run = RunConfig.model_validate_json(plan_json)
         strategy = strategies.create(run.strategy)
         strategy.data_shard = shard
         try:
-            run_worker(run, strategy)
+            train_here(run, strategy)
         except Stopped as err:
             return ("stopped", err.what)
         except KtrainError as err:

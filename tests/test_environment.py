@@ -4,7 +4,7 @@ import importlib.util
 
 import pytest
 
-from ktrain.environment import detect, parse_slurm_nodelist
+from ktrain.environment import detect, parse_slurm_nodelist, visible_gpus
 from ktrain.errors import UserError
 from ktrain.strategies import multiworker
 
@@ -66,9 +66,9 @@ def test_auto_communicator_is_mpi_where_mpi_joins_the_ranks(monkeypatch):
     assert choose(SLURM_STEP) == ("collective", "srun started the ranks without an MPI world")
     assert choose({"KTRAIN_RANK": "1", "KTRAIN_WORLD_SIZE": "2"})[0] == "collective"
 
-    monkeypatch.setattr(multiworker, "_has_gpu", lambda: True)
+    monkeypatch.setattr(multiworker, "visible_gpus", lambda env: 1)
     assert choose(mpirun) == ("collective", "GPUs: TF collectives reduce on them with NCCL")
-    monkeypatch.setattr(multiworker, "_has_gpu", lambda: False)
+    monkeypatch.setattr(multiworker, "visible_gpus", lambda env: 0)
     assert multiworker.choose_communicator(detect(mpirun), mpirun, compression="bf16") == (
         "collective", "compression: bf16 travels over TF collectives")
 
@@ -82,3 +82,14 @@ def test_auto_communicator_is_mpi_where_mpi_joins_the_ranks(monkeypatch):
     assert choose(mpirun) == ("collective", "mpi4py is not installed")
     monkeypatch.setenv("KERAS_BACKEND", "jax")
     assert choose(mpirun)[0] == "collective"
+
+
+def test_visible_gpus_are_the_drivers_devices_narrowed_by_cuda_visible_devices(tmp_path):
+    for name in ("nvidia0", "nvidia1", "nvidiactl", "nvidia-uvm"):
+        (tmp_path / name).touch()
+    assert visible_gpus({}, str(tmp_path)) == 2
+    assert visible_gpus({"CUDA_VISIBLE_DEVICES": "1"}, str(tmp_path)) == 1
+    assert visible_gpus({"CUDA_VISIBLE_DEVICES": "0,-1,1"}, str(tmp_path)) == 1
+    assert visible_gpus({"CUDA_VISIBLE_DEVICES": ""}, str(tmp_path)) == 0
+    assert visible_gpus({"CUDA_VISIBLE_DEVICES": "0,1,2,3"}, str(tmp_path)) == 2
+    assert visible_gpus({}, str(tmp_path / "none")) == 0
