@@ -2,10 +2,11 @@
 
 import json
 import re
+import sys
 
 import pytest
 
-from helpers import REPO, run_cli
+from helpers import REPO, base_config, run_cli, run_command, write_config
 
 
 @pytest.mark.parametrize("command", ["run", "validate", "init", "export", "report", "spark-entry",
@@ -44,3 +45,17 @@ def test_env_reports_versions_devices_and_cluster():
     for text in ("python", "tensorflow", "keras", "devices", "mpi4py"):
         assert text in result.stdout
     assert re.search(r"cluster\s+local: rank 0 of 1", result.stdout)
+
+
+def test_a_launcher_of_workers_never_loads_tensorflow(tmp_path):
+    """Starting and watching workers needs neither Keras nor TensorFlow, so the launcher skips
+    their seconds of loading (each worker loads them)."""
+    config = base_config(tmp_path / "out", train={"epochs": 1})
+    config["strategy"] = {"name": "multiworker", "workers": 2}
+    config = write_config(tmp_path / "c.yaml", config)
+    result = run_command([sys.executable, "-X", "importtime", "-m", "ktrain", "run", config, "-q"])
+    assert result.returncode == 0, result.stderr
+    loaded = {line.rsplit("|", 1)[1].strip() for line in result.stderr.splitlines()
+              if line.startswith("import time:")}
+    assert "ktrain.strategies.multiworker" in loaded  # the launcher's own imports were listed
+    assert not loaded & {"keras", "tensorflow"}
