@@ -154,12 +154,11 @@ class TensorFlowCollectives(Communicator):
 class MpiCommunicator(Communicator):
     """MPI ``Allreduce`` through mpi4py, called from the train step by ``tf.numpy_function``.
 
-    A bucket's tensors reach NumPy as views of TensorFlow's memory; they are copied into a
-    fused buffer that the bucket reuses from step to step (``_FusedBuffers``), reduced there in
-    place (``MPI.IN_PLACE``), and handed back as views that TensorFlow adopts without copying. The
-    one copy left is the fusing one, made for a bucket of one tensor too: over shared memory,
-    copying into a buffer MPI reduces in place beats MPI reading from one and writing to
-    another.
+    A bucket's tensors reach NumPy as views of TensorFlow's memory. A bucket of one tensor is
+    reduced from there straight into a buffer kept from step to step (``_FusedBuffers``);
+    several are copied into one buffer's slots and reduced there in place (``MPI.IN_PLACE``).
+    The sums go back as views of the buffer, which TensorFlow adopts without copying. The one
+    copy left is the fusing one.
     """
 
     name = "mpi"
@@ -170,16 +169,18 @@ class MpiCommunicator(Communicator):
 
         self._mpi = MPI
         self._comm = MPI.COMM_WORLD
+        self._buffers = _FusedBuffers()
         super().__init__(self._comm.Get_rank(), self._comm.Get_size())
 
     def _allreduce_bucket(self, parts: list[tf.Tensor]) -> list[tf.Tensor]:
-        buffers = _FusedBuffers()  # this bucket's own, for as long as its step function lives
-
         def reduce(*arrays: np.ndarray) -> list[np.ndarray]:
-            fused = buffers.take(arrays)
-            for slot, array in zip(fused.slots, arrays):
-                slot[...] = array.reshape(-1)
-            self._comm.Allreduce(self._mpi.IN_PLACE, fused.flat, op=self._mpi.SUM)
+            fused = self._buffers.take(arrays)
+            if len(arrays) == 1:
+                self._comm.Allreduce(arrays[0].reshape(-1), fused.slots[0], op=self._mpi.SUM)
+            else:
+                for slot, array in zip(fused.slots, arrays):
+                    slot[...] = array.reshape(-1)
+                self._comm.Allreduce(self._mpi.IN_PLACE, fused.flat, op=self._mpi.SUM)
             return [slot.reshape(array.shape) for slot, array in zip(fused.slots, arrays)]
 
         results = tf.nest.flatten(  # eagerly, one output comes back as a tensor, not a list
@@ -195,11 +196,11 @@ so (EIGEN_MAX_ALIGN_BYTES)."""
 
 
 class _FusedBuffers:
-    """A bucket's fused buffers, kept from step to step (no allocation or page faults per
-    step). A buffer is reused only once TensorFlow has let go of every view it was handed;
-    until then the bucket gets another one."""
-
-    _PER_LAYOUT = 2
+    """Fused buffers by layout (dtype and tensor sizes), kept from step to step: no allocation
+    or page faults per step, and buckets of one layout share them, warm in the cache. A buffer
+    is reused only once TensorFlow has let go of every view it was handed; until then a bucket
+    gets another one, so a layout keeps as many as were ever in use at once (the stateful
+    reductions of a step run one after another, in program order)."""
 
     def __init__(self):
         self._kept: dict[tuple, list[_Fused]] = {}
@@ -210,10 +211,8 @@ class _FusedBuffers:
         for fused in kept:
             if fused.idle():
                 return fused
-        fused = _Fused(arrays[0].dtype, sizes)
-        if len(kept) < self._PER_LAYOUT:
-            kept.append(fused)
-        return fused
+        kept.append(_Fused(arrays[0].dtype, sizes))
+        return kept[-1]
 
 
 class _Fused:
