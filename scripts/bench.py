@@ -10,7 +10,8 @@ best of the rounds each), and time-to-first-step counted from each process' star
     python scripts/bench.py configs/synthetic.yaml --set data.kwargs.samples=512
 
 --allreduce: bus bandwidth of each communicator (2 workers on this machine) for 1, 4 and 64 MB
-tensors, next to a raw mpi4py Allreduce on the same machine (best of --repeats rounds).
+tensors, as a ratio to a raw mpi4py Allreduce of NumPy arrays on the same machine (best of
+--repeats rounds); the raw in-place form (MPI.IN_PLACE) is shown beside it.
 --scaling N: weak scaling, 1 process vs N workers of every transport, one thread per process,
 each worker with the config's batch and steps; then ms per step of a 2-worker step's input,
 compute and gradient exchange, per communicator.
@@ -140,14 +141,15 @@ def allreduce_worker(kind: str) -> None:
     JSON."""
     import numpy as np
 
-    if kind == "raw-mpi4py":
+    if kind.startswith("raw-mpi4py"):
         from mpi4py import MPI
 
         comm = MPI.COMM_WORLD
         rank, world = comm.Get_rank(), comm.Get_size()
 
         def reduce_fn(size):
-            data, out = np.ones(size, np.float32), np.empty(size, np.float32)
+            out = np.zeros(size, np.float32)  # zeros: summed in place, it stays finite
+            data = MPI.IN_PLACE if kind.endswith("in-place") else np.ones(size, np.float32)
 
             def rounds():
                 for _ in range(ALLREDUCE_ROUNDS):
@@ -222,7 +224,8 @@ def bench_allreduce(repeats: int) -> None:
     2 shared cores comes and goes, and each round meets the same conditions in every row."""
     measured: dict[str, dict[int, float]] = {}
     for _ in range(repeats):
-        for kind in ("raw-mpi4py", "mpi", "collective", "horovod-gloo", "horovod-mpi"):
+        for kind in ("raw-mpi4py", "raw-mpi4py-in-place", "mpi", "collective", "horovod-gloo",
+                     "horovod-mpi"):
             worker_kind = "horovod" if kind.startswith("horovod") else kind
             result = _two_ranks(kind, ["--allreduce-worker", worker_kind]) or {}
             best = measured.setdefault(kind, {})
