@@ -521,12 +521,7 @@ def _fit(run: RunConfig, session: Session, model: keras.Model, splits: Splits,
     early_stopped = (state.callbacks.get("EarlyStopping", {}).get("stopped_epoch", 0)
                      if state else 0)
     if (start.epoch >= train.epochs or early_stopped) and output.has_model():
-        reason = (f"early stopping ended this run after epoch {start.epoch}" if early_stopped
-                  else f"all {train.epochs} epochs are done")
-        output.say(f"nothing to train: {reason}; the model is {output.url}/model.keras "
-                   f"(raise train.epochs to train on, or use a new output_dir)")
-        output.flush_log()
-        return RunResult(output.update_summary(epochs_this_run=0, nothing_to_train=reason))
+        return _nothing_to_train(output, start, train.epochs, early_stopped)
     partitioned = splits.partition_steps is not None
     communicator = session.communicator
     validation, validation_share = evaluation_batches(
@@ -545,18 +540,11 @@ def _fit(run: RunConfig, session: Session, model: keras.Model, splits: Splits,
         from ktrain.tracking import MlflowRun
 
         tracker = MlflowRun(run, output, output.say)
-    callbacks = [recorder, *([tracker.callback(history)] if tracker else []), *optional,
-                 checkpoints]
     audit = ShardAudit(splits.train, session.rank, session.world_size) if run.data.audit \
         else None
-    if audit:  # before any checkpoint takes the epoch
-        callbacks.insert(0, _AuditShards(audit, session))
-    if communicator is not None and communicator.reduces_gradients:
-        from ktrain.collectives import GlobalMetrics
-
-        callbacks.insert(0, GlobalMetrics(  # first, so the others see global metrics
-            session.communicator, steps * train.global_batch_size // session.world_size,
-            validation_share))
+    callbacks = _callbacks_in_order(session, recorder, tracker, history, optional, checkpoints,
+                                    audit, steps * train.global_batch_size // session.world_size,
+                                    validation_share)
     fit_started = time.perf_counter()
     arrivals = flags.arrived if flags else (lambda: recorder.steps)
 
@@ -586,43 +574,77 @@ def _fit(run: RunConfig, session: Session, model: keras.Model, splits: Splits,
                     if model.stop_training:  # early stopping
                         break
         except _StopNow as stopped:
-            store.wait()
-            if session.communicator is not None:
-                session.communicator.barrier()  # no rank exits before the chief committed
-            requeued = None
-            if run.checkpoint.requeue and stop.received == REQUEUE_SIGNAL and session.is_chief:
-                requeued = requeue_slurm_job()
-            error = stop.stopped(str(stopped.position), requeued)
-            if not session.is_chief:  # rank 0 tells the user; the others say it in their logs
-                console.info(error.render())
-                error.shown = True
-            if is_supervised():  # ktrain's launcher, a Spark task or a Ray actor reports the stop
-                error.exit_code = 0  # so that mpirun or horovodrun do not call it a crash
-            raise error from None
+            raise _stopped(run, session, store, stop, stopped.position) from None
     fit_ended = time.perf_counter()
     store.wait()
-    stopper = next((c for c in optional if isinstance(c, keras.callbacks.EarlyStopping)), None)
-    early_stopping = _early_stopping_report(stopper) if model.stop_training and stopper else None
-    if early_stopping:
-        output.say(early_stopping.pop("said"))
-    if session.communicator is not None and session.communicator.reduces_gradients:
+    early_stopping = _early_stopping_report(model, optional, output)
+    if communicator is not None and communicator.reduces_gradients:
         from ktrain.collectives import undistribute
 
         undistribute(model.optimizer)
-    model_path = output.save_model(model)
-    summary = _summary(run, session, recorder, history, start.epoch, fit_started, fit_ended,
-                       model_path)
-    summary["early_stopping"] = early_stopping
-    summary["peak_memory_mib"] = _peak_memory_by_rank(session)
-    if audit:
-        summary["data_audit"] = {"epochs_checked": audit.epochs_checked}
-        output.say(f"data.audit: in each of {audit.epochs_checked} epoch(s) the workers read "
-                   f"every example once")
+    summary = {**_summary(run, session, recorder, history, start.epoch, fit_started, fit_ended,
+                          output.save_model(model)),
+               "early_stopping": early_stopping,
+               "peak_memory_mib": _peak_memory_by_rank(session),
+               **_audit_report(audit, output)}
     output.write_summary(summary)
     if session.is_chief:
         summary = _after_training(run, output, summary, tracker)
     output.flush_log()
     return RunResult(summary, model)
+
+
+def _nothing_to_train(output: RunOutput, start: Position, epochs: int,
+                      early_stopped: int) -> RunResult:
+    """A re-run of a finished run: it says where the model is and changes nothing."""
+    reason = (f"early stopping ended this run after epoch {start.epoch}" if early_stopped
+              else f"all {epochs} epochs are done")
+    output.say(f"nothing to train: {reason}; the model is {output.url}/model.keras "
+               f"(raise train.epochs to train on, or use a new output_dir)")
+    output.flush_log()
+    return RunResult(output.update_summary(epochs_this_run=0, nothing_to_train=reason))
+
+
+def _callbacks_in_order(session: Session, recorder: _RunRecorder, tracker, history: list[dict],
+                        optional: list, checkpoints: _Checkpoints, audit: ShardAudit | None,
+                        train_share: int, validation_share: int) -> list:
+    """Global metrics first, so that every later callback sees the same numbers on every rank;
+    the shard audit before any checkpoint takes the epoch; checkpoints last."""
+    callbacks = [recorder, *([tracker.callback(history)] if tracker else []), *optional,
+                 checkpoints]
+    if audit:
+        callbacks.insert(0, _AuditShards(audit, session))
+    if session.communicator is not None and session.communicator.reduces_gradients:
+        from ktrain.collectives import GlobalMetrics
+
+        callbacks.insert(0, GlobalMetrics(session.communicator, train_share, validation_share))
+    return callbacks
+
+
+def _stopped(run: RunConfig, session: Session, store: CheckpointStore, stop: StopRequest,
+             position: Position) -> UserError:
+    """The error a stop request ends the run with, once its checkpoint is committed."""
+    store.wait()
+    if session.communicator is not None:
+        session.communicator.barrier()  # no rank exits before the chief committed
+    requeued = None
+    if run.checkpoint.requeue and stop.received == REQUEUE_SIGNAL and session.is_chief:
+        requeued = requeue_slurm_job()
+    error = stop.stopped(str(position), requeued)
+    if not session.is_chief:  # rank 0 tells the user; the others say it in their logs
+        console.info(error.render())
+        error.shown = True
+    if is_supervised():  # ktrain's launcher, a Spark task or a Ray actor reports the stop
+        error.exit_code = 0  # so that mpirun or horovodrun do not call it a crash
+    return error
+
+
+def _audit_report(audit: ShardAudit | None, output: RunOutput) -> dict:
+    if not audit:
+        return {}
+    output.say(f"data.audit: in each of {audit.epochs_checked} epoch(s) the workers read "
+               f"every example once")
+    return {"data_audit": {"epochs_checked": audit.epochs_checked}}
 
 
 def _after_training(run: RunConfig, output: RunOutput, summary: dict,
@@ -665,18 +687,21 @@ def _peak_memory_by_rank(session: Session) -> list[float]:
     return [round(float(m), 1) for m in _summed(session, mine)]
 
 
-def _early_stopping_report(stopper: keras.callbacks.EarlyStopping) -> dict:
-    """When early stopping ended the run, and which epoch's weights the model holds."""
+def _early_stopping_report(model: keras.Model, callbacks: list, output: RunOutput) -> dict | None:
+    """When early stopping ended the run (said to the user), and which epoch's weights the
+    model holds; None when it did not."""
+    stopper = next((c for c in callbacks if isinstance(c, keras.callbacks.EarlyStopping)), None)
+    if not (model.stop_training and stopper):
+        return None
     stopped, best = stopper.stopped_epoch + 1, stopper.best_epoch + 1
     restored = stopper.restore_best_weights and stopper.best_weights is not None
-    said = (f"early stopping ended the run after epoch {stopped}: {stopper.monitor} has not "
-            f"improved for {stopper.patience} epoch(s) since epoch {best} "
-            f"({stopper.monitor} {float(stopper.best):.4f}); the model holds "
-            + (f"epoch {best}'s weights (restore_best_weights)" if restored
-               else f"epoch {stopped}'s weights (set restore_best_weights for the best)"))
+    output.say(f"early stopping ended the run after epoch {stopped}: {stopper.monitor} has not "
+               f"improved for {stopper.patience} epoch(s) since epoch {best} "
+               f"({stopper.monitor} {float(stopper.best):.4f}); the model holds "
+               + (f"epoch {best}'s weights (restore_best_weights)" if restored
+                  else f"epoch {stopped}'s weights (set restore_best_weights for the best)"))
     return {"stopped_after_epoch": stopped, "best_epoch": best, "monitor": stopper.monitor,
-            "best_value": float(stopper.best), "weights_of_epoch": best if restored else stopped,
-            "said": said}
+            "best_value": float(stopper.best), "weights_of_epoch": best if restored else stopped}
 
 
 def _phases(start: Position, epochs: int) -> list[tuple[int, int, int]]:
