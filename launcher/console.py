@@ -105,13 +105,22 @@ def import_keras(backend: str) -> None:
     from ktrain import backends
 
     backends.activate(backend)
-    if "keras" in sys.modules or verbosity() >= VERBOSE:
-        import keras  # noqa: F401
+    if "keras" in sys.modules:
         return
-    with native_output_without(_STARTUP_NOISE):
+    with tensorflow_loading_quietly():
         import keras  # noqa: F401
         with contextlib.suppress(ImportError):
             import tensorflow  # noqa: F401
+
+
+@contextlib.contextmanager
+def tensorflow_loading_quietly():
+    """Hold back TensorFlow's start-up lines, should the block load it (unless ``-v``)."""
+    if verbosity() >= VERBOSE:
+        yield
+        return
+    with native_output_without(_STARTUP_NOISE):
+        yield
 
 
 @contextlib.contextmanager

@@ -203,11 +203,14 @@ class RayStreamSplit:
             batch_size, drop_remainder=True)
 
     def evaluation_examples(self, rank: int, world_size: int) -> tuple[tf.data.Dataset, int]:
-        return self._stream(self.size, tf.constant(0, tf.int64), {}, 0).unbatch(), self.size
+        # Its length stated, Keras ends evaluation there instead of warning that it ran out.
+        examples = self._stream(self.size, tf.constant(0, tf.int64), {}, 0).unbatch()
+        return examples.apply(tf.data.experimental.assert_cardinality(self.size)), self.size
 
     def check_workers(self, world_size: int, where: str) -> None:
         """Ray Data gives every worker an equal share."""
 
+    @tf.autograph.experimental.do_not_convert  # a generator; AutoGraph would say it can't
     def _stream(self, rows: int, epoch: tf.Tensor, shuffling: dict, seed: int) -> tf.data.Dataset:
         """``rows`` rows of the share, in chunks."""
         features, label = list(self.shard.features), self.shard.label

@@ -206,12 +206,15 @@ def ray_data_shards(run, workers: int) -> list[RayShard] | None:
     """Call a data fn that names columns (data.features, data.label) here, in the driver; if it
     returns a ray.data.Dataset (or {'train': ..., 'validation': ...} of them), split it into
     one streamed share per worker. Else None: each worker calls the data fn itself."""
+    from ktrain import console
     from ktrain.userfn import call_user, load_function
 
     data = run.data
     if data.fn is None or not data.label:
         return None
-    result = call_user(load_function(data.fn, "data.fn", run.base_dir), data.kwargs, "data.fn")
+    with console.tensorflow_loading_quietly():  # the fn's module may import Keras or TensorFlow
+        fn = load_function(data.fn, "data.fn", run.base_dir)
+    result = call_user(fn, data.kwargs, "data.fn")
     train, validation = (result.get("train"), result.get("validation")) \
         if isinstance(result, dict) else (result, None)
     if not is_ray_dataset(train):
