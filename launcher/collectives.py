@@ -152,17 +152,25 @@ class TensorFlowCollectives(Communicator):
 
 
 class MpiCommunicator(Communicator):
-    """MPI ``Allreduce`` through mpi4py, called from the train step by ``tf.numpy_function``.
+    """MPI through mpi4py, called from the train step by ``tf.numpy_function``.
 
     A bucket's tensors reach NumPy as views of TensorFlow's memory. A bucket of one tensor is
-    reduced from there straight into a buffer kept from step to step (``_FusedBuffers``);
-    several are copied into one buffer's slots and reduced there in place (``MPI.IN_PLACE``).
-    The sums go back as views of the buffer, which TensorFlow adopts without copying. The one
-    copy left is the fusing one.
+    summed from there straight into a buffer kept from step to step (``_FusedBuffers``);
+    several are first copied into one buffer's slots and summed there in place. The sums go
+    back as views of the buffer, which TensorFlow adopts without copying.
+
+    Buckets from ``RING_FROM_BYTES`` on are summed by a ring (``_ring_allreduce``) of MPI
+    ``Sendrecv`` calls, smaller ones by MPI's ``Allreduce``: Open MPI's out-of-place
+    ``Allreduce`` first copies the whole input into the result, and the ring does not (on 2
+    ranks of this machine it was 1.3-1.7x faster from 1 MB to 64 MB, as fast as Open MPI's
+    in-place form; see the README).
     """
 
     name = "mpi"
     needs_eager_ops = True
+
+    RING_FROM_BYTES = 2**20
+    """Below this, a bucket's exchange costs its latency, and MPI's own Allreduce has less."""
 
     def __init__(self):
         from mpi4py import MPI
@@ -170,17 +178,18 @@ class MpiCommunicator(Communicator):
         self._mpi = MPI
         self._comm = MPI.COMM_WORLD
         self._buffers = _FusedBuffers()
+        self._received = np.empty(0, np.uint8)
         super().__init__(self._comm.Get_rank(), self._comm.Get_size())
 
     def _allreduce_bucket(self, parts: list[tf.Tensor]) -> list[tf.Tensor]:
         def reduce(*arrays: np.ndarray) -> list[np.ndarray]:
             fused = self._buffers.take(arrays)
             if len(arrays) == 1:
-                self._comm.Allreduce(arrays[0].reshape(-1), fused.slots[0], op=self._mpi.SUM)
+                self._sum(arrays[0].reshape(-1), fused.slots[0])
             else:
                 for slot, array in zip(fused.slots, arrays):
                     slot[...] = array.reshape(-1)
-                self._comm.Allreduce(self._mpi.IN_PLACE, fused.flat, op=self._mpi.SUM)
+                self._sum(fused.flat, fused.flat)
             return [slot.reshape(array.shape) for slot, array in zip(fused.slots, arrays)]
 
         results = tf.nest.flatten(  # eagerly, one output comes back as a tensor, not a list
@@ -188,6 +197,40 @@ class MpiCommunicator(Communicator):
         for result, part in zip(results, parts):
             result.set_shape(part.shape)
         return results
+
+    def _sum(self, send: np.ndarray, out: np.ndarray) -> None:
+        """``out`` = ``send`` summed over all ranks (``send`` may be ``out``)."""
+        if out.nbytes >= self.RING_FROM_BYTES and self.world_size > 1:
+            self._ring_allreduce(send, out)
+        else:
+            self._comm.Allreduce(self._mpi.IN_PLACE if send is out else send, out,
+                                 op=self._mpi.SUM)
+
+    def _ring_allreduce(self, send: np.ndarray, out: np.ndarray) -> None:
+        """The ring all-reduce (as in Horovod and NCCL): in N-1 steps each rank adds the chunk
+        its left neighbour sends to its own, ending with the whole sum of one chunk; in N-1 more
+        the summed chunks go round. Each chunk is summed on one rank only, so every rank gets
+        the same bits; ``send`` is read where it lies, never copied."""
+        world, rank = self.world_size, self.rank
+        bounds = [out.size * i // world for i in range(world + 1)]
+
+        def chunk(array: np.ndarray, index: int) -> np.ndarray:
+            index %= world
+            return array[bounds[index]:bounds[index + 1]]
+
+        right, left = (rank + 1) % world, (rank - 1) % world
+        largest = max(b - a for a, b in zip(bounds, bounds[1:])) * out.itemsize
+        if self._received.nbytes < largest:
+            self._received = np.empty(largest, np.uint8)
+        for step in range(world - 1):  # after it, chunk rank-step-1 holds step+2 ranks' sum
+            sent, summed = rank - step, rank - step - 1
+            received = self._received[:chunk(out, summed).nbytes].view(out.dtype)
+            self._comm.Sendrecv(chunk(send if step == 0 else out, sent), dest=right,
+                                recvbuf=received, source=left)
+            np.add(received, chunk(send, summed), out=chunk(out, summed))
+        for step in range(world - 1):  # this rank holds the whole sum of chunk rank+1
+            self._comm.Sendrecv(chunk(out, rank + 1 - step), dest=right,
+                                recvbuf=chunk(out, rank - step), source=left)
 
 
 _ALIGNMENT = 64

@@ -31,14 +31,16 @@ def single_process_run(tmp_path_factory):
     """The reference: a 1-replica mirrored run of a fixture model fn (run once per session)."""
     done = {}
 
-    def get(model_fn: str):
-        if model_fn not in done:
+    def get(model_fn: str, **kwargs):
+        key = (model_fn, *sorted(kwargs.items()))
+        if key not in done:
             folder = tmp_path_factory.mktemp(f"reference-{model_fn}")
-            config = base_config(folder / "out", model={"fn": f"{FIXTURES}:{model_fn}"})
+            model = {"fn": f"{FIXTURES}:{model_fn}", **({"kwargs": kwargs} if kwargs else {})}
+            config = base_config(folder / "out", model=model)
             result = run_cli("run", write_config(folder / "config.yaml", config), "-q")
             assert result.returncode == 0, result.stderr
-            done[model_fn] = folder / "out"
-        return done[model_fn]
+            done[key] = folder / "out"
+        return done[key]
 
     return get
 
