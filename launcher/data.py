@@ -199,8 +199,10 @@ class RayStreamSplit:
                          seed: int) -> Callable[[tf.Tensor], tf.data.Dataset]:
         shuffling = {"local_shuffle_buffer_size": min(shuffle_buffer, self.size)} if shuffle \
             else {}
-        return lambda epoch: self._stream(rows, epoch, shuffling, seed).rebatch(
-            batch_size, drop_remainder=True)
+        # Run as it is: AutoGraph cannot convert the generator inside, and would warn so.
+        return tf.autograph.experimental.do_not_convert(
+            lambda epoch: self._stream(rows, epoch, shuffling, seed).rebatch(
+                batch_size, drop_remainder=True))
 
     def evaluation_examples(self, rank: int, world_size: int) -> tuple[tf.data.Dataset, int]:
         # Its length stated, Keras ends evaluation there instead of warning that it ran out.
@@ -210,7 +212,6 @@ class RayStreamSplit:
     def check_workers(self, world_size: int, where: str) -> None:
         """Ray Data gives every worker an equal share."""
 
-    @tf.autograph.experimental.do_not_convert  # a generator; AutoGraph would say it can't
     def _stream(self, rows: int, epoch: tf.Tensor, shuffling: dict, seed: int) -> tf.data.Dataset:
         """``rows`` rows of the share, in chunks."""
         features, label = list(self.shard.features), self.shard.label
