@@ -214,6 +214,7 @@ def ray_data_shards(run, workers: int) -> list[RayShard] | None:
         return None
     with console.tensorflow_loading_quietly():  # the fn's module may import Keras or TensorFlow
         fn = load_function(data.fn, "data.fn", run.base_dir)
+    _ray_data_speaks_like_ktrain()
     result = call_user(fn, data.kwargs, "data.fn")
     train, validation = (result.get("train"), result.get("validation")) \
         if isinstance(result, dict) else (result, None)
@@ -240,6 +241,20 @@ def ray_data_shards(run, workers: int) -> list[RayShard] | None:
         validation.streaming_split(workers, equal=True), validation.count())
     return [RayShard(trains[r], train_rows // workers, validations[r], validation_rows // workers,
                      tuple(data.features), data.label, label_dtype) for r in range(workers)]
+
+
+def _ray_data_speaks_like_ktrain() -> None:
+    """Below --verbose, no "Starting execution of Dataset ..." lines or progress bars from Ray
+    Data. Set before the data fn runs: a dataset keeps a copy of the context it was made in
+    (and the data fn may still set its own)."""
+    from ray.data import DataContext
+
+    from ktrain import console
+
+    if console.verbosity() < console.VERBOSE:
+        context = DataContext.get_current()
+        context.print_on_execution_start = False
+        context.enable_progress_bars = False
 
 
 def _check_output_outlives_the_job(output_dir: str) -> None:

@@ -71,6 +71,7 @@ def test_each_actor_streams_its_share_of_a_ray_dataset(tmp_path, data_fn, valida
     assert result.returncode == 0, result.stdout + result.stderr
     console = result.stdout + result.stderr
     assert "ran out of data" not in console and "AutoGraph could not" not in console, console
+    assert "Starting execution of Dataset" not in console, console  # Ray Data's, under -q
     summary = json.loads((out / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["final_metrics"]["val_accuracy"] >= 0.85
 
