@@ -13,6 +13,22 @@ import clusters  # noqa: E402
 from helpers import FIXTURES, Background, base_config, run_cli, write_config  # noqa: E402
 
 
+SHARED_CLUSTERS = {"slurm", "slurm_on_two_hosts", "spark_on_two_hosts", "spark_connect",
+                   "spark_cluster", "ray_head", "mlflow_server"}
+"""The fixtures that start a cluster once for many tests (session or module scope)."""
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
+def pytest_collection_modifyitems(items):
+    """Under pytest-xdist (``-n 2 --dist loadgroup``, as CI runs), a module's tests that share
+    one of its clusters run on one worker, which starts the cluster once; every other test goes
+    to whichever worker is free."""
+    for item in items:
+        shared = SHARED_CLUSTERS.intersection(getattr(item, "fixturenames", ()))
+        if shared:
+            item.add_marker(pytest.mark.xdist_group(f"{item.module.__name__}:{min(shared)}"))
+
+
 @pytest.fixture
 def background():
     started: list[Background] = []
