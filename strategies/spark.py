@@ -276,7 +276,7 @@ def _barrier_task(plan_json: str, output_dir: str, driver_env: dict, columns=Non
 
         import fsspec
         import pyarrow
-        from pyspark import BarrierTaskContext
+        from pyspark import BarrierTaskContext, SparkFiles
 
         from ktrain.environment import PARTITION_ENV
         from ktrain.rendezvous import free_ports
@@ -286,7 +286,11 @@ def _barrier_task(plan_json: str, output_dir: str, driver_env: dict, columns=Non
         rank = context.partitionId()
         infos = context.getTaskInfos()
         host = infos[rank].address.rsplit(":", 1)[0]
-        scratch = tempfile.mkdtemp(prefix="ktrain-partition-")
+        # In the application's own folder (a temp folder Spark deletes at exit in local mode,
+        # the worker's app folder that spark.worker.cleanup clears on a cluster), not /tmp:
+        # a task that Spark kills (a failed or stopped run) cannot clean up after itself.
+        scratch = tempfile.mkdtemp(prefix="ktrain-partition-",
+                                   dir=os.path.abspath(SparkFiles.getRootDirectory()))
         examples = _write_partition(batches, columns, scratch) if columns else 0
         gathered = [g.split("|") for g in
                     context.allGather(f"{host}:{free_ports(1, host)[0]}|{examples}")]
