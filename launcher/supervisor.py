@@ -242,8 +242,10 @@ class WorkerGroup:
         rank, how = spec.ranks[0], describe_exit(code)
         if len(spec.ranks) > 1:  # mpirun/horovodrun: its own messages name the rank that failed
             rank, how = self._launcher_blames() or (rank, how)
-        return Failure(rank, f"rank {rank} {how}", list(self._tails[rank]),
-                       user_error=code == 2, log=self._log(rank), shown=rank in self._reported)
+        failure = Failure(rank, f"rank {rank} {how}", list(self._tails[rank]),
+                          user_error=code == 2, log=self._log(rank),
+                          shown=rank in self._reported)
+        return blame_chief_first(failure, self._log(0))
 
     def _log(self, rank: int) -> str:
         return str(self.log_dir / f"rank-{rank}.log")
@@ -323,8 +325,9 @@ def log_tail(log_url: str, lines: int = 3 * _TAIL) -> list[str]:
 
 def blame_chief_first(failure: Failure, chief_log: str) -> Failure:
     """Rank 0's own error report over that of a rank that only followed it. When rank 0 ends
-    the group (a stalled rank, a broken data audit) the others exit with it, and an engine that
-    reports whichever task ended first (a Spark stage, ``ray.wait``) must not name one of them."""
+    the group (a stalled rank, a broken data audit) the others exit with it, and whatever
+    reports the process that ended first (a Spark stage, ``ray.wait``, horovodrun, the
+    supervisor's own poll) must not name one of them."""
     if failure.rank == 0 or not any(_FOLLOWED_CHIEF.search(line) for line in failure.log_tail):
         return failure
     tail = log_tail(chief_log)

@@ -5,6 +5,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 import uuid
 
@@ -13,7 +14,7 @@ import pytest
 from helpers import (FIXTURES, KTRAIN, assert_same_weights, base_config, needs_horovod,
                      run_cli, run_command, write_config)
 from ktrain.checkpoint import CheckpointStore, Position
-from ktrain.supervisor import Failure, blame_chief_first
+from ktrain.supervisor import Failure, WorkerGroup, WorkerSpec, blame_chief_first
 
 STRATEGIES = {
     "mirrored": {"name": "mirrored", "devices": 1},
@@ -239,6 +240,22 @@ def test_spark_and_ray_blame_rank_0_when_the_engine_names_a_rank_that_followed_i
     assert blamed.summary == "rank 0: rank(s) [1] stalled: ..."
     crashed = Failure(1, "rank 1 was killed by SIGKILL", ["rank 1 of 2 joined"])
     assert blame_chief_first(crashed, str(chief_log)) is crashed
+
+
+def test_a_launcher_that_names_the_follower_first_still_blames_rank_0(tmp_path, capsys):
+    """horovodrun reports whichever of its ranks exited first; when rank 1 exits because rank 0
+    ended the group, the console shows rank 0's report alone (seen in CI, 2026-11-29). The child
+    replays horovodrun's Gloo output in the order CI saw it."""
+    said = ["[0]<stdout>:ktrain: error: rank(s) [1] stalled: ...",
+            "[1]<stdout>:rank 0 ends the group: a rank stalled (see rank 0's output)",
+            "Process 1 exit with status code 1.", "Process 0 exit with status code 1."]
+    replay = f"import sys; print({chr(10).join(said)!r}); sys.exit(1)"
+    group = WorkerGroup([WorkerSpec([sys.executable, "-c", replay], {}, (0, 1))],
+                        tmp_path / "logs", tmp_path / "rendezvous", start_timeout=60)
+    failure = group.run()
+    assert (failure.rank, failure.shown) == (0, True), failure
+    assert failure.summary == "rank 0: rank(s) [1] stalled: ..."
+    assert capsys.readouterr().out.count("ktrain: error:") == 1
 
 
 def test_a_stalled_group_restarts_and_completes(tmp_path, background):
