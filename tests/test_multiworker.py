@@ -8,7 +8,7 @@ import time
 import numpy as np
 import pytest
 
-from helpers import (FIXTURES, KTRAIN, MPIRUN, assert_same_weights, base_config,
+from helpers import (FIXTURES, MPIRUN, assert_same_weights, base_config,
                      kill_rank_one_mid_training, needs_horovod, run_cli, run_command,
                      with_strategy, write_config)
 
@@ -134,17 +134,6 @@ def test_checkpoint_from_two_workers_resumes_under_mirrored(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert (summary["strategy"], summary["epochs_completed"], summary["resumed_from_epoch"]) == (
         "mirrored", 4, 2)
-
-
-def test_collective_communicator_under_mpirun_matches_one_process(tmp_path, single_process_run):
-    """MPI tells the ranks each other's addresses; TF collectives then carry the gradients."""
-    out = tmp_path / "out"
-    config = write_config(tmp_path / "c.yaml", multiworker(out, {"communicator": "collective"}))
-    result = run_command([*MPIRUN, KTRAIN, "run", config], timeout=300)
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "joined (collective, host" in result.stdout
-    assert json.loads((out / "summary.json").read_text())["world_size"] == 2
-    assert_same_weights(single_process_run("mlp"), out)
 
 
 @pytest.mark.parametrize("ranks", [2, 3])  # 3: the ring's chunks go round more than once

@@ -17,12 +17,11 @@ def srun(slurm, *args, timeout: float = 300):
     return run_command(slurm.command("srun", *args), env=slurm.env, timeout=timeout)
 
 
+# Two MPI tasks on one node (PMIx); collectives and Gloo with two tasks on each of two nodes
+# are in test_hosts.py.
 @pytest.mark.parametrize("strategy, mpi", [
-    pytest.param({"name": "multiworker", "communicator": "collective"}, "none", id="tf-collectives"),
     pytest.param({"name": "multiworker", "communicator": "mpi"}, "pmix", id="mpi4py"),
     pytest.param({"name": "horovod", "controller": "mpi"}, "pmix", id="horovod",
-                 marks=needs_horovod),
-    pytest.param({"name": "horovod", "controller": "gloo"}, "none", id="horovod-gloo",
                  marks=needs_horovod),
 ])
 def test_two_srun_tasks_match_one_process(tmp_path, slurm, single_process_run, strategy, mpi):
