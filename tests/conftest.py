@@ -3,6 +3,12 @@
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before any test module imports TensorFlow
+# Every JVM the tests start (Spark's launcher, master, workers, drivers, executors) is short-lived
+# and light: see spark-conf/spark-defaults.conf.
+_LIGHT_JVM = "-XX:TieredStopAtLevel=1 -XX:+UseSerialGC"
+os.environ.setdefault("SPARK_CONF_DIR", os.path.join(os.path.dirname(__file__), "spark-conf"))
+os.environ.setdefault("SPARK_DAEMON_JAVA_OPTS", _LIGHT_JVM)
+os.environ.setdefault("SPARK_LAUNCHER_OPTS", _LIGHT_JVM)
 
 import contextlib  # noqa: E402
 import shutil  # noqa: E402
