@@ -161,13 +161,17 @@ def test_a_custom_layer_is_saved_under_the_users_module_and_reloads_in_their_cod
     ["validate", "{config}", "-q", "output_dir=/tmp/elsewhere", "train.epochs=2"],
     ["validate", "{config}", "train.epochs=2", "-v", "train.seed=3"],
 ])
-def test_global_flags_go_anywhere_on_the_command_line(command):
+def test_global_flags_go_anywhere_on_the_command_line(command, capsys, monkeypatch):
+    """In-process, as the fuzz test below: what is checked is how the command line is read."""
+    monkeypatch.setenv("KTRAIN_VERBOSITY", "1")  # cli.main sets both for this process,
+    monkeypatch.setenv("KERAS_BACKEND", "tensorflow")  # as in the fuzz test below
     config = str(REPO / "configs" / "quickstart.yaml")
-    result = run_cli(*[part.format(config=config) for part in command])
-    assert result.returncode == 0, result.stderr
+    code = cli.main([part.format(config=config) for part in command])
+    said = capsys.readouterr()
+    assert code == 0, said.err
     for override in (part for part in command if "=" in part and part.startswith("train.")):
         key, value = override.removeprefix("train.").split("=")
-        assert f"  {key}: {value}\n" in result.stdout  # every override counted, wherever it is
+        assert f"  {key}: {value}\n" in said.out  # every override counted, wherever it is
 
 
 def test_validate_reports_every_problem_run_would_find(tmp_path):
