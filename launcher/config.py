@@ -11,18 +11,20 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import (ConfigDict, Field, NonNegativeFloat, NonNegativeInt, PositiveFloat,
-                      PositiveInt, ValidationError, field_validator, model_validator)
+from pydantic import (AliasChoices, ConfigDict, Field, NonNegativeFloat, NonNegativeInt,
+                      PositiveFloat, PositiveInt, StrictBool, StrictFloat, StrictInt, StrictStr,
+                      ValidationError, field_validator, model_validator)
 
 from ktrain import console
 from ktrain.backends import BACKENDS, resolve
 from ktrain.errors import UserError, all_of
-from ktrain.exports import FORMATS as EXPORT_FORMATS
 from ktrain.schema import Section
-from ktrain.strategies import REGISTRY
 
 DEFAULT_LANES = 12
 """data.lanes: divisible by 1, 2, 3, 4, 6 and 12 workers."""
+
+EXPORT_FORMATS = ("saved_model", "tflite", "onnx")
+"""What ``export:`` may list (see ktrain.exports)."""
 
 OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop", "adagrad", "adadelta", "adamax", "nadam",
               "ftrl", "lion", "lamb", "adafactor")
@@ -120,6 +122,16 @@ class TrainSpec(Section):
     callbacks: FnSpec | None = None
     """A fn returning a list of Keras callbacks, called in every worker once the model exists."""
 
+    def check_split(self, parts: int, what: str) -> None:
+        """The one check that the global batch splits evenly over ``parts`` ``what`` (workers,
+        devices): every replica takes the same share of every step."""
+        size = self.global_batch_size
+        if size % parts:
+            raise UserError(
+                f"train.global_batch_size {size} cannot be split evenly over {parts} {what}",
+                where="train.global_batch_size",
+                hint=f"use a multiple of {parts}, e.g. {(size // parts + 1) * parts}")
+
 
 class CheckpointSpec(Section):
     every_epochs: PositiveInt = 1
@@ -161,11 +173,120 @@ class MlflowSpec(Section):
     """Default: output_dir's folder name."""
 
 
+# ---------------------------------------------------------------------------- strategy:
+# Each strategy's options, here with the rest of the schema; the code that runs them is in
+# ktrain.strategies (one module each). A new strategy: its options class, a line in
+# STRATEGY_OPTIONS, its module, a line in ktrain.strategies.REGISTRY.
+
+
+class StrategyConfig(Section):
+    """The ``strategy:`` section; each strategy subclasses it with ``name: Literal[...]``."""
+
+    name: str
+
+
+class MirroredConfig(StrategyConfig):
+    """One process, every local device (ktrain.strategies.mirrored)."""
+
+    name: Literal["mirrored"] = "mirrored"
+    devices: Literal["auto"] | PositiveInt = "auto"
+    """``auto``: every GPU, else one CPU. ``N``: N GPUs, or N logical CPU devices when there is no GPU."""
+
+
+class MultiProcessConfig(StrategyConfig):
+    """Options shared by every strategy that runs several worker processes."""
+
+    workers: PositiveInt = 2
+    start_timeout: PositiveFloat = 120.0
+    """Seconds for every worker to start and join; the ranks that did not are named."""
+    max_restarts: NonNegativeInt = 0
+    """Restart the whole group from the last checkpoint up to this many times."""
+    compression: Literal["none", "fp16", "bf16"] = "none"
+    """fp16 or bf16 halves the bytes sent per gradient, where the transport supports it."""
+    bucket_mb: PositiveFloat | None = 4.0
+    """Gradients travel in fused buckets of at most this many MB, the last layers' first;
+    null: one buffer per dtype. The default is the fastest measured (README, Performance)."""
+    lr_scaling: Literal["off", "linear", "sqrt"] = "off"
+    """Multiply the learning rate by the world size (linear) or its square root."""
+    warmup_epochs: NonNegativeInt = 0
+    """Ramp the scaled learning rate up from the unscaled one over this many epochs."""
+    stall_timeout: PositiveFloat | None = 300.0
+    """Seconds the other ranks may wait at a gradient allreduce for a rank that does not come;
+    it is then named, with its Python stacks, and the group stops (or restarts). null: off."""
+    console_ranks: Literal["chief", "all"] = "chief"
+    """Which ranks' output the console shows (every rank's goes to logs/rank-<r>.log)."""
+
+    @property
+    def bucket_bytes(self) -> int | None:
+        """``bucket_mb`` as ``ktrain.collectives`` takes it."""
+        return int(self.bucket_mb * 2**20) if self.bucket_mb else None
+
+    @field_validator("lr_scaling", mode="before")
+    @classmethod
+    def _yaml_off(cls, value):
+        return "off" if value is False else value  # YAML 1.1 reads a bare `off` as false
+
+
+class ClusterProcessConfig(MultiProcessConfig):
+    """Options of the strategies whose workers may run on several hosts under srun or mpirun."""
+
+    network_interface: str | None = None
+    """The interface peers talk over (e.g. ib0, eth1); default: the one routing to rank 0."""
+
+
+class MultiWorkerConfig(ClusterProcessConfig):
+    """Worker processes averaging gradients (ktrain.strategies.multiworker)."""
+
+    name: Literal["multiworker"] = "multiworker"
+    communicator: Literal["auto", "mpi", "collective"] = "auto"
+    """mpi: MPI Allreduce via mpi4py; collective: TensorFlow's collective ops over gRPC;
+    auto: mpi where MPI can join the ranks, else collective (see ``choose_communicator``)."""
+
+
+class HorovodConfig(ClusterProcessConfig):
+    """Horovod's allreduce under ktrain's gradient averaging (ktrain.strategies.horovod)."""
+
+    name: Literal["horovod"] = "horovod"
+    controller: Literal["gloo", "mpi"] = "gloo"
+    """How horovodrun starts and connects the workers."""
+
+
+class SparkConfig(MultiProcessConfig):
+    """Workers as one Spark barrier stage (ktrain.strategies.spark)."""
+
+    name: Literal["spark"] = "spark"
+    master: str | None = None
+    """spark://host:7077, yarn, k8s://..., or sc://host:15002 for a Spark Connect server;
+    default: the active session (spark-submit), else SPARK_REMOTE (Spark Connect), else
+    local[workers] on this machine (loopback only)."""
+    spark_conf: dict[str, StrictStr | StrictInt | StrictFloat | StrictBool] = {}
+    """Passed to the session builder, e.g. {spark.task.resource.gpu.amount: 1}."""
+
+
+class RayConfig(MultiProcessConfig):
+    """Workers as Ray actors (ktrain.strategies.ray)."""
+
+    name: Literal["ray"] = "ray"
+    address: str | None = None
+    """auto (a running cluster), ray://head:10001, or none: start a local Ray (loopback only)."""
+    resources_per_worker: dict[str, NonNegativeFloat] = {"CPU": 1.0}
+    """Ray resources each worker actor needs, e.g. {CPU: 4, GPU: 1}."""
+    placement: Literal["pack", "spread", "strict_pack", "strict_spread"] = "pack"
+    """Ray's placement-group strategy: strict_spread puts every worker on a node of its own."""
+    max_restarts: NonNegativeInt = Field(0, validation_alias=AliasChoices("max_failures",
+                                                                          "max_restarts"))
+    """Written ``max_failures`` in Ray's terms."""
+
+
+STRATEGY_OPTIONS: dict[str, type[StrategyConfig]] = {
+    options.model_fields["name"].default: options
+    for options in (MirroredConfig, MultiWorkerConfig, HorovodConfig, SparkConfig, RayConfig)}
+"""Strategy name -> its options; the first is the default strategy."""
+
+
 def _strategy_union():
-    types = tuple(cls.config_type for cls in REGISTRY.values())
-    if len(types) == 1:
-        return types[0]
-    return Annotated[Union[types], Field(discriminator="name")]  # type: ignore[valid-type]
+    return Annotated[Union[tuple(STRATEGY_OPTIONS.values())],  # type: ignore[valid-type]
+                     Field(discriminator="name")]
 
 
 class RunConfig(Section):
@@ -175,7 +296,7 @@ class RunConfig(Section):
     model: FnSpec
     data: DataSpec
     train: TrainSpec
-    strategy: _strategy_union() = Field(default_factory=lambda: next(iter(REGISTRY.values())).config_type())  # type: ignore[valid-type]
+    strategy: _strategy_union() = Field(default_factory=MirroredConfig)  # type: ignore[valid-type]
     checkpoint: CheckpointSpec = CheckpointSpec()
     export: list[Literal[EXPORT_FORMATS]] = []  # type: ignore[valid-type]
     """Formats the chief writes to output_dir/export/ after training (see ktrain.exports)."""
@@ -239,10 +360,10 @@ def _drop_other_strategy_keys(raw: dict, overrides: dict, filename: str) -> None
     """``strategy.name=X`` on the command line switches strategy: the file's options that X
     does not take (e.g. mirrored's ``devices``) are left out, with a notice, not an error."""
     section = raw.get("strategy")
-    strategy = REGISTRY.get(section.get("name")) if isinstance(section, dict) else None
-    if strategy is None:
+    options = STRATEGY_OPTIONS.get(section.get("name")) if isinstance(section, dict) else None
+    if options is None:
         return  # an unknown name: validation explains it
-    fields = strategy.config_type.model_fields
+    fields = options.model_fields
     accepted = set(fields) | {alias for f in fields.values() if f.validation_alias is not None
                               for alias in getattr(f.validation_alias, "choices", ())}
     dropped = [key for key in section
@@ -252,7 +373,7 @@ def _drop_other_strategy_keys(raw: dict, overrides: dict, filename: str) -> None
     if dropped:
         console.note(f"{overrides[('strategy', 'name')]} leaves out "
                      f"{', '.join(f'strategy.{k}' for k in dropped)} from {filename}, which "
-                     f"{strategy.name} does not take")
+                     f"{section['name']} does not take")
 
 
 def _parse_yaml(text: str, filename: str) -> tuple[dict, dict[tuple, int]]:
@@ -400,7 +521,7 @@ def _allowed_keys(section: tuple, raw: dict) -> list[str]:
 def _section_type(annotation, part, raw: dict):
     if part == "strategy":
         name = (raw.get("strategy") or {}).get("name")
-        return REGISTRY.get(name, next(iter(REGISTRY.values()))).config_type
+        return STRATEGY_OPTIONS.get(name, next(iter(STRATEGY_OPTIONS.values())))
     for candidate in getattr(annotation, "__args__", (annotation,)):
         if isinstance(candidate, type) and issubclass(candidate, Section):
             return candidate

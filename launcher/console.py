@@ -12,6 +12,8 @@ import re
 import sys
 import tempfile
 
+from ktrain import backends
+
 QUIET, NORMAL, VERBOSE = 0, 1, 2
 VERBOSITY_ENV = "KTRAIN_VERBOSITY"
 
@@ -102,8 +104,6 @@ def import_keras(backend: str) -> None:
     Every process ktrain starts calls this before anything else imports them. Whatever else
     they print while loading (a real error, say) still reaches stderr.
     """
-    from ktrain import backends
-
     backends.activate(backend)
     if "keras" in sys.modules:
         return

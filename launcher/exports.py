@@ -21,9 +21,14 @@ import subprocess
 import sys
 import tempfile
 
-from ktrain.errors import UserError, first_line
+from ktrain import backends, console
+from ktrain.checkpoint import CheckpointStore, load_checkpoint_url
+from ktrain.config import EXPORT_FORMATS as FORMATS
+from ktrain.config import load_config
+from ktrain.errors import UserError, all_of, first_line
+from ktrain.output import RunOutput
+from ktrain.userfn import load_function
 
-FORMATS = ("saved_model", "tflite", "onnx")
 TARGETS = {"saved_model": "export/saved_model", "tflite": "export/model.tflite",
            "onnx": "export/model.onnx"}
 """Where each format goes, under output_dir."""
@@ -159,18 +164,12 @@ def export_run(run_dir: str, formats: list[str] | None,
     """``ktrain export``: write ``formats`` (default: the run's export list, else all) of a
     run's model.keras (or of a checkpoint's weights in the run's model) under
     ``run_dir``/export; exit 2 naming each format that failed, after writing the others."""
-    from ktrain.checkpoint import CheckpointStore, load_checkpoint_url
-    from ktrain.errors import all_of
-    from ktrain.output import RunOutput
-
     output = RunOutput(run_dir if "://" in run_dir else os.path.abspath(run_dir))
     run = _run_config(output)
     formats = formats or run.export or list(FORMATS)
     problem = missing_packages(formats)
     if problem:
         raise problem
-    from ktrain import console
-
     console.import_keras("tensorflow")
     store = CheckpointStore(output.checkpoints_url)
     if checkpoint is None and output.has_model():
@@ -183,7 +182,7 @@ def export_run(run_dir: str, formats: list[str] | None,
                                 hint="give the output_dir of a run that trained at least "
                                      "one epoch")
             checkpoint = store.file_for(store.positions()[-1])
-        from ktrain.worker import checkpoint_model
+        from ktrain.assembly import checkpoint_model  # loads Keras: not at `ktrain run`'s start
 
         model, source = checkpoint_model(run, load_checkpoint_url(checkpoint)), checkpoint
     written, failures = export_model(model, output, formats)
@@ -197,9 +196,6 @@ def export_run(run_dir: str, formats: list[str] | None,
 
 
 def _run_config(output):
-    from ktrain import backends
-    from ktrain.config import load_config
-
     if not output.fs.exists(f"{output.path}/config.yaml"):
         raise UserError(f"'{output.url}' is not a ktrain run's output_dir (it has no "
                         f"config.yaml)", where="ktrain export",
@@ -213,8 +209,6 @@ def _run_config(output):
 
 def _final_model(run, output):
     import keras
-
-    from ktrain.userfn import load_function
 
     load_function(run.model.fn, "model.fn", run.base_dir)  # registers the model's own layers
     with tempfile.TemporaryDirectory() as tmp:

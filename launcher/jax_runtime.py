@@ -20,10 +20,11 @@ import numpy as np
 
 from ktrain import backends, console
 from ktrain.errors import UserError, WorkersFailed
-from ktrain.strategies.base import Session
+from ktrain.session import Session
+from ktrain.supervisor import is_supervised
 
 
-def local_session(wanted: int | str, global_batch_size: int) -> Session:
+def local_session(wanted: int | str) -> Session:
     """DataParallel over ``wanted`` local devices ("auto": every GPU, else one CPU); N CPU
     devices when there is no GPU (XLA splits the host)."""
     import jax
@@ -40,11 +41,6 @@ def local_session(wanted: int | str, global_batch_size: int) -> Session:
                         where="strategy.devices",
                         hint=f"set strategy.devices to at most {len(available)}, or to auto")
     devices = available[:count]
-    if global_batch_size % count:
-        raise UserError(
-            f"train.global_batch_size {global_batch_size} cannot be split evenly over "
-            f"{count} devices", where="train.global_batch_size",
-            hint=f"use a multiple of {count}, e.g. {(global_batch_size // count + 1) * count}")
     distribution = keras.distribution.DataParallel(devices=devices) if count > 1 else None
     return Session(rank=0, world_size=1, num_replicas=count, distribution=distribution,
                    devices=tuple(_name(d) for d in devices))
@@ -57,8 +53,6 @@ def process_session(rank: int, local_rank: int, peers: list[str],
     launcher already chose (``srun --gpus-per-task`` sets CUDA_VISIBLE_DEVICES); else the CPU."""
     import jax
     import keras
-
-    from ktrain.supervisor import is_supervised
 
     os.environ.setdefault("CUDA_VISIBLE_DEVICES", str(local_rank))  # read as JAX's GPUs start
     try:

@@ -17,6 +17,7 @@ import os
 import tempfile
 
 from ktrain.errors import UserError
+from ktrain.output import RunOutput
 
 TIMING = ("epoch_seconds", "samples_per_second")
 """metrics.csv's columns that time an epoch rather than measure the model."""
@@ -25,8 +26,6 @@ TIMING = ("epoch_seconds", "samples_per_second")
 def write_report(run_dirs: list[str], png: str | None = None) -> str:
     """Draw the runs in ``run_dirs``; write ``png`` and the HTML page beside it (default:
     report.png in the one run's folder). Returns where the PNG went."""
-    from ktrain.output import RunOutput
-
     runs = [RunOutput(d if "://" in d else os.path.abspath(d)) for d in run_dirs]
     histories = {_label(out, runs): _history(out) for out in runs}
     picture = _draw(histories)

@@ -309,10 +309,6 @@ def _signal_group(process: subprocess.Popen, sig: int) -> None:
         pass
 
 
-def python_command(*args: str) -> list[str]:
-    return [sys.executable, *args]
-
-
 def log_tail(log_url: str, lines: int = 3 * _TAIL) -> list[str]:
     """The last ``lines`` of a rank's log (any fsspec URL); none if it has no log."""
     import fsspec

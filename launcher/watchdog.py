@@ -25,7 +25,9 @@ import traceback
 from typing import Callable
 
 from ktrain import console
+from ktrain.environment import detect
 from ktrain.errors import WorkersFailed
+from ktrain.rendezvous import chief_address
 
 REPORT_EVERY = 1.0
 _STACKS_WAIT = 5.0
@@ -41,9 +43,6 @@ def watching_for_stalls(session, timeout: float | None, arrivals: Callable[[], i
     if not timeout or session.communicator is None:
         yield
         return
-    from ktrain.environment import detect
-    from ktrain.rendezvous import chief_address
-
     server = None
     address = [0.0] * 5
     if session.is_chief:

@@ -1,24 +1,18 @@
-"""Entry point of a worker process started by a multi-process strategy.
+"""Entry point of a rank process that a strategy started (``python -m ktrain.worker_entry``):
+the run and the training function come from its environment (``ktrain.launch``), its place in
+the group too (``ktrain.environment``)."""
 
-The run plan (the validated config, as JSON) arrives in KTRAIN_PLAN: it is the only thing that
-crosses the process boundary. Rank and world size come from the environment (ktrain.environment).
-"""
-
-import os
 import sys
 
+from ktrain import strategies
 from ktrain.cli import guarded
-
-PLAN_ENV = "KTRAIN_PLAN"
+from ktrain.launch import read_plan, train_here
 
 
 def main() -> int:
-    from ktrain import strategies
-    from ktrain.config import RunConfig
-    from ktrain.strategies.base import train_here
-
-    run = RunConfig.model_validate_json(os.environ[PLAN_ENV])
-    return guarded(lambda: train_here(run, strategies.create(run.strategy)) and 0)
+    run, train = read_plan()
+    strategy = strategies.create(run.strategy)
+    return guarded(lambda: train_here(run, strategy.open_session, train) and 0)
 
 
 if __name__ == "__main__":

@@ -64,7 +64,7 @@ def plain_keras(config_path: str, overrides: list[str]) -> dict:
     import keras
 
     from ktrain.userfn import load_function
-    from ktrain.worker import compile_from_config
+    from ktrain.assembly import compile_from_config
 
     keras.utils.set_random_seed(run.train.seed)
     data = load_function(run.data.fn, "data.fn", run.base_dir)(**run.data.kwargs)
@@ -322,13 +322,13 @@ def step_breakdown_worker(kind: str, config: str, overrides: list[str]) -> None:
 
     from ktrain import collectives
     from ktrain.data import training_batches
-    from ktrain.strategies.base import Session
-    from ktrain.worker import _model_and_data
+    from ktrain.session import Session
+    from ktrain.assembly import model_and_data
 
     communicator = _communicator(kind)
     session = Session(rank=communicator.rank, world_size=communicator.world_size,
                       num_replicas=communicator.world_size, communicator=communicator)
-    model, splits = _model_and_data(run, session)
+    model, splits = model_and_data(run, session)
     batches, _ = training_batches(
         splits.train, global_batch_size=run.train.global_batch_size, rank=session.rank,
         world_size=session.world_size, shuffle=False, shuffle_buffer=1, seed=0,
@@ -432,7 +432,7 @@ def ray_train_tensorflow(config_path: str, overrides: list[str]) -> dict:
         import keras
 
         from ktrain.userfn import load_function
-        from ktrain.worker import compile_from_config
+        from ktrain.assembly import compile_from_config
 
         keras.utils.set_random_seed(run.train.seed)
         data = load_function(run.data.fn, "data.fn", run.base_dir)(**run.data.kwargs)
@@ -509,7 +509,7 @@ def hand_written_streaming(config_path: str) -> dict:
 
     from ktrain.config import load_config
     from ktrain.userfn import load_function
-    from ktrain.worker import compile_from_config
+    from ktrain.assembly import compile_from_config
 
     run = load_config(config_path)
     train, width = run.train, run.model.kwargs["width"]

@@ -1,6 +1,9 @@
-"""Execution strategies, one module each. To add one: write the module, add it to REGISTRY."""
+"""Execution strategies, one module each, their options in ``ktrain.config``. To add one:
+its options class (and a line in ``ktrain.config.STRATEGY_OPTIONS``), its module, a line in
+REGISTRY."""
 
-from ktrain.strategies.base import Session, Strategy, StrategyConfig
+from ktrain.config import StrategyConfig
+from ktrain.strategies.base import Strategy
 from ktrain.strategies.horovod import HorovodStrategy
 from ktrain.strategies.mirrored import MirroredStrategy
 from ktrain.strategies.multiworker import MultiWorkerStrategy
@@ -17,4 +20,4 @@ def create(config: StrategyConfig) -> Strategy:
     return REGISTRY[config.name](config)
 
 
-__all__ = ["REGISTRY", "Session", "Strategy", "StrategyConfig", "create"]
+__all__ = ["REGISTRY", "Strategy", "create"]

@@ -1,104 +1,36 @@
-"""The interface every execution strategy implements, and what a worker gets from it.
+"""The interface every execution strategy implements.
 
-A strategy answers two questions: how are workers started (``launch``), and what does a
-worker need to train (``open_session``: the device scope, its rank and world size, and how
-it talks to its peers). Everything else (data, model, checkpoints, metrics) is shared and
-lives in ``ktrain.worker``.
+A strategy answers two questions: where do the ranks run (``launch``, handed the function
+every rank runs), and what does a rank need to train (``open_session``: the device scope, its
+rank and world size, and how it talks to its peers). What a rank does with its session is the
+training function's business (``ktrain.worker``), which no strategy imports.
 """
 
 from __future__ import annotations
 
 import abc
-import contextlib
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import ClassVar
 
-from pydantic import NonNegativeInt, PositiveFloat, PositiveInt, field_validator
+import fsspec
 
-from ktrain.schema import Section
-
-if TYPE_CHECKING:
-    from ktrain.config import RunConfig
-    from ktrain.output import RunResult
-
-
-class StrategyConfig(Section):
-    """The ``strategy:`` section; each strategy subclasses it with ``name: Literal[...]``."""
-
-    name: str
-
+from ktrain import STARTED_AT, backends, console
+from ktrain.config import MultiProcessConfig, RunConfig, StrategyConfig
+from ktrain.environment import detect
+from ktrain.errors import UserError, WorkersFailed
+from ktrain.launch import Train, train_here
+from ktrain.output import RunOutput, RunResult
+from ktrain.session import Session
+from ktrain.supervisor import WorkerGroup, is_supervised
 
 COMPRESSIONS = {"collective": ("fp16", "bf16"), "mpi": (), "horovod": ("fp16",)}
 """The ``compression`` values each transport can send: MPI has no standard half-precision
 datatype, and Horovod's allreduce no bfloat16 kernel."""
-
-
-class MultiProcessConfig(StrategyConfig):
-    """Options shared by every strategy that runs several worker processes."""
-
-    workers: PositiveInt = 2
-    start_timeout: PositiveFloat = 120.0
-    """Seconds for every worker to start and join; the ranks that did not are named."""
-    max_restarts: NonNegativeInt = 0
-    """Restart the whole group from the last checkpoint up to this many times."""
-    compression: Literal["none", "fp16", "bf16"] = "none"
-    """fp16 or bf16 halves the bytes sent per gradient, where the transport supports it."""
-    bucket_mb: PositiveFloat | None = 4.0
-    """Gradients travel in fused buckets of at most this many MB, the last layers' first;
-    null: one buffer per dtype. The default is the fastest measured (README, Performance)."""
-    lr_scaling: Literal["off", "linear", "sqrt"] = "off"
-    """Multiply the learning rate by the world size (linear) or its square root."""
-    warmup_epochs: NonNegativeInt = 0
-    """Ramp the scaled learning rate up from the unscaled one over this many epochs."""
-    stall_timeout: PositiveFloat | None = 300.0
-    """Seconds the other ranks may wait at a gradient allreduce for a rank that does not come;
-    it is then named, with its Python stacks, and the group stops (or restarts). null: off."""
-    console_ranks: Literal["chief", "all"] = "chief"
-    """Which ranks' output the console shows (every rank's goes to logs/rank-<r>.log)."""
-
-    @property
-    def bucket_bytes(self) -> int | None:
-        """``bucket_mb`` as ``ktrain.collectives`` takes it."""
-        return int(self.bucket_mb * 2**20) if self.bucket_mb else None
-
-    @field_validator("lr_scaling", mode="before")
-    @classmethod
-    def _yaml_off(cls, value):
-        return "off" if value is False else value  # YAML 1.1 reads a bare `off` as false
-
-
-class ClusterProcessConfig(MultiProcessConfig):
-    """Options of the strategies whose workers may run on several hosts under srun or mpirun."""
-
-    network_interface: str | None = None
-    """The interface peers talk over (e.g. ib0, eth1); default: the one routing to rank 0."""
-
-
-@dataclass
-class Session:
-    """What one worker knows about the run it is part of."""
-
-    rank: int
-    world_size: int
-    num_replicas: int
-    distribution: Any = None
-    """Whose scope the model is built and trained in: a ``tf.distribute.Strategy`` (TensorFlow)
-    or a ``keras.distribution.Distribution`` (JAX); None for Keras' plain single device."""
-    devices: tuple[str, ...] = ()
-    communicator: Any = None
-    """When the worker has peer processes: a ``ktrain.collectives.Communicator`` (TensorFlow;
-    it averages the gradients) or a ``ktrain.jax_runtime.JaxProcesses`` (XLA does)."""
-    log_to_file: bool = True
-    """False when a supervisor already captures this process' output into logs/rank-<r>.log."""
-    data_shard: Any = None
-    """This worker's share of the data, when the strategy's driver split it (Ray Data)."""
-
-    @property
-    def is_chief(self) -> bool:
-        return self.rank == 0
-
-    def scope(self):
-        return self.distribution.scope() if self.distribution else contextlib.nullcontext()
 
 
 class Strategy(abc.ABC):
@@ -115,8 +47,9 @@ class Strategy(abc.ABC):
         """Check the machine can run this config, before anything is written. Raises UserError."""
 
     @abc.abstractmethod
-    def launch(self, run: RunConfig) -> RunResult:
-        """Start the workers, wait for them, and return the chief's result."""
+    def launch(self, run: RunConfig, train: Train) -> RunResult:
+        """Run ``train`` in every rank (here, or in the workers this starts and waits for);
+        return the chief's result."""
 
     def trains_here(self) -> bool:
         """Whether this process trains; if not, it only starts and watches the workers, and
@@ -139,35 +72,22 @@ class MultiProcessStrategy(Strategy):
     config: MultiProcessConfig
 
     def world_size(self) -> int:
-        from ktrain.environment import detect
-
         found = detect()
         return found.world_size if found.world_size > 1 else self.config.workers
 
     def prepare(self, run: RunConfig) -> None:
-        from ktrain import backends
-        from ktrain.errors import UserError
-
         if self.config.compression != "none":
             backends.tensorflow_only(f"compression: {self.config.compression}",
                                      "strategy.compression",
                                      "on JAX the gradients travel in the model's own dtype "
                                      "(train.precision: mixed_bfloat16 halves them): remove "
                                      "strategy.compression")
-        workers = self.world_size()
-        if run.train.global_batch_size % workers:
-            size = run.train.global_batch_size
-            raise UserError(
-                f"train.global_batch_size {size} cannot be split evenly over {workers} workers",
-                where="train.global_batch_size",
-                hint=f"use a multiple of {workers}, e.g. {(size // workers + 1) * workers}")
+        run.train.check_split(self.world_size(), "workers")
 
     def check_compression(self, transport: str, said: str, elsewhere: str = "") -> None:
         """``strategy.compression`` must be one that ``transport`` (a key of COMPRESSIONS;
         ``said`` as the user knows it) can send; ``elsewhere``: where else it is, for the
         hint."""
-        from ktrain.errors import UserError
-
         wanted, supported = self.config.compression, COMPRESSIONS[transport]
         if wanted != "none" and wanted not in supported:
             choices = " or ".join(f"compression: {c}" for c in ("none", *supported))
@@ -176,33 +96,23 @@ class MultiProcessStrategy(Strategy):
                             hint=" ".join(filter(None, (f"use {choices}", elsewhere))))
 
     def trains_here(self) -> bool:
-        from ktrain.environment import detect
-
         return detect().world_size > 1  # srun, mpirun or ktrain started this process
 
-    def launch(self, run: RunConfig) -> RunResult:
-        from ktrain import console
-        from ktrain.environment import detect
-
+    def launch(self, run: RunConfig, train: Train) -> RunResult:
         if self.trains_here():
-            return train_here(run, self)
+            return train_here(run, self.open_session, train)
         found = detect()
         if found.hint:
             console.info(f"HINT: {found.hint}")
-        return self.run_with_restarts(run, self.run_group)
+        return self.run_with_restarts(run, lambda attempt: self.run_group(attempt, train))
 
     @abc.abstractmethod
-    def run_group(self, run: RunConfig):
-        """One attempt at running all workers to the end: a ``ktrain.supervisor.Failure``,
+    def run_group(self, run: RunConfig, train: Train):
+        """One attempt at running ``train`` in all workers to the end: a ``ktrain.supervisor.Failure``,
         or None when they all finished."""
 
     def run_local_group(self, run: RunConfig, specs: list):
         """Start ``specs`` (``ktrain.supervisor.WorkerSpec``) on this machine and watch them."""
-        import tempfile
-        from pathlib import Path
-
-        from ktrain.supervisor import WorkerGroup
-
         with tempfile.TemporaryDirectory(prefix="ktrain-rendezvous-") as rendezvous:
             group = WorkerGroup(specs, local_log_dir(run.output_dir), Path(rendezvous),
                                 start_timeout=self.config.start_timeout,
@@ -213,12 +123,6 @@ class MultiProcessStrategy(Strategy):
     def run_with_restarts(self, run: RunConfig, attempt) -> RunResult:
         """Call ``attempt(run)`` until it returns no Failure, up to ``max_restarts`` more times,
         resuming from the newest checkpoint; then return the chief's summary."""
-        import time
-
-        from ktrain import STARTED_AT, console
-        from ktrain.errors import UserError, WorkersFailed
-        from ktrain.output import RunOutput, RunResult
-
         restarts = 0
         while (failure := attempt(run)) is not None:
             hint = f"see {failure.log} for the whole log" if failure.log else None
@@ -240,24 +144,8 @@ class MultiProcessStrategy(Strategy):
             wall_seconds=round(time.perf_counter() - STARTED_AT, 3)))
 
 
-def train_here(run: RunConfig, strategy: Strategy) -> RunResult:
-    """Run the worker in this process, Keras loaded first without TensorFlow's start-up lines
-    (``ktrain.worker`` imports it)."""
-    from ktrain import console
-
-    console.import_keras(run.backend)
-    from ktrain.worker import run_worker
-
-    return run_worker(run, strategy)
-
-
 def local_log_dir(output_dir: str):
     """Where the supervisor writes rank logs: output_dir/logs, or a temporary folder for URLs."""
-    import tempfile
-    from pathlib import Path
-
-    import fsspec
-
     fs, out = fsspec.core.url_to_fs(output_dir)
     if "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
         return Path(out, "logs")
@@ -267,8 +155,6 @@ def local_log_dir(output_dir: str):
 def worker_session(communicator, device: str, found) -> Session:
     """The session of one worker process that owns one device and talks over ``communicator``,
     once the world it joined is the one its launcher (``found``, ktrain.environment) started."""
-    from ktrain.supervisor import is_supervised
-
     check_world(found, communicator.world_size, communicator.rank,
                 transport=type(communicator).__name__)
     return Session(rank=communicator.rank, world_size=communicator.world_size,
@@ -280,8 +166,6 @@ def check_world(found, world_size: int, rank: int, *, transport: str) -> None:
     """A transport that forms its own world (MPI, Horovod) must agree with the launcher: under
     ``srun`` without a PMI that the MPI library speaks, every task starts MPI alone and N
     copies would train into one output_dir."""
-    from ktrain.errors import UserError
-
     if (world_size, rank) == (found.world_size, found.rank):
         return
     hint = ("start the tasks with `srun --mpi=pmix` (see `srun --mpi=list`), or use "
@@ -295,8 +179,6 @@ def check_world(found, world_size: int, rank: int, *, transport: str) -> None:
 def use_network_interface(interface: str | None) -> None:
     """Make the MPI and NCCL libraries talk over ``interface`` too (before they start), unless
     the user's environment already says which."""
-    import os
-
     if interface:
         for variable in ("OMPI_MCA_btl_tcp_if_include", "NCCL_SOCKET_IFNAME"):
             os.environ.setdefault(variable, interface)
@@ -315,12 +197,6 @@ def pin_local_device(local_rank: int) -> str:
 
 def find_tool(name: str, *, where: str, hint: str) -> str:
     """A launcher executable (mpirun, horovodrun), looked up beside Python first."""
-    import os
-    import shutil
-    import sys
-
-    from ktrain.errors import UserError
-
     search = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
     found = shutil.which(name, path=search)
     if not found:

@@ -14,21 +14,20 @@ from __future__ import annotations
 import importlib.util
 import os
 import threading
-from typing import Literal
 
 from ktrain import backends
+from ktrain.config import HorovodConfig
+from ktrain.environment import detect
 from ktrain.errors import UserError
-from ktrain.strategies.base import (ClusterProcessConfig, MultiProcessStrategy, Session,
-                                    find_mpirun, find_tool, mpirun_command,
-                                    pin_local_device, use_network_interface, worker_session)
+from ktrain.launch import worker_command, worker_environment
+from ktrain.rendezvous import interface_of, peer_addresses, wait_for_listener
+from ktrain.session import Session
+from ktrain.strategies.base import (MultiProcessStrategy, find_mpirun, find_tool,
+                                    mpirun_command, pin_local_device, use_network_interface,
+                                    worker_session)
+from ktrain.supervisor import WorkerSpec
 
 _INSTALL_HINT = "install it with `bash scripts/install_horovod.sh` (see the README's Horovod section)"
-
-
-class HorovodConfig(ClusterProcessConfig):
-    name: Literal["horovod"] = "horovod"
-    controller: Literal["gloo", "mpi"] = "gloo"
-    """How horovodrun starts and connects the workers."""
 
 
 class HorovodStrategy(MultiProcessStrategy):
@@ -49,22 +48,19 @@ class HorovodStrategy(MultiProcessStrategy):
             find_mpirun()
         self.check_compression("horovod", "Horovod")
 
-    def run_group(self, run):
-        from ktrain.supervisor import WorkerSpec, python_command
-
+    def run_group(self, run, train):
         n = self.config.workers
-        worker = python_command("-m", "ktrain.worker_entry")
+        worker = worker_command()
         if self.config.controller == "gloo":
             command = [_horovodrun(), "-np", str(n), "-H", f"localhost:{n}", "--gloo",
                        "--network-interface", "lo", *worker]
         else:
             command = mpirun_command(n, worker)
-        plan = {"KTRAIN_PLAN": run.model_dump_json()}
-        return self.run_local_group(run, [WorkerSpec(command, plan, tuple(range(n)))])
+        return self.run_local_group(
+            run, [WorkerSpec(command, worker_environment(run, train), tuple(range(n)))])
 
     def open_session(self) -> Session:
-        from ktrain.collectives import HorovodCommunicator
-        from ktrain.environment import detect
+        from ktrain.collectives import HorovodCommunicator  # imports TensorFlow: ranks only
 
         found = detect()
         use_network_interface(self.config.network_interface)
@@ -91,8 +87,6 @@ def _join_gloo(found, config: HorovodConfig) -> None:
     """Set up, in this rank's environment, the Gloo world horovodrun would have: every rank's
     address comes from ``ktrain.rendezvous``; rank 0 serves Horovod's rendezvous on its own."""
     from horovod.runner.http.http_server import RendezvousHandler, RendezvousHTTPServer
-
-    from ktrain.rendezvous import interface_of, peer_addresses, wait_for_listener
 
     addresses = peer_addresses(found, config.start_timeout, config.network_interface)
     hosts = [address.rsplit(":", 1)[0] for address in addresses]

@@ -4,19 +4,15 @@ on TensorFlow, ``keras.distribution.DataParallel`` on JAX (``ktrain.jax_runtime`
 from __future__ import annotations
 
 import os
-from typing import Literal
-
-from pydantic import PositiveInt
 
 from ktrain import backends
+from ktrain.config import MirroredConfig
+from ktrain.environment import detect
 from ktrain.errors import UserError
-from ktrain.strategies.base import Session, Strategy, StrategyConfig, train_here
-
-
-class MirroredConfig(StrategyConfig):
-    name: Literal["mirrored"] = "mirrored"
-    devices: Literal["auto"] | PositiveInt = "auto"
-    """``auto``: every GPU, else one CPU. ``N``: N GPUs, or N logical CPU devices when there is no GPU."""
+from ktrain.jax_runtime import local_session
+from ktrain.launch import train_here
+from ktrain.session import Session
+from ktrain.strategies.base import Strategy
 
 
 _ONE_PROCESS = {"slurm": " (`srun -n 1 ...`)", "openmpi": " (`mpirun -n 1 ...`)",
@@ -29,8 +25,6 @@ class MirroredStrategy(Strategy):
     config_type = MirroredConfig
 
     def prepare(self, run) -> None:
-        from ktrain.environment import detect
-
         found = detect()
         if found.world_size > 1:  # N copies would train into one output_dir
             raise UserError(
@@ -38,18 +32,19 @@ class MirroredStrategy(Strategy):
                 f"{found.world_size} (this is rank {found.rank})", where="strategy.name",
                 hint="use strategy.name=multiworker (one process per device, each with its "
                      "share of the batch), or start one process" + _ONE_PROCESS.get(found.name, ""))
-        self._global_batch_size = run.train.global_batch_size
+        self._train = run.train
         if backends.current() == "tensorflow":
-            self._devices = self._configure_devices(run.train.global_batch_size)
+            self._devices = self._configure_devices()
+            run.train.check_split(len(self._devices), "devices")
 
-    def launch(self, run):
-        return train_here(run, self)
+    def launch(self, run, train):
+        return train_here(run, self.open_session, train)
 
     def open_session(self) -> Session:
         if backends.current() == "jax":
-            from ktrain.jax_runtime import local_session
-
-            return local_session(self.config.devices, self._global_batch_size)
+            session = local_session(self.config.devices)
+            self._train.check_split(session.num_replicas, "devices")
+            return session
         import tensorflow as tf
 
         devices = self._devices
@@ -58,7 +53,7 @@ class MirroredStrategy(Strategy):
         return Session(rank=0, world_size=1, num_replicas=len(devices),
                        distribution=distribution, devices=devices)
 
-    def _configure_devices(self, global_batch_size: int) -> tuple[str, ...]:
+    def _configure_devices(self) -> tuple[str, ...]:
         import tensorflow as tf
 
         gpus = tf.config.list_physical_devices("GPU")
@@ -83,13 +78,6 @@ class MirroredStrategy(Strategy):
             if count > 1:
                 _split_cpu(tf, count)
             devices = tuple(f"/cpu:{i}" for i in range(count))
-        if global_batch_size % len(devices):
-            raise UserError(
-                f"train.global_batch_size {global_batch_size} cannot be split evenly over "
-                f"{len(devices)} devices",
-                where="train.global_batch_size",
-                hint=f"use a multiple of {len(devices)}, e.g. "
-                     f"{(global_batch_size // len(devices) + 1) * len(devices)}")
         return devices
 
 

@@ -9,22 +9,18 @@ from __future__ import annotations
 
 import importlib.util
 import os
-from typing import Literal
 
 from ktrain import backends, console
+from ktrain.config import MultiWorkerConfig
+from ktrain.environment import ClusterEnvironment, detect, visible_gpus
 from ktrain.errors import UserError
-from ktrain.environment import PEERS_ENV, ClusterEnvironment, detect, visible_gpus
-from ktrain.rendezvous import free_ports
-from ktrain.strategies.base import (ClusterProcessConfig, MultiProcessStrategy, Session,
-                                    find_mpirun, mpirun_command, pin_local_device,
-                                    use_network_interface, worker_session)
-
-
-class MultiWorkerConfig(ClusterProcessConfig):
-    name: Literal["multiworker"] = "multiworker"
-    communicator: Literal["auto", "mpi", "collective"] = "auto"
-    """mpi: MPI Allreduce via mpi4py; collective: TensorFlow's collective ops over gRPC;
-    auto: mpi where MPI can join the ranks, else collective (see ``choose_communicator``)."""
+from ktrain.jax_runtime import process_session
+from ktrain.launch import worker_command, worker_environment
+from ktrain.rendezvous import free_ports, peer_addresses
+from ktrain.session import Session
+from ktrain.strategies.base import (MultiProcessStrategy, find_mpirun, mpirun_command,
+                                    pin_local_device, use_network_interface, worker_session)
+from ktrain.supervisor import WorkerSpec
 
 
 def choose_communicator(found: ClusterEnvironment, env: dict[str, str] | None = None,
@@ -83,27 +79,23 @@ class MultiWorkerStrategy(MultiProcessStrategy):
         self.check_compression(transport, f"communicator {transport}",
                                "or communicator: collective (fp16, bf16)")
 
-    def run_group(self, run):
-        from ktrain.supervisor import WorkerSpec, python_command
-
+    def run_group(self, run, train):
         n = self.config.workers
-        plan = {"KTRAIN_PLAN": run.model_dump_json()}
-        if self.communicator()[0] == "mpi":
-            command = python_command("-m", "mpi4py", "-m", "ktrain.worker_entry")
-            return self.run_local_group(run, [WorkerSpec(mpirun_command(n, command), plan,
-                                                         tuple(range(n)))])
-        peers = ",".join(f"127.0.0.1:{port}" for port in free_ports(n))
+        if self.communicator()[0] == "mpi":  # mpirun gives each rank its place
+            command = mpirun_command(n, worker_command("-m", "mpi4py"))
+            return self.run_local_group(
+                run, [WorkerSpec(command, worker_environment(run, train), tuple(range(n)))])
+        peers = [f"127.0.0.1:{port}" for port in free_ports(n)]
         return self.run_local_group(run, [
-            WorkerSpec(python_command("-m", "ktrain.worker_entry"),
-                       {**plan, "KTRAIN_RANK": str(r), "KTRAIN_LOCAL_RANK": str(r),
-                        "KTRAIN_WORLD_SIZE": str(n), PEERS_ENV: peers}, (r,))
+            WorkerSpec(worker_command(), worker_environment(
+                run, train, rank=r, world_size=n, local_rank=r, peers=peers), (r,))
             for r in range(n)])
 
     def open_session(self) -> Session:
         use_network_interface(self.config.network_interface)
         found = detect()
         if self.communicator(found)[0] == "mpi":
-            from ktrain.collectives import MpiCommunicator
+            from ktrain.collectives import MpiCommunicator  # imports TensorFlow: ranks only
 
             device = pin_local_device(found.local_rank)
             return worker_session(MpiCommunicator(), device, found)
@@ -113,15 +105,11 @@ class MultiWorkerStrategy(MultiProcessStrategy):
 def collective_session(start_timeout: float, interface: str | None = None) -> Session:
     """A worker's session over TF collectives (or, on JAX, jax.distributed), with peers from
     the environment."""
-    from ktrain.rendezvous import peer_addresses
-
     found = detect()
     if backends.current() == "jax":
-        from ktrain.jax_runtime import process_session
-
         return process_session(found.rank, found.local_rank,
                                peer_addresses(found, start_timeout, interface), start_timeout)
-    from ktrain.collectives import TensorFlowCollectives
+    from ktrain.collectives import TensorFlowCollectives  # imports TensorFlow: ranks only
 
     device = pin_local_device(found.local_rank)  # before TensorFlow's runtime starts
     peers = peer_addresses(found, start_timeout, interface)

@@ -13,27 +13,19 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
-from typing import Any, Literal
 
-from pydantic import AliasChoices, Field, NonNegativeFloat, NonNegativeInt
-
-from ktrain.environment import RAY_JOB_ENV, ray_job_working_dir
-from ktrain.errors import UserError, first_line
-from ktrain.strategies.base import MultiProcessConfig, MultiProcessStrategy, Session
+from ktrain import console
+from ktrain.config import RayConfig
+from ktrain.environment import RAY_JOB_ENV, rank_environment, ray_job_working_dir
+from ktrain.errors import KtrainError, Stopped, UserError, first_line
+from ktrain.launch import read_plan, train_here, worker_environment
+from ktrain.ray_data import RayShard, ray_data_shards
+from ktrain.rendezvous import free_ports
+from ktrain.session import Session
+from ktrain.stopping import relaying_stops, reported_stop
+from ktrain.strategies.base import MultiProcessStrategy
 from ktrain.strategies.multiworker import collective_session
-
-
-class RayConfig(MultiProcessConfig):
-    name: Literal["ray"] = "ray"
-    address: str | None = None
-    """auto (a running cluster), ray://head:10001, or none: start a local Ray (loopback only)."""
-    resources_per_worker: dict[str, NonNegativeFloat] = {"CPU": 1.0}
-    """Ray resources each worker actor needs, e.g. {CPU: 4, GPU: 1}."""
-    placement: Literal["pack", "spread", "strict_pack", "strict_spread"] = "pack"
-    """Ray's placement-group strategy: strict_spread puts every worker on a node of its own."""
-    max_restarts: NonNegativeInt = Field(0, validation_alias=AliasChoices("max_failures",
-                                                                          "max_restarts"))
-    """Written ``max_failures`` in Ray's terms."""
+from ktrain.supervisor import Failure, blame_chief_first, echo_log, echoed_report, log_tail
 
 
 class RayStrategy(MultiProcessStrategy):
@@ -56,12 +48,12 @@ class RayStrategy(MultiProcessStrategy):
         return dataclasses.replace(collective_session(self.config.start_timeout),
                                    data_shard=self.data_shard)
 
-    def run_group(self, run):
+    def run_group(self, run, train):
         import ray
 
         started = self._connect()
         try:
-            return self._run_actors(run)
+            return self._run_actors(run, train)
         finally:
             if started:
                 ray.shutdown()
@@ -115,15 +107,10 @@ class RayStrategy(MultiProcessStrategy):
                             f"has ({detail})", where="strategy.resources_per_worker",
                             hint="lower strategy.workers or resources_per_worker, or add nodes")
 
-    def _run_actors(self, run):
+    def _run_actors(self, run, train):
         import ray
         from ray.util.placement_group import placement_group, remove_placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
-        from ktrain import console
-        from ktrain.stopping import relaying_stops, reported_stop
-        from ktrain.supervisor import (Failure, blame_chief_first, echo_log, echoed_report,
-                                       log_tail)
 
         self._check_resources()
         n = self.config.workers
@@ -148,7 +135,7 @@ class RayStrategy(MultiProcessStrategy):
             shards = ray_data_shards(run, n)
             peers = ray.get([actor.address.remote() for actor in actors],
                             timeout=self.config.start_timeout)
-            plan = run.model_dump_json()
+            plan = worker_environment(run, train)
             stopped = {}  # rank -> its "stopped by ..." report
             with relaying_stops(run.checkpoint.stop_signals, run.output_dir) as (_, env), \
                     echo_log(f"{run.output_dir}/logs/rank-0.log"):
@@ -184,79 +171,6 @@ class RayStrategy(MultiProcessStrategy):
             remove_placement_group(group)
 
 
-def is_ray_dataset(value: Any) -> bool:
-    return type(value).__module__.startswith("ray.data")
-
-
-@dataclasses.dataclass(frozen=True)
-class RayShard:
-    """One worker's share of a ray.data.Dataset: Ray Data streams it (``streaming_split``),
-    so no worker holds the dataset; every share has the same number of rows."""
-
-    train: Any  # ray.data.DataIterator
-    train_rows: int
-    validation: Any | None
-    validation_rows: int
-    features: tuple[str, ...]
-    label: str
-    label_dtype: str
-
-
-def ray_data_shards(run, workers: int) -> list[RayShard] | None:
-    """Call a data fn that names columns (data.features, data.label) here, in the driver; if it
-    returns a ray.data.Dataset (or {'train': ..., 'validation': ...} of them), split it into
-    one streamed share per worker. Else None: each worker calls the data fn itself."""
-    from ktrain import console
-    from ktrain.userfn import call_user, load_function
-
-    data = run.data
-    if data.fn is None or not data.label:
-        return None
-    with console.tensorflow_loading_quietly():  # the fn's module may import Keras or TensorFlow
-        fn = load_function(data.fn, "data.fn", run.base_dir)
-    _ray_data_speaks_like_ktrain()
-    result = call_user(fn, data.kwargs, "data.fn")
-    train, validation = (result.get("train"), result.get("validation")) \
-        if isinstance(result, dict) else (result, None)
-    if not is_ray_dataset(train):
-        return None
-    if not data.features:
-        raise UserError("the data fn returned a ray.data.Dataset but data.features is not set",
-                        where="data.features", hint="name the feature columns, e.g. "
-                                                    "features: [x0, x1]")
-    columns = train.schema()
-    missing = [c for c in [*data.features, data.label] if c not in columns.names]
-    if missing:
-        raise UserError(f"column(s) {missing} are not in the ray.data.Dataset",
-                        where="data.features", hint=f"its columns are: {', '.join(columns.names)}")
-    if validation is None and run.train.validation_split:
-        # Ray holds the split in its object store (spilling to disk), not in a worker.
-        train, validation = train.train_test_split(run.train.validation_split, shuffle=True,
-                                                   seed=run.train.seed)
-    label_type = columns.types[columns.names.index(data.label)]
-    label_dtype = str(label_type.to_pandas_dtype().__name__) if hasattr(
-        label_type, "to_pandas_dtype") else "int64"
-    trains, train_rows = train.streaming_split(workers, equal=True), train.count()
-    validations, validation_rows = ([None] * workers, 0) if validation is None else (
-        validation.streaming_split(workers, equal=True), validation.count())
-    return [RayShard(trains[r], train_rows // workers, validations[r], validation_rows // workers,
-                     tuple(data.features), data.label, label_dtype) for r in range(workers)]
-
-
-def _ray_data_speaks_like_ktrain() -> None:
-    """Below --verbose, no "Starting execution of Dataset ..." lines or progress bars from Ray
-    Data. Set before the data fn runs: a dataset keeps a copy of the context it was made in
-    (and the data fn may still set its own)."""
-    from ray.data import DataContext
-
-    from ktrain import console
-
-    if console.verbosity() < console.VERBOSE:
-        context = DataContext.get_current()
-        context.print_on_execution_start = False
-        context.enable_progress_bars = False
-
-
 def _check_output_outlives_the_job(output_dir: str) -> None:
     copy = ray_job_working_dir()
     if copy and "://" not in output_dir and os.path.commonpath([copy, output_dir]) == copy:
@@ -281,36 +195,25 @@ class _WorkerActor:
     def address(self) -> str:
         import ray
 
-        from ktrain.rendezvous import free_ports
-
         host = ray.util.get_node_ip_address()
         return f"{host}:{free_ports(1, host)[0]}"
 
-    def train(self, plan_json: str, peers: list[str], driver_env: dict,
+    def train(self, plan: dict[str, str], peers: list[str], driver_env: dict,
               shard: RayShard | None = None):
-        """Run the worker, speaking like the driver and following its stop requests
+        """Run the plan's training function (``plan``: see ktrain.launch) as this rank,
+        speaking like the driver and following its stop requests
         (``driver_env``), on its ``shard`` of a ray.data.Dataset if the driver split one;
         None on success, else (kind, message)."""
-        from ktrain import console
-
-        os.environ.update({**driver_env, "KTRAIN_RANK": str(self.rank),
-                           "KTRAIN_WORLD_SIZE": str(len(peers)), "KTRAIN_LOCAL_RANK": "0",
-                           "KTRAIN_PEERS": ",".join(peers)})
+        os.environ.update({**driver_env, **rank_environment(self.rank, len(peers), peers=peers)})
         # Ray forwards what an actor prints: its errors, but not its progress, which reaches the
         # driver from rank 0's log (so no line is lost when the run ends).
         console.set_verbosity(console.QUIET)
         console.speak_through_log()
-        from ktrain.config import RunConfig
-
-        from ktrain import strategies
-        from ktrain.errors import KtrainError, Stopped, UserError
-        from ktrain.strategies.base import train_here
-
-        run = RunConfig.model_validate_json(plan_json)
-        strategy = strategies.create(run.strategy)
+        run, train = read_plan(plan)
+        strategy = RayStrategy(run.strategy)
         strategy.data_shard = shard
         try:
-            train_here(run, strategy)
+            train_here(run, strategy.open_session, train)
         except Stopped as err:
             return ("stopped", err.what)
         except KtrainError as err:

@@ -18,27 +18,23 @@ import re
 import shutil
 import subprocess
 import sys
-from typing import Literal
 
-from pydantic import StrictBool, StrictFloat, StrictInt, StrictStr
-
+from ktrain import console
+from ktrain.config import SparkConfig
+from ktrain.environment import PARTITION_ENV, rank_environment
 from ktrain.errors import UserError
-from ktrain.strategies.base import MultiProcessConfig, MultiProcessStrategy, Session
+from ktrain.launch import worker_command, worker_environment
+from ktrain.rendezvous import free_ports
+from ktrain.session import Session
+from ktrain.stopping import STOP_REPORT, relaying_stops, reported_stop
+from ktrain.strategies.base import MultiProcessStrategy, local_log_dir
 from ktrain.strategies.multiworker import collective_session
+from ktrain.supervisor import (Failure, blame_chief_first, captured_output_env, describe_exit,
+                               die_with_parent, echo_log, echoed_report, log_tail)
 
 _FAILURE = re.compile(r"KTRAIN_FAILURE (\d+) (user|crash) (.*?) KTRAIN_END", re.S)
 _MISSING_MODULE = re.compile(r"ModuleNotFoundError: No module named '([\w.]+)'")
 
-
-
-class SparkConfig(MultiProcessConfig):
-    name: Literal["spark"] = "spark"
-    master: str | None = None
-    """spark://host:7077, yarn, k8s://..., or sc://host:15002 for a Spark Connect server;
-    default: the active session (spark-submit), else SPARK_REMOTE (Spark Connect), else
-    local[workers] on this machine (loopback only)."""
-    spark_conf: dict[str, StrictStr | StrictInt | StrictFloat | StrictBool] = {}
-    """Passed to the session builder, e.g. {spark.task.resource.gpu.amount: 1}."""
 
 
 class SparkStrategy(MultiProcessStrategy):
@@ -64,11 +60,11 @@ class SparkStrategy(MultiProcessStrategy):
     def open_session(self) -> Session:
         return collective_session(self.config.start_timeout)
 
-    def run_group(self, run):
+    def run_group(self, run, train):
         """The whole group as one barrier stage; a Failure, or None if every task finished."""
         spark, created = self._spark_session(run)
         try:
-            return self._barrier_stage(spark, run)
+            return self._barrier_stage(spark, run, train)
         finally:
             if created:
                 spark.stop()
@@ -83,8 +79,6 @@ class SparkStrategy(MultiProcessStrategy):
         from pyspark import SparkConf, SparkContext
         from pyspark.java_gateway import launch_gateway  # to send the JVM's output to a file
         from pyspark.sql import SparkSession
-
-        from ktrain.strategies.base import local_log_dir
 
         active = SparkSession.getActiveSession()
         if active is not None:
@@ -145,12 +139,7 @@ class SparkStrategy(MultiProcessStrategy):
             builder = builder.config(key, value)
         return builder.getOrCreate()
 
-    def _barrier_stage(self, spark, run):
-        from ktrain import console
-        from ktrain.stopping import STOP_REPORT, relaying_stops, reported_stop
-        from ktrain.supervisor import (Failure, blame_chief_first, echo_log, echoed_report,
-                                       log_tail)
-
+    def _barrier_stage(self, spark, run, train):
         n = self.config.workers
         connect = type(spark).__module__.startswith("pyspark.sql.connect")
         if not connect:  # Spark Connect does not expose the scheduler: Spark checks the slots
@@ -166,7 +155,7 @@ class SparkStrategy(MultiProcessStrategy):
         chief_log = f"{run.output_dir}/logs/rank-0.log"
         try:
             with relaying_stops(run.checkpoint.stop_signals, run.output_dir) as (stop, env):
-                task = _barrier_task(run.model_dump_json(), run.output_dir,
+                task = _barrier_task(worker_environment(run, train), run.output_dir,
                                      {**console.environment(), **env}, columns)
                 with echo_log(chief_log):
                     partitions.mapInArrow(task, "rank long", barrier=True).collect()
@@ -265,9 +254,10 @@ def _write_partition(batches, columns, folder: str) -> int:
     return rows
 
 
-def _barrier_task(plan_json: str, output_dir: str, driver_env: dict, columns=None):
-    """The function each barrier task runs (pickled to the executors). ``driver_env`` is the
-    driver's console settings and stop relay; with ``columns`` (features, label, global batch size) the
+def _barrier_task(plan_env: dict, output_dir: str, driver_env: dict, columns=None):
+    """The function each barrier task runs (pickled to the executors). ``plan_env``: the run
+    and its training function (ktrain.launch); ``driver_env``: the driver's console settings
+    and stop relay; with ``columns`` (features, label, global batch size) the
     task's rows are its worker's data."""
 
     def run(batches):
@@ -277,10 +267,6 @@ def _barrier_task(plan_json: str, output_dir: str, driver_env: dict, columns=Non
         import fsspec
         import pyarrow
         from pyspark import BarrierTaskContext, SparkFiles
-
-        from ktrain.environment import PARTITION_ENV
-        from ktrain.rendezvous import free_ports
-        from ktrain.supervisor import captured_output_env, describe_exit, die_with_parent
 
         context = BarrierTaskContext.get()
         rank = context.partitionId()
@@ -295,9 +281,8 @@ def _barrier_task(plan_json: str, output_dir: str, driver_env: dict, columns=Non
         gathered = [g.split("|") for g in
                     context.allGather(f"{host}:{free_ports(1, host)[0]}|{examples}")]
         peers = [address for address, _ in gathered]
-        env = {**os.environ, "KTRAIN_PLAN": plan_json, "KTRAIN_RANK": str(rank),
-               "KTRAIN_WORLD_SIZE": str(len(infos)), "KTRAIN_LOCAL_RANK": "0",
-               "KTRAIN_PEERS": ",".join(peers), **captured_output_env(driver_env)}
+        env = {**os.environ, **plan_env, **rank_environment(rank, len(infos), peers=peers),
+               **captured_output_env(driver_env)}
         if columns:  # every worker takes as many steps as the smallest partition allows
             steps = min(int(n) for _, n in gathered) // (columns[2] // len(infos))
             env[PARTITION_ENV] = f"{scratch}:{steps}"
@@ -308,7 +293,7 @@ def _barrier_task(plan_json: str, output_dir: str, driver_env: dict, columns=Non
         fs.makedirs(f"{out}/logs", exist_ok=True)
         tail = deque(maxlen=60)
         with fs.open(f"{out}/logs/rank-{rank}.log", "a") as log:
-            process = subprocess.Popen([sys.executable, "-m", "ktrain.worker_entry"], env=env,
+            process = subprocess.Popen(worker_command(), env=env,
                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                        text=True, errors="replace", preexec_fn=die_with_parent)
             for line in process.stdout:

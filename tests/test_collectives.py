@@ -11,7 +11,7 @@ import pytest
 import tensorflow as tf
 
 from ktrain.collectives import Communicator, buckets, distribute_optimizer, undistribute
-from ktrain.worker import _ScaledLearningRate
+from ktrain.callbacks import ScaledLearningRate
 
 
 class Loopback(Communicator):
@@ -103,7 +103,7 @@ def test_learning_rate_scaling_warms_up_linearly():
     model = embedding_model()
     model.compile(optimizer=keras.optimizers.SGD(0.1), loss="sparse_categorical_crossentropy")
     model.fit(*DATA, batch_size=8, epochs=3, shuffle=False, verbose=0,
-              callbacks=[_ScaledLearningRate(4.0, warmup_epochs=2, steps_per_epoch=4), Record()])
+              callbacks=[ScaledLearningRate(4.0, warmup_epochs=2, steps_per_epoch=4), Record()])
     assert seen[0] == 0.1  # starts unscaled
     assert seen[4] == round(0.1 * (1 + 3 * 0.5), 6)  # half way through the warm-up
     assert seen[8:] == [0.4] * 4  # fully scaled afterwards

@@ -1,0 +1,186 @@
+"""The user's model and data, assembled in a worker's session: the data fn's (or files')
+splits, the model fn's model compiled from the config and built, so that a checkpoint can be
+restored into it. Training (ktrain.worker) and ``ktrain export --checkpoint`` both start here."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import os
+
+import keras
+
+from ktrain import backends
+from ktrain.checkpoint import TrainingState
+from ktrain.config import RunConfig, TrainSpec
+from ktrain.data import (ArraySplit, RayStreamSplit, Splits, first_features, partition_splits,
+                         ray_stream_splits, to_splits)
+from ktrain.environment import PARTITION_ENV
+from ktrain.errors import UserError, all_of
+from ktrain.ray_data import is_ray_dataset
+from ktrain.resume import restore
+from ktrain.session import Session
+from ktrain.sources import Files, FileSplit
+from ktrain.userfn import call_user, load_function
+
+
+def model_and_data(run: RunConfig, session: Session) -> tuple[keras.Model, Splits]:
+    """The user's model, compiled and built in the session's scope, and the data's splits."""
+    model_fn = load_function(run.model.fn, "model.fn", run.base_dir)
+    keras.utils.set_random_seed(run.train.seed)
+    if run.train.precision != "float32":
+        keras.mixed_precision.set_global_policy(run.train.precision)
+
+    splits = _load_data(run, session)
+    with session.scope():
+        model = call_user(model_fn, {**_training_data_for(model_fn, splits), **run.model.kwargs},
+                          "model.fn")
+        _check_model(model)
+        if not model.compiled:
+            compile_from_config(model, run.train)
+        build(model, splits)
+    return model, splits
+
+
+def checkpoint_model(run: RunConfig, state: TrainingState) -> keras.Model:
+    """The run's model holding a checkpoint's weights, made as one process would make it
+    (``ktrain export --checkpoint``)."""
+    if run.data.read_by_spark:
+        raise UserError("the run's data is read by Spark, and exporting a checkpoint remakes "
+                        "the model in this process", where="ktrain export --checkpoint",
+                        hint="export the run's model.keras (what a finished run leaves)")
+    model, _ = model_and_data(run, Session(rank=0, world_size=1, num_replicas=1))
+    restore(model, state)
+    return model
+
+
+def _load_data(run: RunConfig, session: Session) -> Splits:
+    if session.data_shard is not None:  # Ray Data streams this worker its share
+        return ray_stream_splits(session.data_shard, run.train.global_batch_size,
+                                 session.world_size)
+    if os.environ.get(PARTITION_ENV):  # a Spark task's own partition
+        path, _, steps = os.environ[PARTITION_ENV].rpartition(":")
+        return partition_splits(path, int(steps), list(run.data.features), run.data.label)
+    if run.data.files is not None:
+        splits = to_splits(_files_from_config(run), 0.0, key="data")
+    elif run.data.read_by_spark:
+        raise UserError("data.parquet and data.table are read by Spark, so they need the spark "
+                        "strategy", where="data",
+                        hint="use strategy.name: spark, or point data.fn at a function")
+    else:
+        data_fn = load_function(run.data.fn, "data.fn", run.base_dir)
+        result = call_user(data_fn, run.data.kwargs, "data.fn")
+        if is_ray_dataset(result):
+            raise UserError("the data fn returned a ray.data.Dataset, which the ray strategy "
+                            "streams to its workers when data.features and data.label name "
+                            "its columns", where="data.fn",
+                            hint="use strategy.name: ray and set data.features and data.label")
+        splits = to_splits(result, run.train.validation_split)
+    splits.train.check_workers(session.world_size, "strategy.workers")
+    if run.data.audit and not isinstance(splits.train, FileSplit):
+        raise UserError("data.audit checks how workers share a dataset in files, and this "
+                        "run's data is in memory", where="data.audit",
+                        hint="remove data.audit, or read the data with data.files (or a data "
+                             "fn that returns ktrain.Files)")
+    return splits
+
+
+def _files_from_config(run: RunConfig) -> dict[str, Files]:
+    """data.files (and data.validation_files) as the Files a data fn would return."""
+    data = run.data
+    map_fn = None
+    if data.map:
+        map_fn = functools.partial(load_function(data.map.fn, "data.map.fn", run.base_dir),
+                                   **data.map.kwargs)
+    options = {"format": data.format, "features": tuple(data.features), "label": data.label,
+               "map": map_fn, "lanes": data.lanes}
+    files = {"train": Files(data.files, **options)}
+    if data.validation_files is not None:
+        files["validation"] = Files(data.validation_files, **options)
+    return files
+
+
+TRAIN_DATA_PARAMETER = "train_data"
+
+
+def _training_data_for(model_fn, splits: Splits) -> dict:
+    """``train_data`` for a model fn that has such a parameter: the training examples as a
+    batched tf.data.Dataset of (features, label), e.g. for a preprocessing layer's
+    ``adapt()``, so the data is not loaded twice."""
+    try:
+        wanted = TRAIN_DATA_PARAMETER in inspect.signature(model_fn).parameters
+    except (TypeError, ValueError):
+        wanted = False
+    if wanted and isinstance(splits.train, ArraySplit):
+        backends.require_tensorflow("train_data (a tf.data.Dataset for the model fn)",
+                                    "model.fn")
+    if wanted and isinstance(splits.train, RayStreamSplit):
+        raise UserError("the model fn asks for train_data, and a ray.data.Dataset streams "
+                        "each worker only its share, once per epoch", where="model.fn",
+                        hint="adapt preprocessing in the data pipeline (ray.data "
+                             "preprocessors), or pass the statistics in model.kwargs")
+    return {TRAIN_DATA_PARAMETER: splits.train.dataset.batch(256)} if wanted else {}
+
+
+def _check_model(model) -> None:
+    if not isinstance(model, keras.Model):
+        raise UserError(f"the model fn returned a {type(model).__name__}, not a keras.Model",
+                        where="model.fn", hint="return the model object, e.g. "
+                                               "`return keras.Sequential([...])`")
+
+
+def compile_from_config(model: keras.Model, train: TrainSpec) -> None:
+    """Compile an uncompiled model with the optimizer, loss and metrics of the config."""
+    if train.loss is None:
+        raise UserError("the model fn returned an uncompiled model and train.loss is not set",
+                        where="train.loss", hint="set train.loss (e.g. "
+                        "sparse_categorical_crossentropy), or compile the model in your fn")
+    problems = train_option_problems(train)
+    if problems:
+        raise all_of(problems)
+    options = train.optimizer.model_dump()
+    optimizer = type(keras.optimizers.get(options.pop("name")))(**options)
+    model.compile(optimizer=optimizer, loss=keras.losses.get(train.loss),
+                  metrics=list(train.metrics), jit_compile=train.jit_compile)
+
+
+def train_option_problems(train: TrainSpec) -> list[UserError]:
+    """What Keras would reject in train.loss, train.metrics and train.optimizer (names and
+    arguments), all of it, without training."""
+    problems = []
+    if train.loss is not None:
+        try:
+            keras.losses.get(train.loss)
+        except ValueError:
+            problems.append(UserError(
+                f"unknown loss '{train.loss}'", where="train.loss",
+                hint="use a Keras loss name such as sparse_categorical_crossentropy, "
+                     "categorical_crossentropy, binary_crossentropy or mse"))
+    for metric in train.metrics:
+        try:
+            keras.metrics.get(metric)
+        except ValueError:
+            problems.append(UserError(f"unknown metric '{metric}'", where="train.metrics",
+                                      hint="use Keras metric names such as accuracy, auc, mae"))
+    options = train.optimizer.model_dump()
+    name = options.pop("name")
+    try:
+        kind = type(keras.optimizers.get(name))
+    except ValueError:
+        return problems + [UserError(f"unknown optimizer '{name}'", where="train.optimizer.name",
+                                     hint="use a Keras optimizer name such as adam, sgd, "
+                                          "rmsprop or adamw")]
+    try:
+        kind(**options)
+    except (TypeError, ValueError) as err:
+        problems.append(UserError(f"cannot create optimizer '{name}': {err}",
+                                  where="train.optimizer",
+                                  hint=f"check the arguments of keras.optimizers.{kind.__name__}"))
+    return problems
+
+
+def build(model: keras.Model, splits: Splits) -> None:
+    """Create the model's and optimizer's variables, so a checkpoint can be restored into them."""
+    if not model.built:
+        model(first_features(splits.train))
+    model.optimizer.build(model.trainable_variables)

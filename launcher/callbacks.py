@@ -1,0 +1,271 @@
+"""The Keras callbacks ktrain trains with, in the order ``callbacks_in_order`` gives them:
+global metrics, the shard audit, the recorder (metrics.csv, the console), the user's and the
+config's (early stopping, learning-rate scaling, TensorBoard), and checkpoints with the stop on
+a signal last."""
+
+from __future__ import annotations
+
+import time
+
+import keras
+import numpy as np
+
+from ktrain import backends, console
+from ktrain.checkpoint import CheckpointStore, Position
+from ktrain.config import RunConfig
+from ktrain.errors import UserError, WorkersFailed
+from ktrain.output import RunOutput
+from ktrain.report import TIMING
+from ktrain.resume import capture
+from ktrain.session import Session
+from ktrain.sources import ShardAudit
+from ktrain.stopping import StopRequest
+from ktrain.userfn import call_user, load_function
+
+tf = backends.optional_tensorflow()
+
+
+class RunRecorder(keras.callbacks.Callback):
+    """Per epoch: record history, write metrics.csv and the log, and print."""
+
+    def __init__(self, run: RunConfig, output: RunOutput, history: list[dict]):
+        super().__init__()
+        self.run, self.output, self.history = run, output, history
+        self.first_step_done: float | None = None
+        self.first_step_unix_time: float | None = None
+        self.steps = 0
+        self._epoch_started = 0.0
+        self._steps_before = 0
+        self._config_written = False
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.steps += 1
+        if self.first_step_done is None:
+            self.first_step_done = time.perf_counter()
+            self.first_step_unix_time = time.time()
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch_started = time.perf_counter()
+        self._steps_before = self.steps
+
+    def on_epoch_end(self, epoch, logs=None):
+        done = epoch + 1
+        seconds = time.perf_counter() - self._epoch_started
+        samples = (self.steps - self._steps_before) * self.run.train.global_batch_size
+        row = {"epoch": done, **{k: float(v) for k, v in (logs or {}).items()},
+               "epoch_seconds": round(seconds, 3),
+               "samples_per_second": round(samples / seconds, 2) if seconds else 0.0}
+        self.history.append(row)
+        if not self._config_written:  # only once training works: a failing run changes nothing
+            self.output.write_config(self.run.dump_yaml())
+            self._config_written = True
+        metrics = "  ".join(f"{k} {v:.4f}" for k, v in metrics_of(row).items())
+        self.output.say(f"epoch {done}/{self.run.train.epochs}  {metrics}  ({seconds:.1f}s)")
+        self.output.write_metrics(self.history)
+        self.output.flush_log()
+
+
+class ShardsBroken(WorkersFailed):
+    """data.audit found that the workers did not read the epoch's examples once each."""
+
+
+class AuditShards(keras.callbacks.Callback):
+    """data.audit, at each epoch's end. Every rank finds the same problem; rank 0 reports it
+    (the others fail on the next collective once it is gone, after it)."""
+
+    def __init__(self, audit: ShardAudit, session: Session):
+        super().__init__()
+        self.audit, self.session = audit, session
+
+    def on_epoch_end(self, epoch, logs=None):
+        problem = self.audit.problem(epoch, self.session.summed)
+        if not problem:
+            console.debug(f"data.audit: epoch {epoch + 1}'s shards are disjoint and complete")
+        elif self.session.is_chief:
+            raise ShardsBroken(
+                f"data.audit: {problem}", hint="ktrain's own lanes never overlap: look for code "
+                "that changes how the data is shared (a data fn, a map fn, a patched "
+                "ktrain.sources); the run stops before checkpointing this epoch")
+
+
+class StopNow(Exception):
+    """Raised out of ``fit`` once the checkpoint at ``position`` is taken."""
+
+    def __init__(self, position: Position):
+        super().__init__(str(position))
+        self.position = position
+
+
+class Checkpoints(keras.callbacks.Callback):
+    """Checkpoints at epoch ends, every ``every_steps`` global batches and every
+    ``every_minutes``; and the stop on a signal, at the step every rank agreed on.
+
+    Goes after the stateful callbacks: its ``on_train_begin`` gives them back their state."""
+
+    def __init__(self, run: RunConfig, store: CheckpointStore, history: list[dict],
+                 steps_per_epoch: int, stop: StopRequest, flags,
+                 callbacks: list[keras.callbacks.Callback], saved_callbacks: dict,
+                 fingerprint: dict):
+        super().__init__()
+        self.stateful = [c for c in callbacks if type(c) in CALLBACK_STATE]
+        self.run, self.store, self.history = run, store, history
+        self.steps_per_epoch, self.stop, self.flags = steps_per_epoch, stop, flags
+        self.callback_state = dict(saved_callbacks)
+        self.fingerprint = fingerprint
+        self.first_step = 0
+        """Global batches of the current epoch done before this fit call (a resumed epoch)."""
+        self._epoch = 0
+        self._last_saved = time.monotonic()
+        self._stop_at_epoch_end = False
+
+    def on_train_begin(self, logs=None):
+        for callback in self.stateful:
+            for name, value in self.callback_state.get(type(callback).__name__, {}).items():
+                setattr(callback, name, value)
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        step = self.first_step + batch + 1
+        if self._stop_requested():
+            if step < self.steps_per_epoch:
+                self._save(Position(self._epoch, step), background=False)
+                raise StopNow(Position(self._epoch, step))
+            self._stop_at_epoch_end = True  # the last step: finish the epoch, then stop
+        if step >= self.steps_per_epoch:
+            return  # the epoch's end checkpoints this position
+        every = self.run.checkpoint
+        if (every.every_steps and (self._epoch * self.steps_per_epoch + step) % every.every_steps
+                == 0) or (every.every_minutes and
+                          time.monotonic() - self._last_saved >= every.every_minutes * 60):
+            self._save(Position(self._epoch, step))
+
+    def on_epoch_end(self, epoch, logs=None):
+        done = epoch + 1
+        if (done % self.run.checkpoint.every_epochs == 0 or done == self.run.train.epochs
+                or self.model.stop_training or self._stop_at_epoch_end):
+            self._save(Position(done, 0))
+        if self._stop_at_epoch_end:
+            raise StopNow(Position(done, 0))
+
+    def _stop_requested(self) -> bool:
+        if self.flags is not None:  # every rank learns it after the same step
+            agreed = self.flags.agreed()  # one flag per stop signal
+            if agreed:  # every rank names the same signal, received or not
+                self.stop.received = self.stop.signals[agreed[0]]
+            return bool(agreed)
+        return self.stop.received is not None
+
+    def _save(self, position: Position, background: bool = True) -> None:
+        self.callback_state = {type(c).__name__: {name: _plain(getattr(c, name))
+                                                  for name in CALLBACK_STATE[type(c)]}
+                               for c in self.stateful}
+        started = time.perf_counter()
+        self.store.save(capture(self.model, position, self.history, self.callback_state,
+                                 self.run.train.global_batch_size, self.fingerprint),
+                        background=background)
+        self._last_saved = time.monotonic()
+        console.debug(f"checkpoint {position} captured in {time.perf_counter() - started:.2f}s")
+
+
+def _plain(value):
+    """A callback attribute as JSON can hold it (numpy scalars become Python numbers)."""
+    return value.item() if isinstance(value, np.generic) else value
+
+
+class ScaledLearningRate(keras.callbacks.Callback):
+    """Scale the learning rate by ``factor``, ramping up linearly over ``warmup_epochs``
+    (counted in the optimizer's steps, so a resumed run ramps exactly as an unbroken one)."""
+
+    def __init__(self, factor: float, warmup_epochs: int, steps_per_epoch: int):
+        super().__init__()
+        self.factor, self.warmup_steps = factor, warmup_epochs * steps_per_epoch
+        self.base: float | None = None
+        self._ramping = True
+
+    def on_train_begin(self, logs=None):
+        if not isinstance(self.model.optimizer.learning_rate,
+                          (keras.Variable, *((tf.Variable,) if tf else ()))):
+            raise UserError("strategy.lr_scaling needs a constant learning rate, not a schedule",
+                            where="strategy.lr_scaling", hint="set lr_scaling: off")
+        if self.base is None:  # fit may be called again (a resumed epoch, then the rest)
+            self.base = float(self.model.optimizer.learning_rate.numpy())
+        self._ramping = True
+
+    def on_train_batch_begin(self, batch, logs=None):
+        if not self._ramping:
+            return
+        done = int(self.model.optimizer.iterations.numpy())
+        progress = min(1.0, done / self.warmup_steps) if self.warmup_steps else 1.0
+        self.model.optimizer.learning_rate.assign(self.base * (1 + (self.factor - 1) * progress))
+        self._ramping = progress < 1.0
+
+
+# The state of callbacks that decides a run's outcome, carried across fit calls and restarts
+# (their on_train_begin resets it; the learning rate a checkpoint holds is already scaled).
+CALLBACK_STATE = {keras.callbacks.EarlyStopping: ("wait", "best", "best_epoch", "stopped_epoch"),
+                   keras.callbacks.ReduceLROnPlateau: ("wait", "best", "cooldown_counter"),
+                   keras.callbacks.ModelCheckpoint: ("best",),
+                   ScaledLearningRate: ("base",)}
+
+
+def optional_callbacks(run: RunConfig, session: Session,
+                        steps: int) -> list[keras.callbacks.Callback]:
+    callbacks = []
+    scaling = getattr(run.strategy, "lr_scaling", "off")
+    if scaling != "off" and session.world_size > 1:
+        factor = session.world_size if scaling == "linear" else session.world_size ** 0.5
+        callbacks.append(ScaledLearningRate(factor, run.strategy.warmup_epochs, steps))
+    if run.train.early_stopping:
+        callbacks.append(keras.callbacks.EarlyStopping(**run.train.early_stopping.model_dump()))
+    if run.train.tensorboard:
+        callbacks.append(keras.callbacks.TensorBoard(log_dir=f"{run.output_dir}/logs/tensorboard"))
+    if run.train.callbacks:
+        callbacks += _user_callbacks(run, session)
+    return callbacks
+
+
+# Callbacks that write files: on rank 0 only, so that ranks do not overwrite each other.
+_CHIEF_ONLY = (keras.callbacks.ModelCheckpoint, keras.callbacks.CSVLogger,
+               keras.callbacks.TensorBoard)
+
+
+def _user_callbacks(run: RunConfig, session: Session) -> list[keras.callbacks.Callback]:
+    """The callbacks the user's ``train.callbacks`` fn returns; they see global metrics."""
+    spec = run.train.callbacks
+    made = call_user(load_function(spec.fn, "train.callbacks.fn", run.base_dir), spec.kwargs,
+                     "train.callbacks.fn")
+    made = list(made) if isinstance(made, (list, tuple)) else made
+    if not isinstance(made, list) or not all(isinstance(c, keras.callbacks.Callback)
+                                             for c in made):
+        raise UserError(f"the callbacks fn returned {made!r:.80}, not a list of Keras callbacks",
+                        where="train.callbacks.fn",
+                        hint="return a list, e.g. [keras.callbacks.ReduceLROnPlateau(patience=2)]")
+    if any(isinstance(c, keras.callbacks.BackupAndRestore) for c in made):
+        raise UserError("BackupAndRestore would fight ktrain's own checkpoints",
+                        where="train.callbacks.fn",
+                        hint="remove it: ktrain checkpoints (checkpoint.every_epochs, "
+                             "every_steps, every_minutes) and resumes by itself")
+    return [c for c in made if session.is_chief or not isinstance(c, _CHIEF_ONLY)]
+
+
+def metrics_of(row: dict) -> dict:
+    """A metrics.csv row's metrics: without the epoch's number and timing."""
+    return {k: v for k, v in row.items() if k != "epoch" and k not in TIMING}
+
+
+def callbacks_in_order(session: Session, recorder: RunRecorder, tracker, history: list[dict],
+                        optional: list, checkpoints: Checkpoints, audit: ShardAudit | None,
+                        train_share: int, validation_share: int) -> list:
+    """Global metrics first, so that every later callback sees the same numbers on every rank;
+    the shard audit before any checkpoint takes the epoch; checkpoints last."""
+    callbacks = [recorder, *([tracker.callback(history)] if tracker else []), *optional,
+                 checkpoints]
+    if audit:
+        callbacks.insert(0, AuditShards(audit, session))
+    if session.communicator is not None and session.communicator.reduces_gradients:
+        from ktrain.collectives import GlobalMetrics
+
+        callbacks.insert(0, GlobalMetrics(session.communicator, train_share, validation_share))
+    return callbacks
