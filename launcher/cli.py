@@ -190,7 +190,7 @@ def _validate(args) -> int:
             problems.append(err)
     # Both load TensorFlow or Keras, which `ktrain run` leaves to the ranks.
     from ktrain.assembly import train_option_problems
-    from ktrain.sources import file_problems
+    from ktrain.readers import file_problems
 
     problems += file_problems(config.data)
     problems += train_option_problems(config.train)

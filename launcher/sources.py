@@ -24,9 +24,10 @@ import numpy as np
 from ktrain import backends, console
 from ktrain.config import DEFAULT_LANES
 from ktrain.errors import UserError
+from ktrain.readers import (Block, ParquetReader, TFRecordReader, expand, format_of,
+                            parquet_blocks, tfrecord_blocks)
 
 tf = backends.optional_tensorflow()
-FORMATS = ("parquet", "tfrecord")
 CHUNK_BYTES = 2 << 20
 """About this many bytes of rows are read, mixed and interleaved at a time (at most 4096
 rows): few steps per row, and memory bounded whatever a row's size."""
@@ -51,17 +52,6 @@ class Files:
     lanes: int = DEFAULT_LANES
     """Interleaved parts of each epoch; the number of workers must divide it. It decides
     the order, so keep it to compare or resume runs."""
-
-
-@dataclass(frozen=True)
-class Block:
-    """The unit a lane reads rows of: a Parquet row group or a TFRecord file."""
-
-    path: str
-    group: int
-    rows: int
-    bytes: int
-    """Its rows' size (Parquet: uncompressed), to size the chunks rows are read in."""
 
 
 @dataclass(frozen=True)
@@ -102,15 +92,15 @@ class FileSplit:
             raise UserError(f"lanes must be at least 1, not {source.lanes}", where=key,
                             hint=f"use the default, {DEFAULT_LANES}")
         self.source, self.key = source, key
-        self.format = source.format or _format_of(source.files, key)
-        self.paths = _expand(source.files, key)
-        self.blocks = _parquet_blocks(self.paths) if self.format == "parquet" else \
-            _tfrecord_blocks(self.paths)
+        self.format = source.format or format_of(source.files, key)
+        self.paths = expand(source.files, key)
+        self.blocks = parquet_blocks(self.paths) if self.format == "parquet" else \
+            tfrecord_blocks(self.paths)
         self.size = sum(block.rows for block in self.blocks)
         self.offsets = np.cumsum([0] + [block.rows for block in self.blocks])
         self.chunk_rows = int(np.clip(CHUNK_BYTES * self.size // max(
             1, sum(block.bytes for block in self.blocks)), 16, 4096))
-        self._read = _ParquetReader(self) if self.format == "parquet" else _TFRecordReader(self)
+        self._read = ParquetReader(self) if self.format == "parquet" else TFRecordReader(self)
 
     @property
     def dataset(self) -> tf.data.Dataset:
@@ -323,234 +313,3 @@ def _id_hash(ids: np.ndarray) -> int:
     """Sum of the ids' 32-bit mixes, mod 2**32: order-free, and exact as a float64 per rank."""
     mixed = (ids.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)) >> np.uint64(32)
     return int(mixed.sum(dtype=np.uint64) % np.uint64(2**32))
-
-
-# ------------------------------------------------------------------------------- files
-
-
-def _format_of(files: str | Sequence[str], key: str) -> str:
-    first = files if isinstance(files, str) else (files[0] if files else "")
-    name = first.rstrip("/").rsplit("/", 1)[-1]
-    for fmt, endings in (("parquet", (".parquet", ".pq")),
-                         ("tfrecord", (".tfrecord", ".tfrecords", ".tfr"))):
-        if any(ending in name for ending in endings):
-            return fmt
-    raise UserError(f"cannot tell the format of '{first}' from its name", where=key,
-                    hint=f"set format: one of {', '.join(FORMATS)}")
-
-
-def _expand(files: str | Sequence[str], key: str) -> list[str]:
-    """Every file the paths or patterns name, sorted; a folder stands for the files in it
-    (but not Spark's _SUCCESS and other hidden files)."""
-    import fsspec
-
-    found: list[str] = []
-    for pattern in [files] if isinstance(files, str) else list(files):
-        fs, path = fsspec.core.url_to_fs(pattern)
-        if any(c in path for c in "*?["):
-            matches = sorted(fs.glob(path))
-        elif fs.isdir(path):
-            matches = sorted(f for f in fs.find(path)
-                             if not f.rsplit("/", 1)[-1].startswith(("_", ".")))
-        else:
-            matches = [path] if fs.exists(path) else []
-        if not matches:
-            raise UserError(f"no files match '{pattern}'", where=key,
-                            hint="check the path or pattern (relative paths start at the "
-                                 "config file's folder)")
-        found += [fs.unstrip_protocol(m) if "://" in pattern else m for m in matches]
-    return found
-
-
-def file_problems(data) -> list[UserError]:
-    """data.files and data.validation_files that match no file (for ``ktrain validate``)."""
-    problems = []
-    for key in ("files", "validation_files"):
-        if getattr(data, key) is not None:
-            try:
-                _expand(getattr(data, key), f"data.{key}")
-            except UserError as err:
-                problems.append(err)
-    return problems
-
-
-def _open(path: str):
-    import fsspec
-
-    return fsspec.open(path, "rb").open()
-
-
-def _parquet_blocks(paths: list[str]) -> list[Block]:
-    import pyarrow.parquet as pq
-
-    blocks = []
-    for path in paths:
-        with _open(path) as handle:
-            meta = pq.ParquetFile(handle).metadata
-            groups = (meta.row_group(g) for g in range(meta.num_row_groups))
-            blocks += [Block(path, g, group.num_rows, group.total_byte_size)
-                       for g, group in enumerate(groups) if group.num_rows]
-    return blocks
-
-
-def _tfrecord_blocks(paths: list[str]) -> list[Block]:
-    return [Block(path, 0, *_records_and_bytes(path)) for path in paths]
-
-
-def _records_and_bytes(path: str) -> tuple[int, int]:
-    """Records in a TFRecord file and their bytes, by its framing (length, crc, data, crc):
-    no parsing."""
-    count = size = 0
-    with _open(path) as handle:
-        while header := handle.read(12):
-            if len(header) < 12:
-                break
-            length = int.from_bytes(header[:8], "little")
-            handle.seek(length + 4, 1)
-            count, size = count + 1, size + length
-    return count, size
-
-
-# ------------------------------------------------------------------------------- readers
-
-
-def _assemble(columns: Sequence[tf.Tensor], names: Sequence[str], key: str):
-    """A batch of features as one float32 vector each (numeric columns), or a single column as
-    it is."""
-    if len(columns) == 1 and columns[0].dtype == tf.string:
-        return columns[0]
-    strings = [n for n, c in zip(names, columns) if c.dtype == tf.string]
-    if strings:
-        raise UserError(f"feature(s) {strings} hold strings, which cannot join a numeric "
-                        f"feature vector", where=f"{key}.features",
-                        hint="name one string feature on its own and decode it in a map fn")
-    widths = [int(np.prod(c.shape[1:])) for c in columns]  # static: the model sees its width
-    return tf.concat([tf.reshape(tf.cast(c, tf.float32), [-1, w]) for c, w in zip(columns, widths)],
-                     axis=1)
-
-
-class _ParquetReader:
-    """Rows of a row group, read with pyarrow (in chunks), as tuples of column tensors."""
-
-
-    def __init__(self, split: FileSplit):
-        import pyarrow.parquet as pq
-
-        source = split.source
-        self.columns = [*source.features, *([source.label] if source.label else [])]
-        if not source.features or (not source.label and source.map is None):
-            raise UserError("a Parquet source needs features (columns) and a label, or a map "
-                            "fn that makes (features, label)", where=split.key,
-                            hint="e.g. features: [x0, x1], label: y")
-        with _open(split.blocks[0].path if split.blocks else split.paths[0]) as handle:
-            schema = pq.ParquetFile(handle).schema_arrow
-        missing = [c for c in self.columns if c not in schema.names]
-        if missing:
-            raise UserError(f"column(s) {missing} are not in {split.paths[0]}",
-                            where=f"{split.key}.features",
-                            hint=f"its columns are: {', '.join(schema.names)}")
-        self.specs = tuple(_column_spec(schema.field(c), split.key) for c in self.columns)
-        self.paths = [block.path for block in split.blocks]
-        self.chunk_rows = split.chunk_rows
-        self.groups = [block.group for block in split.blocks]
-        self.features, self.key = len(source.features), split.key
-        self.names = list(source.features)
-
-    def __call__(self, block, start, stop) -> tf.data.Dataset:
-        """The rows as batches of examples."""
-        return tf.data.Dataset.from_generator(
-            self._chunks, args=(block, start, stop), output_signature=self.specs
-        ).map(self._examples)
-
-    def _chunks(self, block, start, stop):
-        import pyarrow.parquet as pq
-
-        block = int(block)
-        with _open(self.paths[block]) as handle:
-            table = pq.ParquetFile(handle).read_row_group(self.groups[block],
-                                                          columns=self.columns)
-        table = table.slice(int(start), int(stop) - int(start))
-        for batch in table.to_batches(max_chunksize=self.chunk_rows):
-            yield tuple(_to_numpy(batch.column(i)) for i in range(len(self.columns)))
-
-    def _examples(self, *columns):
-        x = _assemble(columns[:self.features], self.names, self.key)
-        return (x, columns[self.features]) if len(columns) > self.features else x
-
-
-def _column_spec(field, key: str) -> tf.TensorSpec:
-    import pyarrow as pa
-
-    kind = field.type
-    if pa.types.is_fixed_size_list(kind):
-        return tf.TensorSpec((None, kind.list_size), tf.as_dtype(kind.value_type.to_pandas_dtype()))
-    if pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_binary(kind):
-        return tf.TensorSpec((None,), tf.string)
-    if pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_boolean(kind):
-        return tf.TensorSpec((None,), tf.as_dtype(kind.to_pandas_dtype()))
-    raise UserError(f"column '{field.name}' is of type {kind}, which ktrain cannot stream",
-                    where=f"{key}.features", hint="use numeric, string or fixed-size list "
-                                                  "columns (pyarrow.list_(type, size))")
-
-
-def _to_numpy(column) -> np.ndarray:
-    import pyarrow as pa
-
-    if pa.types.is_fixed_size_list(column.type):
-        return column.flatten().to_numpy().reshape(len(column), column.type.list_size)
-    return column.to_numpy(zero_copy_only=False)
-
-
-class _TFRecordReader:
-    """Records of a TFRecord file, by TensorFlow's own reader; parsed as tf.train.Example
-    when features are named (their types and lengths taken from the first record)."""
-
-    def __init__(self, split: FileSplit):
-        source = split.source
-        self.paths = tf.constant([block.path for block in split.blocks] or [""])
-        self.chunk_rows = split.chunk_rows
-        self.names = list(source.features)
-        self.label, self.key = source.label, split.key
-        self.spec = None
-        if source.features:
-            self.spec = _example_spec(split.paths[0], [*self.names, *([self.label] if
-                                                                     self.label else [])],
-                                      split.key)
-        elif source.map is None:
-            raise UserError("a TFRecord source needs features (and a label) to parse "
-                            "tf.train.Example records, or a map fn that parses each record",
-                            where=split.key, hint="e.g. features: [pixels], label: digit")
-
-    def __call__(self, block, start, stop) -> tf.data.Dataset:
-        """The records as batches of examples, or as they are for a map fn (in batches)."""
-        records = tf.data.TFRecordDataset(self.paths[block]).skip(start).take(stop - start) \
-            .batch(self.chunk_rows)
-        return records if self.spec is None else records.map(self._examples)
-
-    def _examples(self, records):
-        parsed = tf.io.parse_example(records, self.spec)
-        x = _assemble([parsed[n] for n in self.names], self.names, self.key)
-        return (x, parsed[self.label]) if self.label else x
-
-
-def _example_spec(path: str, keys: list[str], key: str) -> dict:
-    first = next(iter(tf.data.TFRecordDataset(path).take(1)), None)
-    if first is None:
-        raise UserError(f"{path} holds no records", where=key, hint="remove the empty file")
-    try:
-        example = tf.train.Example.FromString(first.numpy())
-    except Exception:  # noqa: BLE001 - protobuf's DecodeError; any failure means the same
-        raise UserError(f"the records of {path} are not tf.train.Example", where=key,
-                        hint="leave features unset and parse each record in a map fn") from None
-    present = example.features.feature
-    missing = [k for k in keys if k not in present]
-    if missing:
-        raise UserError(f"key(s) {missing} are not in the records of {path}",
-                        where=f"{key}.features", hint=f"its keys are: {', '.join(present)}")
-    spec = {}
-    for name in keys:
-        kind = present[name].WhichOneof("kind")
-        values = getattr(present[name], kind).value
-        dtype = {"float_list": tf.float32, "int64_list": tf.int64, "bytes_list": tf.string}[kind]
-        spec[name] = tf.io.FixedLenFeature([] if len(values) == 1 else [len(values)], dtype)
-    return spec
