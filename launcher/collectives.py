@@ -1,6 +1,6 @@
 """Gradient averaging for Keras 3 across worker processes, over pluggable transports.
 
-Public API (usable in your own training loops too):
+Public API (usable in your own training loops too; ``__all__``):
 
 - ``Communicator``: ``allreduce_sum`` / ``allreduce_mean`` / ``broadcast`` / ``barrier`` over a
   list of tensors, fused into buckets (one per dtype, or of a chosen size). Implementations:
@@ -21,6 +21,9 @@ be XLA-compiled: ``needs_eager_ops`` tells the caller to set ``jit_compile=False
 """
 
 from __future__ import annotations
+
+__all__ = ["Communicator", "TensorFlowCollectives", "MpiCommunicator", "HorovodCommunicator",
+           "distribute_optimizer", "undistribute", "broadcast_variables", "GlobalMetrics"]
 
 import abc
 import itertools
@@ -321,13 +324,23 @@ class SharedFlags:
 def distribute_optimizer(optimizer: keras.optimizers.Optimizer, communicator: Communicator,
                          *, compression: str = "none", bucket_bytes: int | None = None,
                          flags: SharedFlags | None = None) -> keras.optimizers.Optimizer:
-    """Make ``optimizer`` average gradients over ``communicator`` before every update
-    (and ``flags``, if given, with them), in buckets of ``bucket_bytes`` sent as
-    ``compression`` says (see ``Communicator.allreduce_sum``).
+    """Make ``optimizer`` average gradients over ``communicator`` before every update.
 
     The instance is changed in place (its class becomes a subclass of its own class), so the
     model keeps the same optimizer object, its variables and its config. ``undistribute``
     reverts it, e.g. before saving.
+
+    Args:
+        optimizer: any Keras 3 optimizer (a ``LossScaleOptimizer``'s inner one is wrapped).
+        communicator: the transport, e.g. ``MpiCommunicator()``.
+        compression: ``none``, ``fp16`` or ``bf16``: the dtype float gradients travel in
+            (see ``Communicator.allreduce_sum``).
+        bucket_bytes: gradients travel in fused buckets of at most this many bytes, the last
+            layers' first; None: one buffer per dtype.
+        flags: ``SharedFlags`` whose values travel in the same allreduce (ktrain's stop flags).
+
+    Returns:
+        ``optimizer`` itself.
     """
     target = getattr(optimizer, "inner_optimizer", optimizer)  # LossScaleOptimizer wraps one
     base = type(target)
@@ -367,7 +380,14 @@ def undistribute(optimizer: keras.optimizers.Optimizer) -> None:
 
 def broadcast_variables(variables: Sequence[tf.Variable], communicator: Communicator,
                         root: int = 0) -> None:
-    """Assign ``root``'s values to ``variables`` on every worker."""
+    """Assign ``root``'s values to ``variables`` on every worker (every worker calls it).
+
+    Args:
+        variables: the same variables, in the same order, on every worker (e.g.
+            ``model.variables + model.optimizer.variables``).
+        communicator: the transport.
+        root: the rank whose values win.
+    """
     variables = list(variables)
     for variable, value in zip(variables, communicator.broadcast([v.value for v in variables],
                                                                  root)):
@@ -379,6 +399,11 @@ class GlobalMetrics(keras.callbacks.Callback):
 
     Put it first in the callback list: later callbacks (history, early stopping, checkpoints)
     then all see the same, global numbers on every worker.
+
+    Args:
+        communicator: the transport.
+        train_examples: the training examples this worker sees per epoch (its weight).
+        validation_examples: the validation examples it evaluates per epoch.
     """
 
     def __init__(self, communicator: Communicator, train_examples: int, validation_examples: int):

@@ -36,22 +36,27 @@ rows): few steps per row, and memory bounded whatever a row's size."""
 @dataclass(frozen=True)
 class Files:
     """A dataset in files, for ``data.files`` or as a data fn's result
-    (``return ktrain.Files("s3://bucket/train-*.parquet", features=[...], label="y")``)."""
+    (``return ktrain.Files("s3://bucket/train-*.parquet", features=[...], label="y")``);
+    each worker streams only its share.
+
+    Args:
+        files: a path, glob or fsspec URL (s3://, gs://, ...), or a list of them.
+        format: ``parquet`` or ``tfrecord``; default: from the files' extension.
+        features: Parquet columns or tf.train.Example keys; numeric ones are joined into one
+            float32 vector, a single string/bytes one is passed as is (e.g. to a ``map``).
+        label: the label's column or key.
+        map: per-example ``(x, y) -> (x, y)`` (or ``record -> (x, y)`` for TFRecord without
+            features), run by the one worker that trains on the example.
+        lanes: interleaved parts of each epoch; the number of workers must divide it. It
+            decides the order, so keep it to compare or resume runs.
+    """
 
     files: str | Sequence[str]
-    """A path, glob or fsspec URL (s3://, gs://, ...), or a list of them."""
     format: Literal["parquet", "tfrecord"] | None = None
-    """Default: from the files' extension."""
     features: Sequence[str] = ()
-    """Parquet columns or tf.train.Example keys; numeric ones are joined into one float32
-    vector, a single string/bytes one is passed as is (e.g. to a decoding ``map``)."""
     label: str | None = None
     map: Callable | None = None
-    """Per-example ``(x, y) -> (x, y)`` (or ``record -> (x, y)`` for TFRecord without
-    features), run by the one worker that trains on the example."""
     lanes: int = DEFAULT_LANES
-    """Interleaved parts of each epoch; the number of workers must divide it. It decides
-    the order, so keep it to compare or resume runs."""
 
 
 @dataclass(frozen=True)
