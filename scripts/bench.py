@@ -192,6 +192,7 @@ def _timed(call) -> float:
 def _two_ranks(kind: str, worker_args: list[str], extra_env: dict | None = None) -> dict | None:
     """Run this script with ``worker_args`` as 2 ranks joined by transport ``kind`` (raw-mpi4py,
     mpi, collective, horovod-gloo, horovod-mpi); the JSON rank 0 printed, or None."""
+    from ktrain.environment import rank_environment
     from ktrain.rendezvous import free_ports
 
     bin_dir = os.path.dirname(sys.executable)
@@ -201,10 +202,9 @@ def _two_ranks(kind: str, worker_args: list[str], extra_env: dict | None = None)
     horovodrun = [os.path.join(bin_dir, "horovodrun"), "-np", "2", "-H", "localhost:2"]
     if kind.startswith("horovod") and not os.path.exists(horovodrun[0]):
         return None
-    peers = ",".join(f"127.0.0.1:{p}" for p in free_ports(2))
+    peers = [f"127.0.0.1:{p}" for p in free_ports(2)]
     commands = {
-        "collective": [(worker, {"KTRAIN_RANK": str(r), "KTRAIN_PEERS": peers})
-                       for r in range(2)],
+        "collective": [(worker, rank_environment(r, 2, r, peers)) for r in range(2)],
         "horovod-gloo": [(horovodrun + ["--gloo", "--network-interface", "lo"] + worker, {})],
     }.get(kind, [(mpirun + worker, {})])
     processes = [subprocess.Popen(command, env={**_env(), **(extra_env or {}), **extra},
@@ -363,10 +363,11 @@ def step_breakdown_worker(kind: str, config: str, overrides: list[str]) -> None:
 
 def _communicator(kind: str):
     from ktrain import collectives
+    from ktrain.environment import PEERS_ENV, detect
 
     if kind == "collective":
-        return collectives.TensorFlowCollectives(int(os.environ["KTRAIN_RANK"]),
-                                                 os.environ["KTRAIN_PEERS"].split(","))
+        return collectives.TensorFlowCollectives(detect().rank,
+                                                 os.environ[PEERS_ENV].split(","))
     if kind == "mpi":
         return collectives.MpiCommunicator()
     return collectives.HorovodCommunicator()

@@ -37,7 +37,7 @@ class Strategy(abc.ABC):
     """One way of running workers. Subclasses live one per module in ``strategies/``."""
 
     name: ClassVar[str]
-    config_type: ClassVar[type[StrategyConfig]]
+    """Its ``strategy.name``; its options are ``ktrain.config.STRATEGY_OPTIONS[name]``."""
 
     def __init__(self, config: StrategyConfig):
         self.config = config

@@ -32,7 +32,7 @@ _INSTALL_HINT = "install it with `bash scripts/install_horovod.sh` (see the READ
 
 class HorovodStrategy(MultiProcessStrategy):
     name = "horovod"
-    config_type = HorovodConfig
+    config: HorovodConfig
 
     def prepare(self, run) -> None:
         backends.tensorflow_only("the horovod strategy", "strategy.name",

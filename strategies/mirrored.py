@@ -22,7 +22,7 @@ _ONE_PROCESS = {"slurm": " (`srun -n 1 ...`)", "openmpi": " (`mpirun -n 1 ...`)"
 
 class MirroredStrategy(Strategy):
     name = "mirrored"
-    config_type = MirroredConfig
+    config: MirroredConfig
 
     def prepare(self, run) -> None:
         found = detect()

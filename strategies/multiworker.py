@@ -55,7 +55,7 @@ def choose_communicator(found: ClusterEnvironment, env: dict[str, str] | None = 
 
 class MultiWorkerStrategy(MultiProcessStrategy):
     name = "multiworker"
-    config_type = MultiWorkerConfig
+    config: MultiWorkerConfig
 
     def communicator(self, found: ClusterEnvironment | None = None) -> tuple[str, str | None]:
         """The transport this process uses in the world ``found`` (default: detected here):

@@ -30,7 +30,7 @@ from ktrain.supervisor import Failure, blame_chief_first, echo_log, echoed_repor
 
 class RayStrategy(MultiProcessStrategy):
     name = "ray"
-    config_type = RayConfig
+    config: RayConfig
 
     def prepare(self, run) -> None:
         super().prepare(run)

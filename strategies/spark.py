@@ -39,7 +39,7 @@ _MISSING_MODULE = re.compile(r"ModuleNotFoundError: No module named '([\w.]+)'")
 
 class SparkStrategy(MultiProcessStrategy):
     name = "spark"
-    config_type = SparkConfig
+    config: SparkConfig
 
     def prepare(self, run) -> None:
         super().prepare(run)

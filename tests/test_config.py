@@ -1,5 +1,6 @@
 """The config contract: strict keys, typed values, overrides, and errors that say what/where/how."""
 
+import re
 import textwrap
 from pathlib import Path
 
@@ -81,8 +82,14 @@ def test_wrong_choice_lists_allowed_values(tmp_path):
 
 
 def test_unknown_strategy_lists_the_available_ones(tmp_path):
+    """The names the schema offers are exactly the strategies that run (their options live in
+    ktrain.config, their code in ktrain.strategies)."""
+    from ktrain.strategies import REGISTRY
+
     message = error_for(tmp_path, GOOD.replace("name: mirrored", "name: mirored"))
-    assert "strategy.name" in message and "'mirrored'" in message
+    assert "strategy.name" in message
+    offered = set(re.findall(r"'(\w+)'", message.partition("must be one of")[2]))
+    assert offered == set(REGISTRY), message
 
 
 def test_malformed_yaml_reports_the_line(tmp_path):
