@@ -38,7 +38,7 @@ def model_and_data(run: RunConfig, session: Session) -> tuple[keras.Model, Split
         _check_model(model)
         if not model.compiled:
             compile_from_config(model, run.train)
-        build(model, splits)
+        _build(model, splits)
     return model, splits
 
 
@@ -179,7 +179,7 @@ def train_option_problems(train: TrainSpec) -> list[UserError]:
     return problems
 
 
-def build(model: keras.Model, splits: Splits) -> None:
+def _build(model: keras.Model, splits: Splits) -> None:
     """Create the model's and optimizer's variables, so a checkpoint can be restored into them."""
     if not model.built:
         model(first_features(splits.train))

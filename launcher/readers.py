@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import fsspec
 import numpy as np
 
 from ktrain import backends
@@ -44,8 +45,6 @@ def format_of(files: str | Sequence[str], key: str) -> str:
 def expand(files: str | Sequence[str], key: str) -> list[str]:
     """Every file the paths or patterns name, sorted; a folder stands for the files in it
     (but not Spark's _SUCCESS and other hidden files)."""
-    import fsspec
-
     found: list[str] = []
     for pattern in [files] if isinstance(files, str) else list(files):
         fs, path = fsspec.core.url_to_fs(pattern)
@@ -77,8 +76,6 @@ def file_problems(data) -> list[UserError]:
 
 
 def _open(path: str):
-    import fsspec
-
     return fsspec.open(path, "rb").open()
 
 

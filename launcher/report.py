@@ -74,7 +74,8 @@ def _panels(histories: dict[str, list[dict]]) -> list[str]:
 
 
 def _draw(histories: dict[str, list[dict]]) -> bytes:
-    import matplotlib
+    import matplotlib  # loaded only to draw: every `ktrain run` imports this module
+
 
     matplotlib.use("Agg")  # no screen needed
     from matplotlib.figure import Figure

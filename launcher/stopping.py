@@ -17,6 +17,8 @@ import signal
 import threading
 from typing import Callable
 
+import fsspec
+
 from ktrain.console import ERROR_PREFIX
 from ktrain.errors import Stopped
 
@@ -64,8 +66,6 @@ class StopRequest:
         if not url or not follow:
             yield self
             return
-        import fsspec
-
         fs, path = fsspec.core.url_to_fs(url)
         done = threading.Event()
 
@@ -96,8 +96,6 @@ def relaying_stops(signal_names: list[str], output_dir: str):
     """On a driver whose ranks run out of its reach (Spark tasks, Ray actors): a stop signal
     becomes a request file that rank 0 follows. Yields the StopRequest and the environment
     the ranks need."""
-    import fsspec
-
     url = f"{output_dir.rstrip('/')}/logs/stop-request"
     fs, path = fsspec.core.url_to_fs(url)
     if fs.exists(path):

@@ -26,6 +26,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import fsspec
+
 from ktrain import console
 from ktrain.errors import Stopped
 from ktrain.stopping import STOP_REPORT, StopRequest, reported_stop
@@ -311,8 +313,6 @@ def _signal_group(process: subprocess.Popen, sig: int) -> None:
 
 def log_tail(log_url: str, lines: int = 3 * _TAIL) -> list[str]:
     """The last ``lines`` of a rank's log (any fsspec URL); none if it has no log."""
-    import fsspec
-
     fs, path = fsspec.core.url_to_fs(log_url)
     if not fs.exists(path):
         return []
@@ -346,8 +346,6 @@ def echo_log(log_url: str, every: float = 0.5):
     """Print what a rank appends to its log (any fsspec URL) while the block runs: how rank 0's
     lines reach the console of the process the user started when the workers run elsewhere
     (Spark executors, Ray actors)."""
-    import fsspec
-
     if console.verbosity() < console.NORMAL:
         yield
         return

@@ -1,9 +1,7 @@
 """The training loop every rank of every strategy runs, as an outline: assemble the model and
-data (ktrain.assembly), find where the run starts (ktrain.resume), join the group, fit with
-ktrain's callbacks (ktrain.callbacks), then write the model, the summary and what follows a run.
-
-Flow: call the user's data and model fns -> check everything -> only then touch output_dir ->
-restore the newest checkpoint -> fit -> write model and summary.
+data (ktrain.assembly) and check everything, only then touch output_dir, restore the newest
+checkpoint (ktrain.resume), join the group, fit with ktrain's callbacks (ktrain.callbacks), then
+write the model, the summary and what follows a run (exports, report, MLflow).
 """
 
 from __future__ import annotations

@@ -19,6 +19,8 @@ import shutil
 import subprocess
 import sys
 
+import fsspec
+
 from ktrain import console
 from ktrain.config import SparkConfig
 from ktrain.environment import PARTITION_ENV, rank_environment
@@ -264,7 +266,6 @@ def _barrier_task(plan_env: dict, output_dir: str, driver_env: dict, columns=Non
         import tempfile
         from collections import deque
 
-        import fsspec
         import pyarrow
         from pyspark import BarrierTaskContext, SparkFiles
 
