@@ -76,7 +76,6 @@ def _panels(histories: dict[str, list[dict]]) -> list[str]:
 def _draw(histories: dict[str, list[dict]]) -> bytes:
     import matplotlib  # loaded only to draw: every `ktrain run` imports this module
 
-
     matplotlib.use("Agg")  # no screen needed
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
