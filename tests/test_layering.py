@@ -20,8 +20,8 @@ FLOORS = [
     {"backends", "console", "userfn", "checkpoint", "tracking", "output", "stopping", "report"},
     {"config"},  # the whole schema, every strategy's options included
     # cluster and runtime: where ranks are, how they start, meet, are watched
-    {"rendezvous", "supervisor", "watchdog", "launch", "ray_data", "jax_runtime"},
-    {"readers", "sources", "data"},  # data
+    {"rendezvous", "supervisor", "watchdog", "launch", "jax_runtime"},
+    {"readers", "sources", "data", "ray_data"},  # data
     # how ranks are started: handed the training function, never importing it
     {"strategies.base", "strategies.mirrored", "strategies.multiworker", "strategies.horovod",
      "strategies.spark", "strategies.ray", "strategies"},
