@@ -105,13 +105,14 @@ class Checkpoints(keras.callbacks.Callback):
     def __init__(self, run: RunConfig, store: CheckpointStore, history: list[dict],
                  steps_per_epoch: int, stop: StopRequest, flags,
                  callbacks: list[keras.callbacks.Callback], saved_callbacks: dict,
-                 fingerprint: dict):
+                 record: dict):
         super().__init__()
         self.stateful = [c for c in callbacks if type(c) in CALLBACK_STATE]
         self.run, self.store, self.history = run, store, history
         self.steps_per_epoch, self.stop, self.flags = steps_per_epoch, stop, flags
         self.callback_state = dict(saved_callbacks)
-        self.fingerprint = fingerprint
+        self.record = record
+        """What every checkpoint carries besides the state: fingerprint and written_by."""
         self.first_step = 0
         """Global batches of the current epoch done before this fit call (a resumed epoch)."""
         self._epoch = 0
@@ -162,8 +163,10 @@ class Checkpoints(keras.callbacks.Callback):
                                                   for name in CALLBACK_STATE[type(c)]}
                                for c in self.stateful}
         started = time.perf_counter()
-        self.store.save(capture(self.model, position, self.history, self.callback_state,
-                                 self.run.train.global_batch_size, self.fingerprint),
+        self.store.save(capture(self.model, position, self.history,
+                                callbacks=self.callback_state,
+                                global_batch_size=self.run.train.global_batch_size,
+                                **self.record),
                         background=background)
         self._last_saved = time.monotonic()
         console.debug(f"checkpoint {position} captured in {time.perf_counter() - started:.2f}s")

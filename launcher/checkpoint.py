@@ -7,7 +7,9 @@ position in the run: ``ckpt-<epochs done>.npz`` at an epoch's end, ``ckpt-<epoch
 done>-<steps into the next>.npz`` mid-epoch (a step is one global batch, whatever the number
 of workers). Files are written under a temporary
 name and committed by a rename, so a crash never leaves a "latest" checkpoint that cannot be
-loaded. Storage goes through fsspec: any URL fsspec knows works (``memory://`` in tests).
+loaded. Each carries a SHA-256 digest of its contents, checked on every load: a file damaged
+later (a failed copy, a full disk, a flipped bit) is named and skipped for the newest intact
+one. Storage goes through fsspec: any URL fsspec knows works (``memory://`` in tests).
 
 Every worker calls ``save``; only the chief writes. Values are read locally (each worker holds
 a full replica), so no worker waits on another. Writing can happen in the background while
@@ -16,22 +18,28 @@ training goes on (``background=True``); ``wait`` joins it.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
+import zipfile
 import os
 import re
 import threading
 import uuid
-import warnings
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import fsspec
 import numpy as np
 
+from ktrain import console
 from ktrain.errors import UserError
 
 _NAME = re.compile(r"ckpt-(\d{6})(?:-(\d{7}))?\.npz$")
+
+
+class DamagedCheckpoint(Exception):
+    """A checkpoint file that cannot be trusted; the message says why."""
 
 
 class Position(NamedTuple):
@@ -63,6 +71,9 @@ class TrainingState:
     fingerprint: dict = field(default_factory=dict)
     """What decides the run's result (settings, model shapes, data sizes): a run resumed
     into the same output_dir must match it."""
+    written_by: dict = field(default_factory=dict)
+    """How the run that wrote it ran (strategy, backend, world size): for the record only;
+    a checkpoint resumes under any of them."""
 
     @property
     def position(self) -> Position:
@@ -72,23 +83,51 @@ class TrainingState:
         meta = {"epoch": self.epoch, "step": self.step, "history": self.history,
                 "variable_paths": self.variable_paths, "callbacks": self.callbacks,
                 "global_batch_size": self.global_batch_size, "fingerprint": self.fingerprint,
-                "format": 3}
+                "written_by": self.written_by, "format": 4}
         arrays = {f"model_{i:05d}": v for i, v in enumerate(self.model_variables)}
         arrays |= {f"optimizer_{i:05d}": v for i, v in enumerate(self.optimizer_variables)}
         arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+        arrays[_DIGEST] = np.frombuffer(_digest(arrays).encode(), dtype=np.uint8)
         buffer = io.BytesIO()
         np.savez(buffer, **arrays)
         return buffer.getvalue()
 
     @classmethod
     def from_bytes(cls, data: bytes) -> TrainingState:
-        with np.load(io.BytesIO(data), allow_pickle=False) as npz:
-            meta = json.loads(npz["meta"].tobytes())
-            model = [npz[k] for k in sorted(k for k in npz.files if k.startswith("model_"))]
-            optimizer = [npz[k] for k in sorted(k for k in npz.files if k.startswith("optimizer_"))]
+        """The state ``to_bytes`` wrote; DamagedCheckpoint if the bytes are not all intact."""
+        if not data:
+            raise DamagedCheckpoint("the file is empty")
+        try:
+            with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+                arrays = {name: npz[name] for name in npz.files}
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
+            raise DamagedCheckpoint(f"not a readable .npz ({err})") from None
+        if _DIGEST in arrays:  # written since format 4
+            digest = arrays.pop(_DIGEST).tobytes().decode(errors="replace")
+            if digest != _digest(arrays):
+                raise DamagedCheckpoint("its contents do not match their SHA-256 digest")
+        try:
+            meta = json.loads(arrays["meta"].tobytes())
+        except (KeyError, ValueError) as err:
+            raise DamagedCheckpoint(f"no readable meta record ({err})") from None
+        model = [arrays[k] for k in sorted(k for k in arrays if k.startswith("model_"))]
+        optimizer = [arrays[k] for k in sorted(k for k in arrays if k.startswith("optimizer_"))]
         return cls(meta["epoch"], model, optimizer, meta["history"], meta["variable_paths"],
                    meta.get("step", 0), meta.get("global_batch_size"), meta.get("callbacks", {}),
-                   meta.get("fingerprint", {}))
+                   meta.get("fingerprint", {}), meta.get("written_by", {}))
+
+
+_DIGEST = "sha256"
+
+
+def _digest(arrays: dict[str, np.ndarray]) -> str:
+    """SHA-256 over every array's name, dtype, shape and bytes, in name order."""
+    digest = hashlib.sha256()
+    for name in sorted(arrays):
+        value = np.ascontiguousarray(arrays[name])
+        digest.update(f"{name}|{value.dtype.str}|{value.shape}|".encode())
+        digest.update(value.tobytes())
+    return digest.hexdigest()
 
 
 def keep_latest(positions: list, keep: int) -> list:
@@ -166,17 +205,35 @@ class CheckpointStore:
                 self.fs.rm(stale)  # left by a crash during an earlier save
 
     def load_latest(self) -> TrainingState | None:
-        """The newest checkpoint that loads; a damaged one is skipped with a warning."""
+        """The newest intact checkpoint, each newer damaged one named in a warning; None when
+        there is none; a UserError listing every one when none is intact."""
+        damaged = []
         for position in reversed(self.positions()):
+            path = self.file_for(position)
             try:
-                return self.load(self.file_for(position))
-            except (OSError, ValueError, KeyError) as err:
-                warnings.warn(f"skipping unreadable checkpoint {self.file_for(position)}: {err}")
+                state = self.load(path)
+            except DamagedCheckpoint as err:
+                damaged.append(f"{path}: {err}")
+                continue
+            for report in damaged:
+                console.warning(f"skipping the damaged checkpoint {report}; resuming from "
+                                f"{os.path.basename(path)} instead")
+            return state
+        if damaged:
+            raise UserError(f"every checkpoint in '{self.url}' is damaged: "
+                            + "; ".join(damaged), where="checkpoint.resume",
+                            hint="restore the folder from a copy, or start afresh in a new "
+                                 "output_dir (ktrain never deletes a run)")
         return None
 
     def load(self, path: str) -> TrainingState:
-        with self.fs.open(path, "rb") as f:
-            return TrainingState.from_bytes(f.read())
+        """The checkpoint at ``path``; DamagedCheckpoint if it cannot be read or trusted."""
+        try:
+            with self.fs.open(path, "rb") as f:
+                data = f.read()
+        except OSError as err:
+            raise DamagedCheckpoint(f"cannot be read ({err})") from None
+        return TrainingState.from_bytes(data)
 
 
 def load_checkpoint_url(url: str) -> TrainingState:
@@ -193,11 +250,12 @@ def load_checkpoint_url(url: str) -> TrainingState:
                             hint="point it at a ckpt-NNNNNN.npz file, or use auto")
         return state
     try:
-        with fs.open(path, "rb") as f:
-            return TrainingState.from_bytes(f.read())
-    except (OSError, ValueError, KeyError) as err:
-        raise UserError(f"'{url}' is not a readable ktrain checkpoint: {err}",
-                        where="checkpoint.resume") from None
+        return CheckpointStore(url).load(path)
+    except DamagedCheckpoint as err:
+        raise UserError(f"'{url}' is not an intact ktrain checkpoint: {err}",
+                        where="checkpoint.resume",
+                        hint="point it at another ckpt-NNNNNN.npz (`ktrain checkpoints "
+                             "RUN_DIR` lists them), or use auto") from None
 
 
 def _sync(f) -> None:

@@ -4,6 +4,7 @@ message, no traceback."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.metadata
 import importlib.resources
 import os
@@ -12,12 +13,13 @@ import sys
 import traceback
 from pathlib import Path
 
-from ktrain import __version__, backends, console, strategies
+from ktrain import __version__, backends, console, lease, strategies
+from ktrain.checkpoint import CheckpointStore, DamagedCheckpoint
 from ktrain.config import EXPORT_FORMATS, RunConfig, load_config
 from ktrain.environment import PORT_ENV, detect
 from ktrain.errors import KtrainError, UserError, all_of
 from ktrain.exports import export_run, missing_packages
-from ktrain.output import RunResult
+from ktrain.output import RunOutput, RunResult
 from ktrain.report import write_report
 from ktrain.session import Session
 from ktrain.strategies.multiworker import choose_communicator
@@ -134,6 +136,14 @@ def _parser() -> argparse.ArgumentParser:
                              "run, in the current folder for several)")
     report.set_defaults(command=_report)
 
+    checkpoints = commands.add_parser(
+        "checkpoints", parents=[common], help="list a run's checkpoints and whether each is intact",
+        description="List the checkpoints in RUN_DIR/checkpoints: where each stands, its size, "
+                    "how the run that wrote it ran, and whether it is intact (its SHA-256 "
+                    "digest checked). Exit 0 if every one is, 1 if any is damaged.")
+    checkpoints.add_argument("run_dir", metavar="RUN_DIR", help="a run's output_dir")
+    checkpoints.set_defaults(command=_checkpoints)
+
     env = commands.add_parser("env", parents=[common],
                               help="show versions, devices and the detected cluster environment",
                               description="Print versions of Python, TensorFlow, Keras and the "
@@ -155,15 +165,18 @@ def training_loop(run: RunConfig, session: Session) -> RunResult:
 def _run(args) -> int:
     config = load_config(args.config, args.overrides)
     strategy = strategies.create(config.strategy)
-    if strategy.trains_here():  # before prepare, which may look at the devices
-        console.import_keras(config.backend)
-    else:  # a launcher: its workers load Keras
-        backends.activate(config.backend)
     problems = after_training_problems(config)
     if problems:
         raise all_of(problems)
-    strategy.prepare(config)
-    summary = strategy.launch(config, training_loop).summary
+    # One run writes output_dir: this process (a launcher, or rank 0 of ranks srun or mpirun
+    # started) holds it until the run and its restarts end.
+    with lease.holding(config.output_dir) if detect().rank == 0 else contextlib.nullcontext():
+        if strategy.trains_here():  # before prepare, which may look at the devices
+            console.import_keras(config.backend)
+        else:  # a launcher: its workers load Keras
+            backends.activate(config.backend)
+        strategy.prepare(config)
+        summary = strategy.launch(config, training_loop).summary
     if summary.get("nothing_to_train"):
         return 0  # the chief said why
     metrics = "  ".join(f"{k} {v:.4f}" for k, v in summary["final_metrics"].items())
@@ -235,6 +248,31 @@ def _export(args) -> int:
 def _report(args) -> int:
     console.info(f"report: {write_report(args.run_dirs, args.output)}")
     return 0
+
+
+def _checkpoints(args) -> int:
+    store = CheckpointStore(RunOutput(_run_dir_url(args.run_dir)).checkpoints_url)
+    positions = store.positions()
+    if not positions:
+        raise UserError(f"'{args.run_dir}' holds no checkpoints", where="ktrain checkpoints",
+                        hint="give the output_dir of a run that trained at least one epoch")
+    damaged = 0
+    for position in positions:
+        path = store.file_for(position)
+        try:
+            written_by = store.load(path).written_by
+            status = "intact"
+        except DamagedCheckpoint as err:
+            written_by, status, damaged = {}, f"DAMAGED: {err}", damaged + 1
+        how = (f"{written_by['strategy']}, {written_by['backend']}, "
+               f"{written_by['world_size']} worker(s)" if written_by else "-")
+        print(f"{os.path.basename(path):<26} {str(position):<22} "
+              f"{store.fs.size(path) / 2**20:>8.1f} MiB  {how:<34} {status}")
+    return 1 if damaged else 0
+
+
+def _run_dir_url(run_dir: str) -> str:
+    return run_dir if "://" in run_dir else os.path.abspath(run_dir)
 
 
 def after_training_problems(config) -> list[UserError]:

@@ -76,6 +76,12 @@ def note(message: str) -> None:
         print(f"ktrain: note: {message}", file=sys.stderr, flush=True)
 
 
+def warning(message: str) -> None:
+    """Something went wrong that the run works around (a damaged checkpoint skipped)."""
+    if verbosity() >= NORMAL and _speaks():
+        print(f"ktrain: warning: {message}", file=sys.stderr, flush=True)
+
+
 ERROR_PREFIX = "ktrain: error: "
 """How every error line ktrain prints begins (launchers recognise ranks' reports by it)."""
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")

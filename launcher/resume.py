@@ -92,13 +92,14 @@ def fit_phases(start: Position, epochs: int) -> list[tuple[int, int, int]]:
 
 
 def capture(model: keras.Model, position: Position, history: list[dict],
-             callbacks: dict, global_batch_size: int, fingerprint: dict) -> TrainingState:
-    return TrainingState(fingerprint=fingerprint, 
+            **record) -> TrainingState:
+    """The model's and optimizer's state at ``position``, with ``record``'s fields (callbacks'
+    state, global batch size, fingerprint, written_by: see TrainingState)."""
+    return TrainingState(
         epoch=position.epoch, step=position.step,
         model_variables=[np.asarray(v.numpy()) for v in model.variables],
         optimizer_variables=[np.asarray(v.numpy()) for v in model.optimizer.variables],
-        history=list(history), variable_paths=[v.path for v in model.variables],
-        callbacks=callbacks, global_batch_size=global_batch_size)
+        history=list(history), variable_paths=[v.path for v in model.variables], **record)
 
 
 def restore(model: keras.Model, state: TrainingState) -> None:

@@ -119,8 +119,9 @@ def _fit(run: RunConfig, session: Session, model: keras.Model, splits: Splits,
     stop = StopRequest(run.checkpoint.stop_signals)
     recorder = RunRecorder(run, output, history)
     optional = optional_callbacks(run, session, steps)
+    record = {"fingerprint": fingerprint, "written_by": _written_by(run, session)}
     checkpoints = Checkpoints(run, store, history, steps, stop, flags, optional,
-                               state.callbacks if state else {}, fingerprint)
+                              state.callbacks if state else {}, record)
     tracker = None
     if run.mlflow and session.is_chief:
         tracker = MlflowRun(run, output, output.say)
@@ -176,6 +177,12 @@ def _fit(run: RunConfig, session: Session, model: keras.Model, splits: Splits,
         summary = _after_training(run, output, summary, tracker)
     output.flush_log()
     return RunResult(summary, model)
+
+
+def _written_by(run: RunConfig, session: Session) -> dict:
+    """How this run runs, recorded in its checkpoints (``ktrain checkpoints`` shows it)."""
+    return {"strategy": run.strategy.name, "backend": keras.backend.backend(),
+            "world_size": session.world_size, "replicas": session.num_replicas}
 
 
 def _nothing_to_train(output: RunOutput, start: Position, epochs: int,

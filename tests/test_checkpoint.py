@@ -1,11 +1,13 @@
 """The shared checkpoint store: atomic commits, retention, damaged files skipped, any fsspec URL."""
 
+import io
 import uuid
 
 import fsspec
 import numpy as np
 import pytest
 
+from ktrain import cli
 from ktrain.checkpoint import CheckpointStore, TrainingState, keep_latest, load_checkpoint_url
 from ktrain.errors import UserError
 
@@ -39,13 +41,69 @@ def test_retention_keeps_the_newest(store):
     assert keep_latest([5, 1, 3], 2) == [1]
 
 
-def test_damaged_newest_checkpoint_falls_back_to_the_previous(store):
+def _truncated(data: bytes) -> bytes:  # a failed copy, a full disk on another host
+    return data[:len(data) // 2]
+
+
+def _bit_flipped(data: bytes) -> bytes:
+    flipped = bytearray(data)
+    flipped[len(data) // 2] ^= 0x10
+    return bytes(flipped)
+
+
+def _rewritten(data: bytes) -> bytes:
+    """A well-formed .npz whose values changed after the digest was taken (no zip CRC can
+    tell)."""
+    with np.load(io.BytesIO(data)) as npz:
+        arrays = {name: npz[name] for name in npz.files}
+    arrays["model_00000"] = arrays["model_00000"] + 1
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    return buffer.getvalue()
+
+
+DAMAGES = {"truncated": _truncated, "bit-flipped": _bit_flipped, "empty": lambda data: b"",
+           "rewritten": _rewritten}
+
+
+@pytest.mark.parametrize("damage", DAMAGES)
+def test_a_damaged_newest_checkpoint_is_named_and_the_one_before_resumes(store, damage, capsys):
     store.save(state(1))
     store.save(state(2))
-    with store.fs.open(store.file_for(2), "wb") as f:
-        f.write(b"truncated")
-    with pytest.warns(UserWarning, match="skipping unreadable checkpoint"):
-        assert store.load_latest().epoch == 1
+    newest = store.file_for(2)
+    store.fs.pipe(newest, DAMAGES[damage](store.fs.cat(newest)))
+    assert store.load_latest().epoch == 1
+    warning = capsys.readouterr().err
+    assert f"skipping the damaged checkpoint {newest}" in warning
+    assert "resuming from ckpt-000001.npz" in warning
+
+
+def test_when_every_checkpoint_is_damaged_each_is_listed(store):
+    store.save(state(1))
+    store.save(state(2))
+    store.fs.pipe(store.file_for(1), b"")
+    store.fs.pipe(store.file_for(2), _truncated(store.fs.cat(store.file_for(2))))
+    with pytest.raises(UserError) as caught:
+        store.load_latest()
+    message = caught.value.render()
+    assert "every checkpoint" in message and "is damaged" in message
+    assert f"{store.file_for(1)}: the file is empty" in message
+    assert f"{store.file_for(2)}: not a readable .npz" in message
+
+
+def test_ktrain_checkpoints_lists_each_with_whether_it_is_intact(tmp_path, capsys):
+    store = CheckpointStore(str(tmp_path / "run" / "checkpoints"), keep=3)
+    for epoch in (1, 2):
+        store.save(TrainingState(**{**vars(state(epoch)), "written_by": {
+            "strategy": "multiworker", "backend": "tensorflow", "world_size": 2,
+            "replicas": 2}}))
+    store.fs.pipe(store.file_for(2), _bit_flipped(store.fs.cat(store.file_for(2))))
+    assert cli.main(["checkpoints", str(tmp_path / "run")]) == 1  # one is damaged
+    first, second = capsys.readouterr().out.splitlines()
+    assert first.startswith("ckpt-000001.npz") and "after epoch 1" in first
+    assert "multiworker, tensorflow, 2 worker(s)" in first and first.endswith("intact")
+    assert second.startswith("ckpt-000002.npz") and "DAMAGED: " in second
+    assert cli.main(["checkpoints", str(tmp_path / "elsewhere")]) == 2
 
 
 def test_leftover_temporary_file_is_ignored_and_cleaned(store):
@@ -72,5 +130,5 @@ def test_local_paths_and_explicit_resume(tmp_path):
     with pytest.raises(UserError, match="does not exist"):
         load_checkpoint_url(str(tmp_path / "elsewhere"))
     fsspec.filesystem("file").pipe(str(tmp_path / "junk.npz"), b"junk")
-    with pytest.raises(UserError, match="not a readable ktrain checkpoint"):
+    with pytest.raises(UserError, match="not an intact ktrain checkpoint"):
         load_checkpoint_url(str(tmp_path / "junk.npz"))

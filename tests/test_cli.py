@@ -10,7 +10,7 @@ from helpers import REPO, base_config, run_cli, run_command, write_config
 
 
 @pytest.mark.parametrize("command", ["run", "validate", "init", "export", "report", "spark-entry",
-                                     "env"])
+                                     "checkpoints", "env"])
 def test_every_command_has_help(command):
     result = run_cli(command, "--help")
     assert result.returncode == 0 and f"usage: ktrain {command}" in result.stdout

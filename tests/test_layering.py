@@ -17,7 +17,8 @@ PACKAGES = {"launcher": "ktrain", "strategies": "ktrain.strategies", "configs": 
 FLOORS = [
     # what everything may use: no ktrain imports beyond this floor
     {"ktrain", "errors", "schema", "session", "environment", "collectives"},
-    {"backends", "console", "userfn", "checkpoint", "tracking", "output", "stopping", "report"},
+    {"backends", "console", "userfn", "checkpoint", "tracking", "output", "stopping", "report",
+     "lease"},
     {"config"},  # the whole schema, every strategy's options included
     # cluster and runtime: where ranks are, how they start, meet, are watched
     {"rendezvous", "supervisor", "watchdog", "launch", "jax_runtime"},

@@ -3,6 +3,7 @@ checkpoint left behind is unreadable."""
 
 import csv
 import json
+import os
 import signal
 
 import keras
@@ -23,7 +24,9 @@ def epochs_in_metrics(out):
 
 
 def test_sigkill_mid_training_then_rerun_matches_an_uninterrupted_run(tmp_path, background):
-    """With shuffling and dropout on, so data order and RNG state must both be restored."""
+    """With shuffling and dropout on, so data order and RNG state must both be restored. The
+    killed run's newest checkpoint is then cut short (a failed copy): the re-run takes over the
+    dead run's lease, skips that checkpoint with a warning and resumes from the one before."""
     sections = dict(model={"fn": f"{FIXTURES}:mlp", "kwargs": {"hidden": 32, "dropout": 0.2}},
                     train={"epochs": 30, "shuffle": True})
     straight, killed = tmp_path / "straight", tmp_path / "killed"
@@ -31,11 +34,19 @@ def test_sigkill_mid_training_then_rerun_matches_an_uninterrupted_run(tmp_path, 
     run = background("run", config, "-q")
     run.wait_for(lambda: "ckpt-000004.npz" in checkpoints(killed))
     run.signal(signal.SIGKILL)
-    resumed_from = CheckpointStore(str(killed / "checkpoints")).positions()[-1].epoch
-    assert resumed_from < 30
+    store = CheckpointStore(str(killed / "checkpoints"))
+    *_, before_newest, newest = store.positions()
+    damaged = store.file_for(newest)
+    with open(damaged, "r+b") as f:
+        f.truncate(os.path.getsize(damaged) // 2)
+    resumed_from = before_newest.epoch
+    assert newest.epoch < 30
 
     result = run_cli("run", config)
     assert result.returncode == 0, result.stderr
+    assert f"skipping the damaged checkpoint {damaged}" in result.stderr
+    assert f"taking over output_dir '{killed}' from run" in result.stderr
+    assert "on this host has ended" in result.stderr
     assert f"resuming from the checkpoint after epoch {resumed_from}" in result.stdout
     summary = json.loads((killed / "summary.json").read_text())
     assert (summary["epochs_completed"], summary["resumed_from_epoch"]) == (30, resumed_from)

@@ -1,0 +1,155 @@
+"""One writer per output_dir: the run that ``ktrain run`` starts holds a lease on its folder for
+its whole life, restarts of its group included.
+
+The lease is a small JSON record, ``output_dir/.ktrain-lease.json``, created with an exclusive
+create (fsspec's ``xb``: ``O_EXCL`` on local and shared file systems, a conditional write on the
+object stores that have one) and rewritten by a heartbeat thread every ``HEARTBEAT`` seconds. A
+second run into a held folder stops before it writes anything there. A lease whose holder is
+gone is taken over, with a note: its process no longer exists on this host, its heartbeat is
+older than ``STALE_AFTER`` seconds, or it belongs to the same SLURM job (a requeued job whose
+predecessor is still shutting down).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import threading
+import time
+import uuid
+
+import fsspec
+
+from ktrain import console
+from ktrain.errors import UserError
+
+NAME = ".ktrain-lease.json"
+HEARTBEAT = 10.0
+STALE_AFTER = 60.0
+"""Seconds without a heartbeat after which a lease held from another host counts as gone."""
+
+
+def _record(run_id: str, started: float) -> dict:
+    return {"run_id": run_id, "host": socket.gethostname(), "pid": os.getpid(),
+            "slurm_job_id": os.environ.get("SLURM_JOB_ID"), "started": started,
+            "heartbeat": time.time()}
+
+
+def _gone(holder: dict) -> str | None:
+    """Why the lease ``holder`` wrote no longer holds, or None while it does."""
+    if holder.get("slurm_job_id") and holder["slurm_job_id"] == os.environ.get("SLURM_JOB_ID"):
+        return f"an earlier attempt of SLURM job {holder['slurm_job_id']}"
+    if holder.get("host") == socket.gethostname():
+        try:
+            os.kill(int(holder["pid"]), 0)
+        except ProcessLookupError:
+            return f"pid {holder['pid']} on this host has ended"
+        except (PermissionError, KeyError, TypeError, ValueError):
+            pass  # alive (another user's), or unreadable: judged by its heartbeat
+    silent = time.time() - float(holder.get("heartbeat", 0))
+    return f"no heartbeat for {silent:.0f} s" if silent > STALE_AFTER else None
+
+
+@contextlib.contextmanager
+def holding(output_dir: str):
+    """Hold the lease on ``output_dir`` (created if need be) while the block runs; raise
+    UserError, having written nothing, if another run holds it."""
+    fs, folder = fsspec.core.url_to_fs(output_dir)
+    path = f"{folder.rstrip('/')}/{NAME}"
+    run_id, started = uuid.uuid4().hex[:12], time.time()
+    created = not fs.exists(folder)
+    try:
+        fs.makedirs(folder, exist_ok=True)
+        _take(fs, path, output_dir, _record(run_id, started))
+    except OSError as err:
+        raise UserError(f"cannot write to output_dir '{output_dir}': {err}", where="output_dir",
+                        hint="choose a folder (or URL) this process can write to") from None
+    except UserError:
+        if created:
+            _remove_if_empty(fs, folder)
+        raise
+    stop = threading.Event()
+    beat = threading.Thread(target=_beat, args=(fs, path, run_id, started, stop), daemon=True,
+                            name="ktrain-lease-heartbeat")
+    beat.start()
+    try:
+        yield run_id
+    finally:
+        stop.set()
+        beat.join()
+        with contextlib.suppress(OSError):
+            if (_read(fs, path) or {}).get("run_id") == run_id:
+                fs.rm(path)
+        if created:  # a run that wrote nothing leaves no folder
+            _remove_if_empty(fs, folder)
+
+
+def _remove_if_empty(fs, folder: str) -> None:
+    with contextlib.suppress(OSError):
+        if not fs.ls(folder, detail=False):
+            fs.rmdir(folder)
+
+
+def _take(fs, path: str, output_dir: str, mine: dict) -> None:
+    for _ in range(3):  # another run may take or drop the lease between two of our steps
+        try:
+            with fs.open(path, "xb") as f:
+                f.write(json.dumps(mine).encode())
+            return
+        except FileExistsError:
+            pass
+        except (NotImplementedError, ValueError):  # a store without exclusive create
+            if not fs.exists(path):
+                fs.pipe_file(path, json.dumps(mine).encode())
+                return
+        holder = _read(fs, path)
+        if holder is None:
+            continue  # dropped meanwhile
+        reason = _gone(holder)
+        if reason is None:
+            raise _in_use(output_dir, holder)
+        if _read(fs, path) == holder:  # still the stale one: ours to remove
+            console.note(f"taking over output_dir '{output_dir}' from run {holder.get('run_id')} "
+                         f"(host {holder.get('host')}, pid {holder.get('pid')}): {reason}")
+            with contextlib.suppress(FileNotFoundError):
+                fs.rm(path)
+    holder = _read(fs, path) or {}
+    raise _in_use(output_dir, holder)
+
+
+def _read(fs, path: str) -> dict | None:
+    try:
+        return json.loads(fs.cat_file(path))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        return {"heartbeat": time.time()}  # being written: held, by whom we cannot tell yet
+
+
+def _in_use(output_dir: str, holder: dict) -> UserError:
+    started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(holder.get("started", 0)))
+    silent = time.time() - float(holder.get("heartbeat", time.time()))
+    return UserError(
+        f"output_dir '{output_dir}' is in use by run {holder.get('run_id', '?')} (host "
+        f"{holder.get('host', '?')}, pid {holder.get('pid', '?')}, started {started}, last "
+        f"heartbeat {silent:.0f} s ago)", where="output_dir",
+        hint=f"let that run finish, or choose another output_dir; a lease whose holder is gone "
+             f"is taken over (its process ended, or no heartbeat for {STALE_AFTER:.0f} s)")
+
+
+def _beat(fs, path: str, run_id: str, started: float, stop: threading.Event) -> None:
+    """Rewrite the record every HEARTBEAT seconds, by an atomic replace where the file system
+    has one (readers never see half a record)."""
+    while not stop.wait(HEARTBEAT):
+        holder = _read(fs, path) or {}
+        if holder.get("run_id") not in (run_id, None):
+            console.warning(f"run {holder['run_id']} (host {holder.get('host')}) took over "
+                            f"this run's output_dir after hearing no heartbeat; two runs now "
+                            f"write it")
+            return
+        temporary = f"{path}.{run_id}.tmp"
+        with contextlib.suppress(OSError):
+            fs.pipe_file(temporary, json.dumps(_record(run_id, started)).encode())
+            fs.mv(temporary, path)
