@@ -17,6 +17,7 @@ import contextlib
 import ctypes
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -108,13 +109,14 @@ def describe_exit(returncode: int) -> str:
 
 
 class WorkerGroup:
-    def __init__(self, specs: list[WorkerSpec], log_dir: Path, rendezvous_dir: Path, *,
-                 start_timeout: float, console_ranks: str = "chief",
-                 stop_signals: tuple[str, ...] = ()):
+    def __init__(self, specs: list[WorkerSpec], log_dir: Path, *, start_timeout: float,
+                 console_ranks: str = "chief", stop_signals: tuple[str, ...] = ()):
         self.specs = specs
         self.stop = StopRequest(list(stop_signals))
         self.log_dir = log_dir
-        self.rendezvous_dir = rendezvous_dir
+        self.rendezvous_dir = log_dir / ".rendezvous"
+        """Where ranks mark their arrival (``mark``): beside the logs, not in /tmp, so that a
+        launcher that is killed leaves nothing behind but what the next run clears."""
         self.start_timeout = start_timeout
         self.console_ranks = console_ranks
         self.world_size = sum(len(spec.ranks) for spec in specs)
@@ -140,6 +142,7 @@ class WorkerGroup:
                 return self._watch()
         finally:
             self.terminate()
+            shutil.rmtree(self.rendezvous_dir, ignore_errors=True)
 
     def _markers(self, stage: str) -> dict[int, int]:
         """The pid each rank wrote at ``stage`` (``arrived``, ``joined``, see ``mark``)."""

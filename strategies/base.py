@@ -113,12 +113,11 @@ class MultiProcessStrategy(Strategy):
 
     def run_local_group(self, run: RunConfig, specs: list):
         """Start ``specs`` (``ktrain.supervisor.WorkerSpec``) on this machine and watch them."""
-        with tempfile.TemporaryDirectory(prefix="ktrain-rendezvous-") as rendezvous:
-            group = WorkerGroup(specs, local_log_dir(run.output_dir), Path(rendezvous),
-                                start_timeout=self.config.start_timeout,
-                                console_ranks=self.config.console_ranks,
-                                stop_signals=tuple(run.checkpoint.stop_signals))
-            return group.run()
+        group = WorkerGroup(specs, local_log_dir(run.output_dir),
+                            start_timeout=self.config.start_timeout,
+                            console_ranks=self.config.console_ranks,
+                            stop_signals=tuple(run.checkpoint.stop_signals))
+        return group.run()
 
     def run_with_restarts(self, run: RunConfig, attempt) -> RunResult:
         """Call ``attempt(run)`` until it returns no Failure, up to ``max_restarts`` more times,

@@ -251,7 +251,7 @@ def test_a_launcher_that_names_the_follower_first_still_blames_rank_0(tmp_path, 
             "Process 1 exit with status code 1.", "Process 0 exit with status code 1."]
     replay = f"import sys; print({chr(10).join(said)!r}); sys.exit(1)"
     group = WorkerGroup([WorkerSpec([sys.executable, "-c", replay], {}, (0, 1))],
-                        tmp_path / "logs", tmp_path / "rendezvous", start_timeout=60)
+                        tmp_path / "logs", start_timeout=60)
     failure = group.run()
     assert (failure.rank, failure.shown) == (0, True), failure
     assert failure.summary == "rank 0: rank(s) [1] stalled: ..."

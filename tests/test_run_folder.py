@@ -1,15 +1,18 @@
 """The run folder has one writer: a run holds a lease on output_dir for its whole life; a
 second run into it stops before writing anything, and a lease whose holder is gone is taken
-over. (A SIGKILLed run's lease is taken over in test_resume, by the re-run that resumes it.)"""
+over (a SIGKILLed run's is, in test_resume, by the re-run that resumes it). A launcher that
+is killed leaves no temporary folder behind."""
 
 import json
 import os
+import signal
 import socket
 import time
+from pathlib import Path
 
 import pytest
 
-from helpers import base_config, run_cli, write_config
+from helpers import base_config, run_cli, with_strategy, worker_pid, write_config
 from ktrain import lease
 from ktrain.errors import UserError
 
@@ -81,3 +84,27 @@ def _ended_pid() -> int:
         os._exit(0)
     os.waitpid(pid, 0)
     return pid
+
+
+def test_a_killed_launcher_leaves_no_temporary_folder(tmp_path, background):
+    out, temporary = tmp_path / "out", tmp_path / "tmp"
+    temporary.mkdir()
+    config = write_config(tmp_path / "config.yaml", with_strategy(
+        out, "multiworker", {"communicator": "collective"}, train={"epochs": 500}))
+    run = background("run", config, "-q", env={"TMPDIR": str(temporary)})
+    run.wait_for(lambda: worker_pid(out, 0) and worker_pid(out, 1), timeout=180)
+    workers = [worker_pid(out, rank) for rank in (0, 1)]
+    run.signal(signal.SIGKILL)
+    deadline = time.monotonic() + 60
+    while any(_alive(pid) for pid in workers):  # they die with their launcher
+        assert time.monotonic() < deadline, "the workers outlived their launcher"
+        time.sleep(0.1)
+    assert not [p.name for p in temporary.iterdir() if p.name.startswith("ktrain")]
+
+
+def _alive(pid: int) -> bool:
+    """Running (a zombie that nobody has reaped yet has ended)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
