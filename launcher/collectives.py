@@ -15,8 +15,8 @@ Public API (usable in your own training loops too; ``__all__``):
 These are the TensorFlow backend's; on JAX, XLA reduces the gradients inside the compiled step
 (``ktrain.jax_runtime``).
 
-Sparse gradients (``tf.IndexedSlices``, e.g. from Embedding layers) are densified before
-averaging, which is exact. Steps that call MPI through ``tf.numpy_function`` or Horovod cannot
+Sparse gradients (``tf.IndexedSlices``, e.g. from Embedding layers) stay sparse: every
+worker's rows are gathered (``Communicator.allgather``), as one process would have made them. Steps that call MPI through ``tf.numpy_function`` or Horovod cannot
 be XLA-compiled: ``needs_eager_ops`` tells the caller to set ``jit_compile=False``.
 """
 
@@ -81,6 +81,30 @@ class Communicator(abc.ABC):
         summed = self.allreduce_sum(tensors, **options)
         return [s / tf.cast(self.world_size, s.dtype) if s.dtype.is_floating else s // self.world_size
                 for s in summed]
+
+    def allgather(self, tensors: Sequence[tf.Tensor]) -> list[tf.Tensor]:
+        """Each tensor of every worker, concatenated along its first axis in rank order (its
+        first dimension may differ between workers; callable inside tf.function).
+
+        It travels as a sum in which each worker contributes only its own rows (padded to the
+        longest) and zeros elsewhere: every transport can carry it, and x + 0 is x, so every
+        value arrives exact."""
+        tensors = [tf.convert_to_tensor(t) for t in tensors]
+        mine = tf.stack([tf.shape(t, out_type=tf.int64)[0] for t in tensors])
+        owner = tf.one_hot(self.rank, self.world_size, dtype=tf.int64)
+        rows = self._allreduce_bucket([owner[:, None] * mine[None, :]])[0]  # [world, tensors]
+        gathered = []
+        for i, tensor in enumerate(tensors):
+            missing = tf.reduce_max(rows[:, i]) - mine[i]  # rows short of the longest
+            padding = tf.concat([[[0, missing]], tf.zeros([tensor.shape.rank - 1, 2], tf.int64)],
+                                axis=0)
+            padded = tf.pad(tensor, padding)
+            slots = tf.stack([padded if r == self.rank else tf.zeros_like(padded)
+                              for r in range(self.world_size)])
+            everyone = self._allreduce_bucket([slots])[0]
+            gathered.append(tf.concat([everyone[r, :rows[r, i]]
+                                       for r in range(self.world_size)], axis=0))
+        return gathered
 
     def broadcast(self, tensors: Sequence[tf.Tensor], root: int = 0) -> list[tf.Tensor]:
         """Every worker gets ``root``'s values (a sum where only root contributes)."""
@@ -150,8 +174,11 @@ class TensorFlowCollectives(Communicator):
             input=flat, group_size=self.world_size, group_key=self._GROUP_KEY,
             instance_key=next(self._instance_keys), ordering_token=[], merge_op="Add",
             final_op="Id", communication_hint=self._hint)
-        sizes = [p.shape.num_elements() for p in parts]
-        return [tf.reshape(r, p.shape) for r, p in zip(tf.split(reduced, sizes), parts)]
+        if all(p.shape.is_fully_defined() for p in parts):
+            sizes, shapes = [p.shape.num_elements() for p in parts], [p.shape for p in parts]
+        else:  # known only when the step runs (ktrain's allgather)
+            sizes, shapes = tf.stack([tf.size(p) for p in parts]), [tf.shape(p) for p in parts]
+        return [tf.reshape(r, shape) for r, shape in zip(tf.split(reduced, sizes), shapes)]
 
 
 class MpiCommunicator(Communicator):
@@ -353,8 +380,10 @@ def distribute_optimizer(optimizer: keras.optimizers.Optimizer, communicator: Co
         _ktrain_communicator = communicator
 
         def _backend_update_step(self, grads, trainable_variables, learning_rate):
+            sparse = [i for i, g in enumerate(grads) if isinstance(g, tf.IndexedSlices)]
+            dense = [g for i, g in enumerate(grads) if i not in sparse]
             if flags is None:
-                grads = communicator.allreduce_mean(grads, **options)
+                dense = communicator.allreduce_mean(dense, **options)
             else:
                 # Counted once this rank's gradients exist: its data and compute are done.
                 computed = [g.values if isinstance(g, tf.IndexedSlices) else g for g in grads]
@@ -362,14 +391,31 @@ def distribute_optimizer(optimizer: keras.optimizers.Optimizer, communicator: Co
                     arrived = flags.arrivals.assign_add(1)
                 with tf.control_dependencies([arrived]):
                     raised = flags.raised.read_value()
-                *grads, agreed = communicator.allreduce_mean([*grads, raised], **options)
+                *dense, agreed = communicator.allreduce_mean([*dense, raised], **options)
                 flags.agreed_values.assign(agreed)
+            averaged = iter(dense)
+            gathered = iter(_gathered_slices([grads[i] for i in sparse], communicator))
+            grads = [next(gathered) if i in sparse else next(averaged) for i in range(len(grads))]
             return super()._backend_update_step(grads, trainable_variables, learning_rate)
 
     Averaging.__name__ = Averaging.__qualname__ = base.__name__
     Averaging.__module__ = base.__module__
     target.__class__ = Averaging
     return optimizer
+
+
+def _gathered_slices(slices: list[tf.IndexedSlices],
+                     communicator: Communicator) -> list[tf.IndexedSlices]:
+    """Sparse gradients (an Embedding's rows) averaged as rows, every worker's gathered: the
+    optimizer then meets the rows one process would have made, in another order. Plain Keras
+    updates sparse gradients row by row (Adam squares each row), so summing them into a dense
+    tensor first would train other weights than one process does."""
+    if not slices:
+        return []
+    gathered = communicator.allgather([t for g in slices for t in (g.values, g.indices)])
+    return [tf.IndexedSlices(values / tf.cast(communicator.world_size, values.dtype), indices,
+                             g.dense_shape)
+            for g, values, indices in zip(slices, gathered[::2], gathered[1::2])]
 
 
 def undistribute(optimizer: keras.optimizers.Optimizer) -> None:

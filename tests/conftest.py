@@ -56,7 +56,7 @@ def single_process_run(tmp_path_factory):
         key = (model_fn, *sorted(kwargs.items()))
         if key not in done:
             folder = tmp_path_factory.mktemp(f"reference-{model_fn}")
-            model = {"fn": f"{FIXTURES}:{model_fn}", **({"kwargs": kwargs} if kwargs else {})}
+            model = {"fn": f"{FIXTURES}:{model_fn}", "kwargs": kwargs}
             config = base_config(folder / "out", model=model)
             result = run_cli("run", write_config(folder / "config.yaml", config), "-q")
             assert result.returncode == 0, result.stderr
