@@ -90,7 +90,8 @@ class DataSpec(Section):
 
 
 class OptimizerSpec(Section):
-    """Used when the model fn returns an uncompiled model; other keys go to the Keras optimizer."""
+    """Used when the model fn returns an uncompiled model; other keys go to the Keras optimizer.
+    A name alone (``optimizer: adam``, as ``model.compile`` takes it) is ``{name: adam}``."""
 
     model_config = ConfigDict(extra="allow", frozen=True)
     name: Literal[OPTIMIZERS] = "adam"  # type: ignore[valid-type]
@@ -121,6 +122,11 @@ class TrainSpec(Section):
     tensorboard: bool = False
     callbacks: FnSpec | None = None
     """A fn returning a list of Keras callbacks, called in every worker once the model exists."""
+
+    @field_validator("optimizer", mode="before")
+    @classmethod
+    def _optimizer_by_name(cls, value):
+        return {"name": value} if isinstance(value, str) else value
 
     def check_split(self, parts: int, what: str) -> None:
         """The one check that the global batch splits evenly over ``parts`` ``what`` (workers,
@@ -337,10 +343,24 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
         config = RunConfig.model_validate({**raw, "base_dir": str(base_dir)})
     except ValidationError as err:
         raise _explain(err.errors(), raw, str(path), lines, override_paths) from None
+    _check_no_silent_options(config, str(path), lines, override_paths)
     settled = {"backend": resolve(config.backend)}
     if config.mlflow is not None:
         settled["mlflow"] = _settle_mlflow(config.mlflow, path)
     return _resolve_paths(config.model_copy(update=settled), base_dir)
+
+
+def _check_no_silent_options(config: RunConfig, filename: str, lines: dict,
+                             overrides: dict) -> None:
+    """Options that would do nothing in this config: refused, not ignored."""
+    if config.data.files is not None and config.train.validation_split:
+        key = ("train", "validation_split")
+        where = (f"override '{overrides[key]}'" if key in overrides else
+                 f"{filename}:{lines.get(key, lines.get(('train',), '?'))}")
+        raise UserError("train.validation_split holds out part of an in-memory dataset, and "
+                        "data.files streams files, which it cannot split", where=where,
+                        hint="name files to validate on with data.validation_files, and remove "
+                             "train.validation_split")
 
 
 def _settle_mlflow(spec: MlflowSpec, path: Path) -> MlflowSpec:

@@ -154,3 +154,25 @@ def test_switching_strategy_on_the_command_line_leaves_out_options_it_does_not_t
     # An option given on the command line is never dropped: a wrong one is an error.
     message = error_for(tmp_path, GOOD, "strategy.name=multiworker", "strategy.devices=2")
     assert "unknown key 'strategy.devices'" in message and "workers" in message
+
+
+def test_an_optimizer_by_name_alone_as_model_compile_takes_it(tmp_path):
+    config = load_config(write(tmp_path, GOOD.replace(
+        "optimizer: {name: sgd, learning_rate: 0.01, momentum: 0.9}", "optimizer: adamw")))
+    assert (config.train.optimizer.name, config.train.optimizer.learning_rate) == ("adamw", 0.001)
+    assert load_config(write(tmp_path, GOOD), ["train.optimizer=rmsprop"]).train.optimizer.name \
+        == "rmsprop"
+    message = error_for(tmp_path, GOOD.replace(
+        "optimizer: {name: sgd, learning_rate: 0.01, momentum: 0.9}", "optimizer: adamm"))
+    assert "invalid value 'adamm'" in message and "'adam'" in message
+
+
+def test_validation_split_with_files_it_cannot_split_is_refused_where_it_is_set(tmp_path):
+    files = GOOD.replace("  fn: models.py:load_data", "  files: train-*.parquet")
+    message = error_for(tmp_path, files.replace("  epochs: 5", "  epochs: 5\n"
+                                                "  validation_split: 0.2"))
+    assert message.startswith(f"{tmp_path / 'config.yaml'}:8: train.validation_split")
+    assert "data.validation_files" in message
+    message = error_for(tmp_path, files, "train.validation_split=0.1")
+    assert message.startswith("override 'train.validation_split=0.1': ")
+    assert load_config(write(tmp_path, files)).train.validation_split == 0.0
