@@ -36,6 +36,7 @@ def model_and_data(run: RunConfig, session: Session) -> tuple[keras.Model, Split
         model = call_user(model_fn, {**_training_data_for(model_fn, splits), **run.model.kwargs},
                           "model.fn")
         _check_model(model)
+        _check_workers_can_share(model, session)
         if not model.compiled:
             compile_from_config(model, run.train)
         _build(model, splits)
@@ -127,6 +128,25 @@ def _check_model(model) -> None:
         raise UserError(f"the model fn returned a {type(model).__name__}, not a keras.Model",
                         where="model.fn", hint="return the model object, e.g. "
                                                "`return keras.Sequential([...])`")
+
+
+def _check_workers_can_share(model: keras.Model, session: Session) -> None:
+    """What would make N worker processes train other weights than one process, refused: a
+    BatchNormalization that asks for statistics synchronized over the replicas would get each
+    worker's own (across processes on TensorFlow, ktrain averages gradients, not batch
+    statistics)."""
+    if session.communicator is None or not session.communicator.reduces_gradients:
+        return
+    synchronized = [layer.name for layer in model._flatten_layers(include_self=False)
+                    if isinstance(layer, keras.layers.BatchNormalization)
+                    and getattr(layer, "synchronized", False)]
+    if synchronized:
+        raise UserError(
+            f"BatchNormalization layer(s) {synchronized} ask for statistics synchronized over "
+            f"the replicas, and across worker processes on TensorFlow each worker would use "
+            f"its own batch's", where="model.fn",
+            hint="set synchronized=False (per-worker statistics, as PyTorch DDP keeps them), "
+                 "or train on one machine's devices with strategy.name: mirrored")
 
 
 def compile_from_config(model: keras.Model, train: TrainSpec) -> None:
