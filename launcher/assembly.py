@@ -16,7 +16,7 @@ from ktrain.config import RunConfig, TrainSpec
 from ktrain.data import (ArraySplit, RayStreamSplit, Splits, first_features, partition_splits,
                          ray_stream_splits, to_splits)
 from ktrain.environment import PARTITION_ENV
-from ktrain.errors import UserError, all_of
+from ktrain.errors import UserError, all_of, first_line
 from ktrain.ray_data import is_ray_dataset
 from ktrain.resume import restore
 from ktrain.session import Session
@@ -131,12 +131,22 @@ def _check_model(model) -> None:
 
 
 def _check_workers_can_share(model: keras.Model, session: Session) -> None:
-    """What would make N worker processes train other weights than one process, refused: a
-    BatchNormalization that asks for statistics synchronized over the replicas would get each
-    worker's own (across processes on TensorFlow, ktrain averages gradients, not batch
-    statistics)."""
+    """What would make N worker processes train other weights than one process, refused:
+    optimizers the model holds besides model.optimizer (a GAN's), whose gradients ktrain does
+    not average; a BatchNormalization that asks for statistics synchronized over the replicas,
+    which would get each worker's own (across processes on TensorFlow, ktrain averages
+    gradients, not batch statistics)."""
     if session.communicator is None or not session.communicator.reduces_gradients:
         return
+    own = [name for name, value in vars(model).items()
+           if isinstance(value, keras.optimizers.Optimizer) and value is not model.optimizer]
+    if own:
+        raise UserError(
+            f"the model holds optimizer(s) of its own ({', '.join(own)}), and ktrain averages "
+            f"the gradients of model.optimizer only: across worker processes the others would "
+            f"train different weights on every rank", where="model.fn",
+            hint="train it in one process (strategy.name: mirrored), or update through "
+                 "model.optimizer alone")
     synchronized = [layer.name for layer in model._flatten_layers(include_self=False)
                     if isinstance(layer, keras.layers.BatchNormalization)
                     and getattr(layer, "synchronized", False)]
@@ -200,7 +210,17 @@ def train_option_problems(train: TrainSpec) -> list[UserError]:
 
 
 def _build(model: keras.Model, splits: Splits) -> None:
-    """Create the model's and optimizer's variables, so a checkpoint can be restored into them."""
+    """Create the model's and optimizer's variables, so a checkpoint can be restored into them
+    and every rank starts from the same ones."""
     if not model.built:
-        model(first_features(splits.train))
+        try:
+            model(first_features(splits.train))
+        except Exception as err:  # noqa: BLE001 - whatever the user's call() raises
+            raise UserError(
+                f"the model cannot be called on the training features to create its "
+                f"variables ({type(err).__name__}: {first_line(err)})", where="model.fn",
+                hint="ktrain creates them so, before the first step, to restore a checkpoint "
+                     "and start every rank alike: make call() take the features the data "
+                     "yields, or build the model in the model fn (model.build(shape), or call "
+                     "it once on a sample)") from None
     model.optimizer.build(model.trainable_variables)
