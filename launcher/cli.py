@@ -251,7 +251,7 @@ def _report(args) -> int:
 
 
 def _checkpoints(args) -> int:
-    store = CheckpointStore(RunOutput(_run_dir_url(args.run_dir)).checkpoints_url)
+    store = CheckpointStore(RunOutput.named(args.run_dir).checkpoints_url)
     positions = store.positions()
     if not positions:
         raise UserError(f"'{args.run_dir}' holds no checkpoints", where="ktrain checkpoints",
@@ -269,10 +269,6 @@ def _checkpoints(args) -> int:
         print(f"{os.path.basename(path):<26} {str(position):<22} "
               f"{store.fs.size(path) / 2**20:>8.1f} MiB  {how:<34} {status}")
     return 1 if damaged else 0
-
-
-def _run_dir_url(run_dir: str) -> str:
-    return run_dir if "://" in run_dir else os.path.abspath(run_dir)
 
 
 def after_training_problems(config) -> list[UserError]:

@@ -164,7 +164,7 @@ def export_run(run_dir: str, formats: list[str] | None,
     """``ktrain export``: write ``formats`` (default: the run's export list, else all) of a
     run's model.keras (or of a checkpoint's weights in the run's model) under
     ``run_dir``/export; exit 2 naming each format that failed, after writing the others."""
-    output = RunOutput(run_dir if "://" in run_dir else os.path.abspath(run_dir))
+    output = RunOutput.named(run_dir)
     run = _run_config(output)
     formats = formats or run.export or list(FORMATS)
     problem = missing_packages(formats)

@@ -39,6 +39,11 @@ class RunOutput:
         """False when a supervisor already writes this rank's log from its output."""
         self._log_lines: list[str] = []
 
+    @classmethod
+    def named(cls, run_dir: str) -> RunOutput:
+        """A run's folder as a command's argument names it: a URL, or a path from here."""
+        return cls(run_dir if "://" in run_dir else os.path.abspath(run_dir))
+
     @property
     def checkpoints_url(self) -> str:
         return f"{self.url}/checkpoints"

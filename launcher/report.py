@@ -26,7 +26,7 @@ TIMING = ("epoch_seconds", "samples_per_second")
 def write_report(run_dirs: list[str], png: str | None = None) -> str:
     """Draw the runs in ``run_dirs``; write ``png`` and the HTML page beside it (default:
     report.png in the one run's folder). Returns where the PNG went."""
-    runs = [RunOutput(d if "://" in d else os.path.abspath(d)) for d in run_dirs]
+    runs = [RunOutput.named(d) for d in run_dirs]
     histories = {_label(out, runs): _history(out) for out in runs}
     picture = _draw(histories)
     page = _page(histories, picture)
