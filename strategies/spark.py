@@ -19,8 +19,6 @@ import shutil
 import subprocess
 import sys
 
-import fsspec
-
 from ktrain import console
 from ktrain.config import SparkConfig
 from ktrain.environment import PARTITION_ENV, rank_environment
@@ -266,6 +264,9 @@ def _barrier_task(plan_env: dict, output_dir: str, driver_env: dict, columns=Non
         import tempfile
         from collections import deque
 
+        # Imported here, where the task runs: an executor whose Python lacks ktrain's packages
+        # then fails on ktrain itself (at unpickling), which is what the driver reports.
+        import fsspec
         import pyarrow
         from pyspark import BarrierTaskContext, SparkFiles
 
