@@ -46,7 +46,9 @@ def test_sparse_gradients_are_averaged_exactly():
     model.jit_compile = False
     for a, b in zip(plain, train(model, optimizer)):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
-    assert int(comm.calls.numpy()) == 4  # one fused reduction per step
+    # Per step: the dense gradients in one fused reduction; the Embedding's rows gathered in
+    # three (every worker's row count, then the rows' values, then their indices).
+    assert int(comm.calls.numpy()) == 4 * (1 + 3)
 
 
 def test_gradient_accumulation_reduces_once_per_k_steps():
@@ -86,11 +88,13 @@ def test_buckets_hold_one_dtype_up_to_the_size_last_tensor_first():
 
 def test_each_bucket_is_one_reduction_per_step():
     comm = Loopback()
-    model = embedding_model()  # kernels of 50x4 and 12x2 floats, biases of 2
-    optimizer = distribute_optimizer(keras.optimizers.SGD(0.5), comm, bucket_bytes=200)
+    model = embedding_model()  # embeddings of 50x4 (sparse), a 12x2 kernel and 2 biases
+    optimizer = distribute_optimizer(keras.optimizers.SGD(0.5), comm, bucket_bytes=90)
     model.jit_compile = False
     train(model, optimizer)
-    assert int(comm.calls.numpy()) == 4 * 2  # [bias, dense kernel] and [embeddings]
+    # The dense kernel's 96 bytes and the bias' 8 exceed 90: two buckets; and the Embedding's
+    # rows in three gathers (not in a bucket: sparse).
+    assert int(comm.calls.numpy()) == 4 * (2 + 3)
 
 
 def test_learning_rate_scaling_warms_up_linearly():
