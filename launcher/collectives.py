@@ -16,8 +16,9 @@ These are the TensorFlow backend's; on JAX, XLA reduces the gradients inside the
 (``ktrain.jax_runtime``).
 
 Sparse gradients (``tf.IndexedSlices``, e.g. from Embedding layers) stay sparse: every
-worker's rows are gathered (``Communicator.allgather``), as one process would have made them. Steps that call MPI through ``tf.numpy_function`` or Horovod cannot
-be XLA-compiled: ``needs_eager_ops`` tells the caller to set ``jit_compile=False``.
+worker's rows are gathered (``Communicator.allgather``), as one process would have made them.
+Steps that call MPI through ``tf.numpy_function`` or Horovod cannot be XLA-compiled:
+``needs_eager_ops`` tells the caller to set ``jit_compile=False``.
 """
 
 from __future__ import annotations
