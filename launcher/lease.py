@@ -24,6 +24,7 @@ import fsspec
 
 from ktrain import console
 from ktrain.errors import UserError
+from ktrain.output import unwritable
 
 NAME = ".ktrain-lease.json"
 HEARTBEAT = 10.0
@@ -64,8 +65,7 @@ def holding(output_dir: str):
         fs.makedirs(folder, exist_ok=True)
         _take(fs, path, output_dir, _record(run_id, started))
     except OSError as err:
-        raise UserError(f"cannot write to output_dir '{output_dir}': {err}", where="output_dir",
-                        hint="choose a folder (or URL) this process can write to") from None
+        raise unwritable(output_dir, err) from None
     except UserError:
         if created:
             _remove_if_empty(fs, folder)

@@ -29,6 +29,12 @@ class RunResult:
     model: Any = None
 
 
+def unwritable(url: str, err: OSError) -> UserError:
+    """The error for an output_dir this process cannot write."""
+    return UserError(f"cannot write to output_dir '{url}': {err}", where="output_dir",
+                     hint="choose a folder (or URL) this process can write to")
+
+
 class RunOutput:
     def __init__(self, url: str, *, is_chief: bool = True, rank: int = 0, keep_log: bool = True):
         self.url = url.rstrip("/")
@@ -56,8 +62,7 @@ class RunOutput:
             self.fs.pipe(probe, b"")
             self.fs.rm(probe)
         except OSError as err:
-            raise UserError(f"cannot write to output_dir '{self.url}': {err}", where="output_dir",
-                            hint="choose a folder (or URL) this process can write to") from None
+            raise unwritable(self.url, err) from None
 
     def _write(self, name: str, data: str | bytes) -> None:
         target = f"{self.path}/{name}"
