@@ -315,7 +315,9 @@ def _environment_report() -> str:
                  f"local rank {found.local_rank}, nodes {', '.join(found.nodes)}")
     if found.name == "slurm":
         lines.append(f"{'rendezvous':<15} rank 0 listens at {found.master_addr}:"
-                     f"{found.master_port} (TF collectives; {PORT_ENV} overrides the port)")
+                     f"{found.master_port} (TF collectives; {PORT_ENV} overrides the port); "
+                     f"each rank proves the run's secret, which rank 0 writes into output_dir "
+                     f"({lease.SECRET}): output_dir must be on storage every node reads")
         lines.append(f"{'MPI under srun':<15} {_pmix_report(os.environ)}")
     transport, why = choose_communicator(found)
     lines.append(f"{'communicator':<15} multiworker's auto: {transport} ({why})")

@@ -33,11 +33,12 @@ TRAIN_ENV = "KTRAIN_TRAIN"
 WORKER_ENTRY = "ktrain.worker_entry"
 
 
-def train_here(run: RunConfig, open_session: Callable[[], Session], train: Train) -> RunResult:
+def train_here(run: RunConfig, open_session: Callable[[RunConfig], Session],
+               train: Train) -> RunResult:
     """Be a rank in this process: Keras loaded first (without TensorFlow's start-up lines), then
     the strategy's session opened (``open_session``), then ``train``."""
     console.import_keras(run.backend)
-    return train(run, open_session())
+    return train(run, open_session(run))
 
 
 def worker_environment(run: RunConfig, train: Train, *, rank: int | None = None,

@@ -8,6 +8,12 @@ second run into a held folder stops before it writes anything there. A lease who
 gone is taken over, with a note: its process no longer exists on this host, its heartbeat is
 older than ``STALE_AFTER`` seconds, or it belongs to the same SLURM job (a requeued job whose
 predecessor is still shutting down).
+
+The holder also writes the run's secret beside the lease, ``output_dir/.ktrain-secret`` (mode
+0600 on a file system; on an object store, as private as the bucket): the ranks that ktrain
+does not start (``srun``) read it there to prove to each other that they belong to this run
+(``ktrain.handshake``). Whoever can read the run folder can change its checkpoints too, so the
+secret trusts no one the folder does not.
 """
 
 from __future__ import annotations
@@ -21,12 +27,15 @@ import time
 import uuid
 
 import fsspec
+from fsspec.implementations.local import LocalFileSystem
 
 from ktrain import console
 from ktrain.errors import UserError
+from ktrain.handshake import new_secret
 from ktrain.output import unwritable
 
 NAME = ".ktrain-lease.json"
+SECRET = ".ktrain-secret"
 HEARTBEAT = 10.0
 STALE_AFTER = 60.0
 """Seconds without a heartbeat after which a lease held from another host counts as gone."""
@@ -64,6 +73,7 @@ def holding(output_dir: str):
     try:
         fs.makedirs(folder, exist_ok=True)
         _take(fs, path, output_dir, _record(run_id, started))
+        _write_secret(fs, f"{folder.rstrip('/')}/{SECRET}")
     except OSError as err:
         raise unwritable(output_dir, err) from None
     except UserError:
@@ -81,9 +91,32 @@ def holding(output_dir: str):
         beat.join()
         with contextlib.suppress(OSError):
             if (_read(fs, path) or {}).get("run_id") == run_id:
+                fs.rm(f"{folder.rstrip('/')}/{SECRET}")
                 fs.rm(path)
         if created:  # a run that wrote nothing leaves no folder
             _remove_if_empty(fs, folder)
+
+
+def secret(output_dir: str) -> bytes | None:
+    """The secret of the run that holds ``output_dir``; None while there is none."""
+    fs, folder = fsspec.core.url_to_fs(output_dir)
+    try:
+        return bytes.fromhex(fs.cat_file(f"{folder.rstrip('/')}/{SECRET}").decode())
+    except (OSError, ValueError):  # not written yet, or being written
+        return None
+
+
+def _write_secret(fs, path: str) -> None:
+    """A new secret, replacing any earlier run's at once (readers see one or the other)."""
+    text = new_secret().hex().encode()
+    if isinstance(fs, LocalFileSystem):
+        temporary = f"{path}.{os.getpid()}.tmp"
+        descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(descriptor, "wb") as f:
+            f.write(text)
+        os.replace(temporary, path)
+    else:
+        fs.pipe_file(path, text)
 
 
 def _remove_if_empty(fs, folder: str) -> None:

@@ -8,6 +8,8 @@ rank 0's host, and a port it picked. The list, in rank order, reaches every rank
   step ids. Rank 0 listens there, every rank reports, rank 0 answers with the list. So the task
   layout (block or cyclic distribution, a step on some of the nodes) does not matter, and
   concurrent steps of one job do not collide. This is torchrun's store, cut down to one exchange.
+  Each connection proves the run's secret both ways (``ktrain.handshake``; the secret is in the
+  run folder, ``ktrain.lease``): a stranger's is dropped, and cannot take a rank's place.
 - under ``mpirun`` (``gather_addresses_over_mpi``): MPI itself carries the exchange.
 
 ``peer_addresses`` picks the right one for the launcher that ``ktrain.environment`` detected.
@@ -15,28 +17,35 @@ rank 0's host, and a port it picked. The list, in rank order, reaches every rank
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
 import time
+from typing import Callable
 
+from ktrain import console, lease
 from ktrain.environment import PEERS_ENV
 from ktrain.errors import UserError, WorkersFailed
+from ktrain.handshake import Stranger, admit, join
 
 _CONNECT_RETRY = 0.2
+_HANDSHAKE_TIMEOUT = 5.0
+"""Seconds a connection to rank 0 has to prove itself: a silent one delays the others no more."""
 
 
-def peer_addresses(found, timeout: float, interface: str | None = None) -> list[str]:
+def peer_addresses(found, timeout: float, output_dir: str,
+                   interface: str | None = None) -> list[str]:
     """Every rank's ``host:port`` (a port free on its host) in rank order, for the launch
-    ``found`` (a ``ktrain.environment.ClusterEnvironment``); ``interface`` names the network
-    interface whose address a rank offers, else the one that routes to rank 0's host."""
-    if os.environ.get(PEERS_ENV):
-        return os.environ[PEERS_ENV].split(",")
-    if found.name == "tf_config":
-        return json.loads(os.environ["TF_CONFIG"])["cluster"]["worker"]
+    ``found`` (a ``ktrain.environment.ClusterEnvironment``) of the run writing ``output_dir``;
+    ``interface`` names the network interface whose address a rank offers, else the one that
+    routes to rank 0's host."""
+    if known := _given_peers(found):
+        return known
     if found.name == "slurm":
         return gather_addresses(found.rank, found.world_size, found.master_addr,
-                                found.master_port, timeout, interface)
+                                found.master_port, timeout, lambda: lease.secret(output_dir),
+                                interface)
     if found.name in ("openmpi", "mpich"):
         return gather_addresses_over_mpi(interface)
     raise UserError(f"ktrain cannot find the other ranks under {found.launcher}",
@@ -44,28 +53,40 @@ def peer_addresses(found, timeout: float, interface: str | None = None) -> list[
                     hint="start the workers with ktrain, srun or mpirun, or set TF_CONFIG")
 
 
+def _given_peers(found) -> list[str] | None:
+    """The addresses the launcher wrote into the environment (ktrain's own, TF_CONFIG)."""
+    if os.environ.get(PEERS_ENV):
+        return os.environ[PEERS_ENV].split(",")
+    if found.name == "tf_config":
+        return json.loads(os.environ["TF_CONFIG"])["cluster"]["worker"]
+    return None
+
+
 def chief_address(found, interface: str | None = None) -> str:
     """On rank 0: the address of this host that the other ranks reach it at, from the same
     facts ``peer_addresses`` uses (no exchange needed)."""
     if interface:
         return own_address("", interface)
-    if os.environ.get(PEERS_ENV) or found.name == "tf_config":
-        return _resolve(peer_addresses(found, timeout=0)[0].rsplit(":", 1)[0])
+    if known := _given_peers(found):
+        return _resolve(known[0].rsplit(":", 1)[0])
     if found.one_host:
         return "127.0.0.1"
     return _resolve(found.master_addr if found.name == "slurm" else socket.gethostname())
 
 
 def gather_addresses(rank: int, world_size: int, root_host: str, root_port: int,
-                     timeout: float, interface: str | None = None) -> list[str]:
-    """Every rank's ``host:port``, exchanged through rank 0: the same list on every rank."""
+                     timeout: float, secret: Callable[[], bytes | None],
+                     interface: str | None = None) -> list[str]:
+    """Every rank's ``host:port``, exchanged through rank 0: the same list on every rank.
+    ``secret`` reads the run's secret (``ktrain.lease``; None until rank 0 has written it),
+    which every connection proves both ways (``ktrain.handshake``)."""
     root_ip = _resolve(root_host)
     own_ip = own_address(root_ip, interface)
     mine = f"{own_ip}:{free_ports(1, own_ip)[0]}"
     deadline = time.monotonic() + timeout
     if rank == 0:
-        return _serve(mine, world_size, root_ip, root_port, deadline)
-    return _report(rank, mine, root_ip, root_port, deadline)
+        return _serve(mine, world_size, root_ip, root_port, deadline, _wait_for(secret, deadline))
+    return _report(rank, mine, root_ip, root_port, deadline, secret)
 
 
 def gather_addresses_over_mpi(interface: str | None = None) -> list[str]:
@@ -78,7 +99,8 @@ def gather_addresses_over_mpi(interface: str | None = None) -> list[str]:
     return comm.allgather(f"{own_ip}:{free_ports(1, own_ip)[0]}")
 
 
-def _serve(mine: str, world_size: int, ip: str, port: int, deadline: float) -> list[str]:
+def _serve(mine: str, world_size: int, ip: str, port: int, deadline: float,
+           secret: bytes) -> list[str]:
     try:
         server = socket.create_server((ip, port))
     except OSError as err:
@@ -86,38 +108,79 @@ def _serve(mine: str, world_size: int, ip: str, port: int, deadline: float) -> l
                         f"{err.strerror}", where="rendezvous",
                         hint="another job on this node may hold the port: set KTRAIN_PORT to a "
                              "free port in every task's environment") from None
-    addresses, connections = {0: mine}, []
+    addresses, joined = {0: mine}, []
     with server:
         while len(addresses) < world_size:
             server.settimeout(max(0.01, deadline - time.monotonic()))
             try:
-                connection, _ = server.accept()
+                connection, (host, their_port) = server.accept()
             except TimeoutError:
                 missing = sorted(set(range(world_size)) - set(addresses))
                 raise WorkersFailed(f"rank(s) {missing} did not reach rank 0 at {ip}:{port} "
                                     f"within strategy.start_timeout", where="rendezvous",
                                     hint="check that every task started, and that this "
                                          "port is reachable from their nodes") from None
-            connection.settimeout(max(0.01, deadline - time.monotonic()))
-            report = json.loads(_read_line(connection))
-            addresses[report["rank"]] = report["address"]
-            connections.append(connection)
-        answer = (json.dumps([addresses[r] for r in range(world_size)]) + "\n").encode()
-        for connection in connections:
-            with connection:
-                connection.sendall(answer)
+            connection.settimeout(min(_HANDSHAKE_TIMEOUT, max(0.01, deadline - time.monotonic())))
+            stream = connection.makefile("rw", encoding="utf-8")
+            try:
+                said = admit(stream, secret)
+                rank, address = said["rank"], said["address"]
+                if rank in addresses or rank not in range(world_size):
+                    raise Stranger(f"rank {rank} registered already, or is no rank of "
+                                   f"{world_size}")
+            except (Stranger, OSError, KeyError, TypeError) as err:
+                console.debug(f"rendezvous: dropped a connection from {host}:{their_port}: "
+                              f"{err or type(err).__name__}")
+                stream.close()  # the socket closes with its last user
+                connection.close()
+                continue
+            addresses[rank] = address
+            joined.append((connection, stream))
+        answer = json.dumps([addresses[r] for r in range(world_size)]) + "\n"
+        for connection, stream in joined:
+            with connection, stream, contextlib.suppress(OSError):
+                stream.write(answer)
+                stream.flush()
     return [addresses[r] for r in range(world_size)]
 
 
-def _report(rank: int, mine: str, ip: str, port: int, deadline: float) -> list[str]:
-    with _connect(ip, port, deadline) as connection:
-        connection.sendall((json.dumps({"rank": rank, "address": mine}) + "\n").encode())
-        connection.settimeout(max(0.01, deadline - time.monotonic()))
-        try:
-            return json.loads(_read_line(connection))
-        except (TimeoutError, ValueError):
-            raise WorkersFailed(f"rank {rank} reached rank 0 at {ip}:{port}, but not every rank "
-                                f"did within strategy.start_timeout", where="rendezvous") from None
+def _report(rank: int, mine: str, ip: str, port: int, deadline: float,
+            secret: Callable[[], bytes | None]) -> list[str]:
+    while True:
+        key = _wait_for(secret, deadline)
+        with _connect(ip, port, deadline) as connection, \
+                connection.makefile("rw", encoding="utf-8") as stream:
+            connection.settimeout(max(0.01, deadline - time.monotonic()))
+            try:
+                join(stream, key, {"rank": rank, "address": mine})
+            except (Stranger, OSError) as err:
+                # An earlier run's secret, read before rank 0 wrote its own: read it again.
+                if time.monotonic() > deadline:
+                    raise WorkersFailed(
+                        f"rank {rank}: what listens at {ip}:{port} did not prove this run's "
+                        f"secret within strategy.start_timeout ({err})", where="rendezvous",
+                        hint="another program may hold rank 0's port: set KTRAIN_PORT to a "
+                             "free port in every task's environment") from None
+                time.sleep(_CONNECT_RETRY)
+                continue
+            try:
+                return json.loads(stream.readline())
+            except (TimeoutError, ValueError):
+                raise WorkersFailed(f"rank {rank} reached rank 0 at {ip}:{port}, but not every "
+                                    f"rank did within strategy.start_timeout",
+                                    where="rendezvous") from None
+
+
+def _wait_for(secret: Callable[[], bytes | None], deadline: float) -> bytes:
+    while (key := secret()) is None:
+        if time.monotonic() > deadline:
+            raise WorkersFailed(
+                f"no run secret in output_dir's {lease.SECRET} within strategy.start_timeout "
+                f"(rank 0 writes it as it starts)", where="rendezvous",
+                hint="under srun, output_dir must be on storage every node reads (as resuming "
+                     "needs): a shared file system or an fsspec URL")
+        time.sleep(_CONNECT_RETRY)
+    return key
 
 
 def wait_for_listener(ip: str, port: int, timeout: float) -> None:
@@ -136,16 +199,6 @@ def _connect(ip: str, port: int, deadline: float) -> socket.socket:
                                     hint="rank 0 may have failed to start: see its output"
                                     ) from None
             time.sleep(_CONNECT_RETRY)
-
-
-def _read_line(connection: socket.socket) -> str:
-    data = b""
-    while not data.endswith(b"\n"):
-        chunk = connection.recv(65536)
-        if not chunk:
-            break
-        data += chunk
-    return data.decode()
 
 
 def _resolve(host: str) -> str:

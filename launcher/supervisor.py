@@ -21,6 +21,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections import deque
@@ -110,10 +111,14 @@ def describe_exit(returncode: int) -> str:
 
 class WorkerGroup:
     def __init__(self, specs: list[WorkerSpec], log_dir: Path, *, start_timeout: float,
-                 console_ranks: str = "chief", stop_signals: tuple[str, ...] = ()):
+                 console_ranks: str = "chief", stop_signals: tuple[str, ...] = (),
+                 logs_kept_at: str | None = None):
         self.specs = specs
         self.stop = StopRequest(list(stop_signals))
         self.log_dir = log_dir
+        self.logs_kept_at = logs_kept_at or str(log_dir)
+        """Where the user finds the logs once the group ends (a URL, when ``log_dir`` is a
+        temporary copy)."""
         self.rendezvous_dir = log_dir / ".rendezvous"
         """Where ranks mark their arrival (``mark``): beside the logs, not in /tmp, so that a
         launcher that is killed leaves nothing behind but what the next run clears."""
@@ -253,7 +258,7 @@ class WorkerGroup:
         return blame_chief_first(failure, self._log(0))
 
     def _log(self, rank: int) -> str:
-        return str(self.log_dir / f"rank-{rank}.log")
+        return f"{self.logs_kept_at}/rank-{rank}.log"
 
     def _launcher_blames(self) -> tuple[int, str] | None:
         """(rank, how it ended) from mpirun's or horovodrun's report; a rank that was killed
@@ -299,6 +304,24 @@ def die_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
     except (OSError, AttributeError):
         pass  # not Linux: the launcher's own stop() is the only guard
+
+
+@contextlib.contextmanager
+def temporary_folder(prefix: str):
+    """A temporary folder that is gone when the block ends, or this process however it ends:
+    a helper process waits on a pipe that the kernel closes when this one dies (SIGKILL
+    included), then removes the folder."""
+    folder = tempfile.mkdtemp(prefix=prefix)
+    reaper = subprocess.Popen([sys.executable, "-c", _REAPER, folder], stdin=subprocess.PIPE,
+                              start_new_session=True)  # outlives this process' group
+    try:
+        yield Path(folder)
+    finally:
+        reaper.stdin.close()
+        reaper.wait()
+
+
+_REAPER = "import shutil, sys; sys.stdin.buffer.read(); shutil.rmtree(sys.argv[1], True)"
 
 
 def _signal_pids(pids, sig: int) -> None:

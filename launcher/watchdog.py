@@ -4,9 +4,11 @@ Python stacks, and ends the group, wherever the ranks run (ktrain's launcher, ``
 
 Every rank reports, once a second, how far it has come to rank 0 (on TensorFlow the gradient
 allreduces it has arrived at; on JAX, whose reduction sits inside the compiled step, the
-batches it has taken from its input), over one TCP connection (rank 0's address reaches the
-others through the communicator as the watch starts). When the counts have not moved for ``strategy.stall_timeout`` seconds and are
-not all equal, rank 0 asks the ranks behind for their stacks, tells every rank to end, prints
+batches it has taken from its input), over one TCP connection. Rank 0's address and a key drawn
+for this watch reach the others through the communicator as the watch starts; each connection
+proves the key both ways (``ktrain.handshake``), so a stranger's is dropped and cannot report
+for a rank. When the counts have not moved for ``strategy.stall_timeout`` seconds and are not
+all equal, rank 0 asks the ranks behind for their stacks, tells every rank to end, prints
 one message and ends first, so that its launcher reports it (and restarts the group, if
 ``max_restarts`` allows); the others end as soon as it is gone, since a launcher such as
 ``srun`` would leave them waiting forever.
@@ -27,12 +29,16 @@ from typing import Callable
 from ktrain import console
 from ktrain.environment import detect
 from ktrain.errors import WorkersFailed
+from ktrain.handshake import Stranger, admit, join, new_secret
 from ktrain.rendezvous import chief_address
 
 REPORT_EVERY = 1.0
 _STACKS_WAIT = 5.0
 _FRAMES_PER_THREAD = 6
 STALLED_EXIT = 1
+_KEY_PARTS = 4
+"""The key travels as this many 48-bit integers: each exact in a float64 sum."""
+_HANDSHAKE_TIMEOUT = 30.0
 
 
 @contextlib.contextmanager
@@ -44,20 +50,23 @@ def watching_for_stalls(session, timeout: float | None, arrivals: Callable[[], i
         yield
         return
     server = None
-    address = [0.0] * 5
+    offered = [0.0] * (5 + _KEY_PARTS)
     if session.is_chief:
         ip = chief_address(detect(), interface)
         server = socket.create_server((ip, 0))
-        address = [float(part) for part in ip.split(".")] + [float(server.getsockname()[1])]
-    shared = session.communicator.sum_host(address)
+        key = new_secret(6 * _KEY_PARTS)
+        offered = ([float(part) for part in ip.split(".")] + [float(server.getsockname()[1])] +
+                   [float(int.from_bytes(key[i:i + 6], "big")) for i in range(0, len(key), 6)])
+    shared = session.communicator.sum_host(offered)
     ip, port = ".".join(str(int(part)) for part in shared[:4]), int(shared[4])
+    key = b"".join(int(part).to_bytes(6, "big") for part in shared[5:])
     done = threading.Event()
     if server is not None:
-        board = _Board(server, session.world_size, timeout, arrivals, output, done)
+        board = _Board(server, key, session.world_size, timeout, arrivals, output, done)
         threads = [threading.Thread(target=board.serve, daemon=True, name="ktrain-stalls"),
                    threading.Thread(target=board.judge, daemon=True, name="ktrain-judge")]
     else:
-        threads = [threading.Thread(target=_report, args=(ip, port, session.rank, arrivals,
+        threads = [threading.Thread(target=_report, args=(ip, port, key, session.rank, arrivals,
                                                           output, done),
                                     daemon=True, name="ktrain-stalls")]
     for thread in threads:
@@ -73,9 +82,9 @@ def watching_for_stalls(session, timeout: float | None, arrivals: Callable[[], i
 class _Board:
     """Rank 0's side: the counts every rank reported, and whether the group is ending."""
 
-    def __init__(self, server: socket.socket, world_size: int, timeout: float,
+    def __init__(self, server: socket.socket, key: bytes, world_size: int, timeout: float,
                  own_count: Callable[[], int], output, done: threading.Event):
-        self.server, self.world_size, self.timeout = server, world_size, timeout
+        self.server, self.key, self.world_size, self.timeout = server, key, world_size, timeout
         self.own_count, self.output, self.done = own_count, output, done
         self.lock = threading.Lock()
         self.counts: dict[int, int] = {}
@@ -83,20 +92,42 @@ class _Board:
         self.wanted: set[int] = set()
         self.ending = False
         self.told: set[int] = set()
+        self.joined: set[int] = set()
 
     def serve(self) -> None:
         with contextlib.suppress(OSError):  # closed when training ends
             while True:
-                connection, _ = self.server.accept()
-                threading.Thread(target=self._answer, args=(connection,), daemon=True).start()
+                connection, peer = self.server.accept()
+                threading.Thread(target=self._answer, args=(connection, peer),
+                                 daemon=True).start()
 
-    def _answer(self, connection: socket.socket) -> None:
+    def _admit(self, stream, peer) -> int | None:
+        """The rank a connection proves it is, or None (dropped, said at -v)."""
+        try:
+            rank = admit(stream, self.key).get("rank")
+            with self.lock:
+                if not isinstance(rank, int) or rank in self.joined or \
+                        rank not in range(1, self.world_size):
+                    raise Stranger(f"rank {rank} has joined already, or is no rank of "
+                                   f"{self.world_size}")
+                self.joined.add(rank)
+            return rank
+        except (Stranger, OSError) as err:
+            console.debug(f"stall watchdog: dropped a connection from {peer[0]}:{peer[1]}: "
+                          f"{err or type(err).__name__}")
+            return None
+
+    def _answer(self, connection: socket.socket, peer) -> None:
         """One rank's reports: each gets an answer (send stacks? end?)."""
-        with connection, contextlib.suppress(OSError, ValueError):
-            stream = connection.makefile("rw")
+        connection.settimeout(_HANDSHAKE_TIMEOUT)
+        stream = connection.makefile("rw", encoding="utf-8")
+        with connection, stream, contextlib.suppress(OSError, ValueError):
+            rank = self._admit(stream, peer)
+            if rank is None:
+                return
+            connection.settimeout(None)
             for line in stream:
                 report = json.loads(line)
-                rank = report["rank"]
                 with self.lock:
                     self.counts[rank] = report["count"]
                     if "stacks" in report:
@@ -150,20 +181,21 @@ class _Board:
         os._exit(STALLED_EXIT)  # the main thread waits in the allreduce, for good
 
 
-def _report(ip: str, port: int, rank: int, count: Callable[[], int], output,
+def _report(ip: str, port: int, key: bytes, rank: int, count: Callable[[], int], output,
             done: threading.Event) -> None:
     """A rank's side: report the count every second; send the stacks when asked; end, after
     rank 0, when told."""
     try:
-        connection = socket.create_connection((ip, port), timeout=30)
-    except OSError as err:
-        _say(output, f"the stall watchdog cannot reach rank 0 at {ip}:{port} ({err}); "
+        connection = socket.create_connection((ip, port), timeout=_HANDSHAKE_TIMEOUT)
+        stream = connection.makefile("rw", encoding="utf-8")
+        join(stream, key, {"rank": rank})
+    except (OSError, Stranger) as err:
+        _say(output, f"the stall watchdog cannot join rank 0 at {ip}:{port} ({err}); "
                      f"training goes on without it")
         return
     with connection, contextlib.suppress(OSError, ValueError):
         connection.settimeout(None)
-        stream = connection.makefile("rw")
-        report: dict = {"rank": rank}
+        report: dict = {}
         while not done.wait(REPORT_EVERY):
             report["count"] = count()
             stream.write(json.dumps(report) + "\n")

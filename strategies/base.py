@@ -9,15 +9,16 @@ training function's business (``ktrain.worker``), which no strategy imports.
 from __future__ import annotations
 
 import abc
+import contextlib
 import os
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import ClassVar
 
 import fsspec
+from fsspec.implementations.local import LocalFileSystem
 
 from ktrain import STARTED_AT, backends, console
 from ktrain.config import MultiProcessConfig, RunConfig, StrategyConfig
@@ -26,7 +27,7 @@ from ktrain.errors import UserError, WorkersFailed
 from ktrain.launch import Train, train_here
 from ktrain.output import RunOutput, RunResult
 from ktrain.session import Session
-from ktrain.supervisor import WorkerGroup, is_supervised
+from ktrain.supervisor import WorkerGroup, is_supervised, temporary_folder
 
 COMPRESSIONS = {"collective": ("fp16", "bf16"), "mpi": (), "horovod": ("fp16",)}
 """The ``compression`` values each transport can send: MPI has no standard half-precision
@@ -57,7 +58,7 @@ class Strategy(abc.ABC):
         return True
 
     @abc.abstractmethod
-    def open_session(self) -> Session:
+    def open_session(self, run: RunConfig) -> Session:
         """Called inside a worker: set up devices and communicators for this process."""
 
 
@@ -113,11 +114,11 @@ class MultiProcessStrategy(Strategy):
 
     def run_local_group(self, run: RunConfig, specs: list):
         """Start ``specs`` (``ktrain.supervisor.WorkerSpec``) on this machine and watch them."""
-        group = WorkerGroup(specs, local_log_dir(run.output_dir),
-                            start_timeout=self.config.start_timeout,
-                            console_ranks=self.config.console_ranks,
-                            stop_signals=tuple(run.checkpoint.stop_signals))
-        return group.run()
+        with group_log_dir(run.output_dir) as (logs, kept_at):
+            return WorkerGroup(specs, logs, start_timeout=self.config.start_timeout,
+                               console_ranks=self.config.console_ranks,
+                               stop_signals=tuple(run.checkpoint.stop_signals),
+                               logs_kept_at=kept_at).run()
 
     def run_with_restarts(self, run: RunConfig, attempt) -> RunResult:
         """Call ``attempt(run)`` until it returns no Failure, up to ``max_restarts`` more times,
@@ -143,12 +144,22 @@ class MultiProcessStrategy(Strategy):
             wall_seconds=round(time.perf_counter() - STARTED_AT, 3)))
 
 
-def local_log_dir(output_dir: str):
-    """Where the supervisor writes rank logs: output_dir/logs, or a temporary folder for URLs."""
+@contextlib.contextmanager
+def group_log_dir(output_dir: str):
+    """Where the launcher writes its ranks' logs while the block runs, and where they are kept
+    (as the user names it): output_dir/logs; for a URL (no appending there), a temporary folder,
+    copied to the URL at the end and removed even if the launcher is killed."""
     fs, out = fsspec.core.url_to_fs(output_dir)
-    if "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
-        return Path(out, "logs")
-    return Path(tempfile.mkdtemp(prefix="ktrain-logs-"))
+    if isinstance(fs, LocalFileSystem):
+        yield Path(out, "logs"), str(Path(out, "logs"))
+        return
+    with temporary_folder("ktrain-logs-") as folder:
+        try:
+            yield folder, f"{output_dir.rstrip('/')}/logs"
+        finally:
+            with contextlib.suppress(OSError):
+                for log in folder.glob("*.log"):
+                    fs.put_file(str(log), f"{out}/logs/{log.name}")
 
 
 def worker_session(communicator, device: str, found) -> Session:

@@ -59,13 +59,13 @@ class HorovodStrategy(MultiProcessStrategy):
         return self.run_local_group(
             run, [WorkerSpec(command, worker_environment(run, train), tuple(range(n)))])
 
-    def open_session(self) -> Session:
+    def open_session(self, run) -> Session:
         from ktrain.collectives import HorovodCommunicator  # imports TensorFlow: ranks only
 
         found = detect()
         use_network_interface(self.config.network_interface)
         if self.config.controller == "gloo" and found.name not in ("horovodrun", "ktrain"):
-            _join_gloo(found, self.config)
+            _join_gloo(found, self.config, run.output_dir)
         device = pin_local_device(found.local_rank)
         try:
             communicator = HorovodCommunicator()
@@ -83,12 +83,12 @@ def _horovodrun() -> str:
     return find_tool("horovodrun", where="strategy.name", hint=_INSTALL_HINT)
 
 
-def _join_gloo(found, config: HorovodConfig) -> None:
+def _join_gloo(found, config: HorovodConfig, output_dir: str) -> None:
     """Set up, in this rank's environment, the Gloo world horovodrun would have: every rank's
     address comes from ``ktrain.rendezvous``; rank 0 serves Horovod's rendezvous on its own."""
     from horovod.runner.http.http_server import RendezvousHandler, RendezvousHTTPServer
 
-    addresses = peer_addresses(found, config.start_timeout, config.network_interface)
+    addresses = peer_addresses(found, config.start_timeout, output_dir, config.network_interface)
     hosts = [address.rsplit(":", 1)[0] for address in addresses]
     if len(set(hosts)) > 1:
         _check_host_name(hosts[found.rank])

@@ -32,7 +32,6 @@ class MirroredStrategy(Strategy):
                 f"{found.world_size} (this is rank {found.rank})", where="strategy.name",
                 hint="use strategy.name=multiworker (one process per device, each with its "
                      "share of the batch), or start one process" + _ONE_PROCESS.get(found.name, ""))
-        self._train = run.train
         if backends.current() == "tensorflow":
             self._devices = self._configure_devices()
             run.train.check_split(len(self._devices), "devices")
@@ -40,10 +39,10 @@ class MirroredStrategy(Strategy):
     def launch(self, run, train):
         return train_here(run, self.open_session, train)
 
-    def open_session(self) -> Session:
+    def open_session(self, run) -> Session:
         if backends.current() == "jax":
             session = local_session(self.config.devices)
-            self._train.check_split(session.num_replicas, "devices")
+            run.train.check_split(session.num_replicas, "devices")
             return session
         import tensorflow as tf
 

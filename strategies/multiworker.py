@@ -91,7 +91,7 @@ class MultiWorkerStrategy(MultiProcessStrategy):
                 run, train, rank=r, world_size=n, local_rank=r, peers=peers), (r,))
             for r in range(n)])
 
-    def open_session(self) -> Session:
+    def open_session(self, run) -> Session:
         use_network_interface(self.config.network_interface)
         found = detect()
         if self.communicator(found)[0] == "mpi":
@@ -99,20 +99,23 @@ class MultiWorkerStrategy(MultiProcessStrategy):
 
             device = pin_local_device(found.local_rank)
             return worker_session(MpiCommunicator(), device, found)
-        return collective_session(self.config.start_timeout, self.config.network_interface)
+        return collective_session(self.config.start_timeout, run.output_dir,
+                                  self.config.network_interface)
 
 
-def collective_session(start_timeout: float, interface: str | None = None) -> Session:
+def collective_session(start_timeout: float, output_dir: str,
+                       interface: str | None = None) -> Session:
     """A worker's session over TF collectives (or, on JAX, jax.distributed), with peers from
-    the environment."""
+    the environment (or, under srun, ``ktrain.rendezvous`` in the run writing ``output_dir``)."""
     found = detect()
     if backends.current() == "jax":
         return process_session(found.rank, found.local_rank,
-                               peer_addresses(found, start_timeout, interface), start_timeout)
+                               peer_addresses(found, start_timeout, output_dir, interface),
+                               start_timeout)
     from ktrain.collectives import TensorFlowCollectives  # imports TensorFlow: ranks only
 
     device = pin_local_device(found.local_rank)  # before TensorFlow's runtime starts
-    peers = peer_addresses(found, start_timeout, interface)
+    peers = peer_addresses(found, start_timeout, output_dir, interface)
     return worker_session(TensorFlowCollectives(found.rank, peers, timeout_seconds=start_timeout),
                           device, found)
 

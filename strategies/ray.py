@@ -44,8 +44,8 @@ class RayStrategy(MultiProcessStrategy):
     data_shard: RayShard | None = None
     """Set in each actor: its share of a ray.data.Dataset the driver split."""
 
-    def open_session(self) -> Session:
-        return dataclasses.replace(collective_session(self.config.start_timeout),
+    def open_session(self, run) -> Session:
+        return dataclasses.replace(collective_session(self.config.start_timeout, run.output_dir),
                                    data_shard=self.data_shard)
 
     def run_group(self, run, train):

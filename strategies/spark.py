@@ -27,7 +27,7 @@ from ktrain.launch import worker_command, worker_environment
 from ktrain.rendezvous import free_ports
 from ktrain.session import Session
 from ktrain.stopping import STOP_REPORT, relaying_stops, reported_stop
-from ktrain.strategies.base import MultiProcessStrategy, local_log_dir
+from ktrain.strategies.base import MultiProcessStrategy, group_log_dir
 from ktrain.strategies.multiworker import collective_session
 from ktrain.supervisor import (Failure, blame_chief_first, captured_output_env, describe_exit,
                                die_with_parent, echo_log, echoed_report, log_tail)
@@ -57,19 +57,20 @@ class SparkStrategy(MultiProcessStrategy):
                 f"task slots; {self.config.master} has {local.group(1)}", where="strategy.master",
                 hint=f"use local[{self.config.workers}] or fewer strategy.workers")
 
-    def open_session(self) -> Session:
-        return collective_session(self.config.start_timeout)
+    def open_session(self, run) -> Session:
+        return collective_session(self.config.start_timeout, run.output_dir)
 
     def run_group(self, run, train):
         """The whole group as one barrier stage; a Failure, or None if every task finished."""
-        spark, created = self._spark_session(run)
-        try:
-            return self._barrier_stage(spark, run, train)
-        finally:
-            if created:
-                spark.stop()
+        with group_log_dir(run.output_dir) as (logs, _):
+            spark, created = self._spark_session(run, logs)
+            try:
+                return self._barrier_stage(spark, run, train)
+            finally:
+                if created:
+                    spark.stop()
 
-    def _spark_session(self, run):
+    def _spark_session(self, run, logs):
         """The session to run on, and whether ktrain created it. Spark's own log goes to
         ``logs/spark-driver.log`` when ktrain starts the JVM; under spark-submit, Spark prints
         its warnings and errors only, once its context starts."""
@@ -100,9 +101,8 @@ class SparkStrategy(MultiProcessStrategy):
                 .set("spark.ui.enabled", "false")
         for key, value in self._spark_conf().items():
             conf.set(key, value)
-        log_dir = local_log_dir(run.output_dir)
-        log_dir.mkdir(parents=True, exist_ok=True)
-        with open(log_dir / "spark-driver.log", "ab") as log:  # the JVM keeps its own copy
+        logs.mkdir(parents=True, exist_ok=True)
+        with open(logs / "spark-driver.log", "ab") as log:  # the JVM keeps its own copy
             gateway = launch_gateway(conf, popen_kwargs={"stdout": log, "stderr": log})
         context = SparkContext(conf=conf, gateway=gateway)
         context.setLogLevel("ERROR")
