@@ -1,7 +1,7 @@
 """The Keras callbacks ktrain trains with, in the order ``callbacks_in_order`` gives them:
 global metrics, the shard audit, the recorder (metrics.csv, the console), the user's and the
-config's (early stopping, learning-rate scaling, TensorBoard), and checkpoints with the stop on
-a signal last."""
+config's (early stopping, learning-rate scaling, TensorBoard), the divergence audit, and
+checkpoints with the stop on a signal last."""
 
 from __future__ import annotations
 
@@ -86,6 +86,81 @@ class AuditShards(keras.callbacks.Callback):
                 f"data.audit: {problem}", hint="ktrain's own lanes never overlap: look for code "
                 "that changes how the data is shared (a data fn, a map fn, a patched "
                 "ktrain.sources); the run stops before checkpointing this epoch")
+
+
+class Diverged(WorkersFailed):
+    """The ranks' copies of the model differ (see ``AuditWeights``)."""
+
+
+_FOLLOW_CHIEF = 30.0
+"""Seconds a rank that found a divergence waits for rank 0, which reports it, to end the group."""
+
+
+class AuditWeights(keras.callbacks.Callback):
+    """strategy.audit_steps: every that many steps and at every epoch's end, the ranks compare
+    one float64 per trained and optimizer variable (its sum); one that differs stops the run,
+    named, before a checkpoint can keep it.
+
+    Ranks apply the same averaged gradients to the same weights, so their copies are equal to
+    the bit; a difference means an update that bypassed the averaging (an optimizer of the
+    model's own, code that changes weights on some ranks) or a faulty transport. State that is
+    per-rank by design (BatchNormalization's moving statistics, random generators) is not
+    compared. Every rank finds the same difference and stops with it."""
+
+    def __init__(self, session: Session, every: int):
+        super().__init__()
+        self.session, self.every = session, every
+        self._audited = None
+        """The step of the last audit, at which every rank was equal."""
+        self._epoch_began = 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch_began = self._steps_done()
+
+    def on_train_batch_end(self, batch, logs=None):
+        step = self._epoch_began + batch + 1  # no read from the device on every step
+        if self._audited is None or step // self.every > self._audited // self.every:
+            self._audit(step)
+
+    def on_epoch_end(self, epoch, logs=None):
+        step = self._steps_done()
+        if step != self._audited:
+            self._audit(step)
+
+    def _steps_done(self) -> int:
+        return int(self.model.optimizer.iterations.numpy())
+
+    def _audit(self, step: int) -> None:
+        variables = [*self.model.trainable_variables, *self.model.optimizer.variables]
+        mine = np.array([np.sum(v.numpy(), dtype=np.float64) for v in variables])
+        every = np.zeros((self.session.world_size, len(variables)))
+        every[self.session.rank] = mine
+        every = self.session.summed(every)  # each rank's row, on every rank
+        differ = every != every[0]
+        if differ.any():
+            first = int(np.flatnonzero(differ.any(axis=0))[0])
+            error = self._diverged(variables[first],
+                                   sorted(np.flatnonzero(differ.any(axis=1))), step)
+            if not self.session.is_chief:  # rank 0 reports it; ended with it, no rank is blamed
+                console.info(f"rank 0 ends the group: {error.what}")
+                time.sleep(_FOLLOW_CHIEF)
+            raise error
+        self._audited = step
+        console.debug(f"audit: {len(variables)} variables equal on every rank at step {step}")
+
+    def _diverged(self, variable, ranks: list, step: int) -> Diverged:
+        optimizer = any(variable is v for v in self.model.optimizer.variables)
+        owner = "the optimizer" if optimizer else f"layer '{variable.path.rsplit('/', 1)[0]}'"
+        since = (f"every rank was equal at step {self._audited}" if self._audited is not None
+                 else "the first audit of this start")
+        return Diverged(
+            f"rank(s) {[int(r) for r in ranks]} diverged from rank 0: variable "
+            f"'{variable.path}' ({owner}) differs at step {step} ({since}); the run stops "
+            f"before a checkpoint keeps it", where="strategy.audit_steps",
+            hint="look for an update that bypasses the averaged gradients: an optimizer the "
+                 "model holds besides model.optimizer, or a callback or train_step that "
+                 "changes weights on some ranks only; a smaller strategy.audit_steps narrows "
+                 "the step down")
 
 
 class StopNow(Exception):
@@ -260,11 +335,15 @@ def metrics_of(row: dict) -> dict:
 
 def callbacks_in_order(session: Session, recorder: RunRecorder, tracker, history: list[dict],
                         optional: list, checkpoints: Checkpoints, audit: ShardAudit | None,
-                        train_share: int, validation_share: int) -> list:
+                        train_share: int, validation_share: int,
+                        audit_steps: int | None) -> list:
     """Global metrics first, so that every later callback sees the same numbers on every rank;
-    the shard audit before any checkpoint takes the epoch; checkpoints last."""
+    the shard audit and the divergence audit before any checkpoint takes the epoch (the
+    latter after every callback that might change weights); checkpoints last."""
     callbacks = [recorder, *([tracker.callback(history)] if tracker else []), *optional,
                  checkpoints]
+    if audit_steps and session.communicator is not None and session.world_size > 1:
+        callbacks.insert(-1, AuditWeights(session, audit_steps))
     if audit:
         callbacks.insert(0, AuditShards(audit, session))
     if session.communicator is not None and session.communicator.reduces_gradients:

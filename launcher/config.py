@@ -219,6 +219,10 @@ class MultiProcessConfig(StrategyConfig):
     stall_timeout: PositiveFloat | None = 300.0
     """Seconds the other ranks may wait at a gradient allreduce for a rank that does not come;
     it is then named, with its Python stacks, and the group stops (or restarts). null: off."""
+    audit_steps: PositiveInt | None = 1000
+    """Every this many global batches, and at every epoch's end, the ranks compare a
+    fingerprint of every trained and optimizer variable; one that differs stops the run,
+    named. null: off."""
     console_ranks: Literal["chief", "all"] = "chief"
     """Which ranks' output the console shows (every rank's goes to logs/rank-<r>.log)."""
 

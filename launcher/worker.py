@@ -87,12 +87,28 @@ def _join_group(run: RunConfig, session: Session, model: keras.Model, flags) -> 
     mark(session.rank, "arrived")
     if communicator.reduces_gradients:
         broadcast_variables(model.variables + list(model.optimizer.variables), communicator)
+        own_random_draws(model, session.rank)
     else:
         communicator.barrier()
     mark(session.rank, "joined")
     return (f"rank {session.rank} of {session.world_size} joined "
             f"({communicator.name}, host {socket.gethostname()}, pid {os.getpid()}, "
             f"{', '.join(session.devices)})")
+
+
+_SEED_STRIDE = 1_000_003
+
+
+def own_random_draws(model: keras.Model, rank: int) -> None:
+    """Once every rank holds rank 0's state: a random stream of its own for each rank's random
+    layers (Dropout, noise, random augmentation), as one process draws independent numbers for
+    every example of a batch. With rank 0's seeds everywhere, the k-th example of every rank's
+    share would get the same dropout mask. Rank 0 keeps its stream (a checkpoint holds it)."""
+    for variable in model.non_trainable_variables:
+        if variable.path.endswith("seed_generator_state"):
+            state = variable.numpy()
+            state[0] += rank * _SEED_STRIDE
+            variable.assign(state)
 
 
 def _fit(run: RunConfig, session: Session, model: keras.Model, splits: Splits,
@@ -129,7 +145,7 @@ def _fit(run: RunConfig, session: Session, model: keras.Model, splits: Splits,
         else None
     callbacks = callbacks_in_order(session, recorder, tracker, history, optional, checkpoints,
                                     audit, steps * train.global_batch_size // session.world_size,
-                                    validation_share)
+                                    validation_share, getattr(run.strategy, "audit_steps", None))
     fit_started = time.perf_counter()
     arrivals = flags.arrived if flags else (lambda: recorder.steps)
 

@@ -20,7 +20,8 @@ and with 2 workers under multiworker, spark and ray.
 
 --ray-train: ktrain's ray strategy (1 worker) next to Ray Train's own TensorflowTrainer.
 --preemption N: 2 workers with checkpoints every N steps, the stop-flag agreement and the stall
-watchdog, next to 2 workers with epoch checkpoints only and those off.
+watchdog, then with the divergence audit every N steps too, next to 2 workers with epoch
+checkpoints only and all of those off.
 
     python scripts/bench.py --allreduce --repeats 3
     python scripts/bench.py --scaling 2 configs/synthetic.yaml --set data.kwargs.samples=512 \
@@ -473,13 +474,18 @@ def ray_train_tensorflow(config_path: str, overrides: list[str]) -> dict:
 
 def bench_preemption(config: str, overrides: list[str], every_steps: int, repeats: int) -> None:
     """The cost of long-job safety on 2 workers: mid-epoch checkpoints every ``every_steps``
-    global batches, the stop-flag agreement and the stall watchdog, against epoch checkpoints
-    only with all of it off, alternating for ``repeats`` rounds (best of each)."""
+    global batches, the stop-flag agreement and the stall watchdog, then the divergence audit
+    every ``every_steps`` too, against epoch checkpoints only with all of it off, alternating
+    for ``repeats`` rounds (best of each)."""
     two = "strategy={name: multiworker, workers: 2}"
-    runs = {"epoch checkpoints only, no stop flags or watchdog":
-            [two, "checkpoint.stop_signals=[]", "strategy.stall_timeout=null"],
+    runs = {"epoch checkpoints only; no stop flags, watchdog or audit":
+            [two, "checkpoint.stop_signals=[]", "strategy.stall_timeout=null",
+             "strategy.audit_steps=null"],
             f"+ checkpoints every {every_steps} steps, stop flags, watchdog":
-            [two, f"checkpoint.every_steps={every_steps}"]}
+            [two, f"checkpoint.every_steps={every_steps}", "strategy.audit_steps=null"],
+            f"+ divergence audit every {every_steps} steps":
+            [two, f"checkpoint.every_steps={every_steps}",
+             f"strategy.audit_steps={every_steps}"]}
     best: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for round_ in range(repeats):

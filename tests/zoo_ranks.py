@@ -1,0 +1,50 @@
+"""Train every family of the model zoo (tests/fixtures/zoo.py) in this process, one `ktrain run`
+after another (``ktrain.cli.main``, as the command runs them): under `mpirun -np 2` as 2
+workers averaging over MPI, else as 1 process (mirrored, 1 device). One process per rank for
+the whole zoo, since loading TensorFlow costs far more than training these models.
+
+    python tests/zoo_ranks.py OUT_DIR                  # 1 process
+    mpirun -np 2 python tests/zoo_ranks.py OUT_DIR     # 2 workers
+
+Each family trains into OUT_DIR/<family>; OUT_DIR/<family>.status holds its exit status."""
+
+import sys
+from pathlib import Path
+
+import keras
+import yaml
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+sys.path.insert(0, str(FIXTURES))
+
+from zoo import FAMILIES  # noqa: E402
+
+from ktrain.cli import main  # noqa: E402
+from ktrain.environment import detect  # noqa: E402
+
+
+def config(family: str, out: Path, workers: int) -> dict:
+    model_fn, data_fn = FAMILIES[family]
+    strategy = ({"name": "multiworker", "communicator": "mpi"} if workers > 1 else
+                {"name": "mirrored", "devices": 1})
+    return {"model": {"fn": f"{FIXTURES}/zoo.py:{model_fn}"},
+            "data": {"fn": f"{FIXTURES}/zoo.py:{data_fn}"},
+            "train": {"epochs": 2, "global_batch_size": 32, "shuffle": False, "seed": 3},
+            "strategy": strategy, "checkpoint": {"every_epochs": 2, "keep": 1},
+            "report": False, "output_dir": str(out / family)}
+
+
+def train_zoo(out: Path) -> None:
+    found = detect()
+    for family in FAMILIES:
+        keras.backend.clear_session()
+        keras.config.set_dtype_policy("float32")  # a family may have set another
+        path = out / f"{family}-rank{found.rank}.yaml"
+        path.write_text(yaml.safe_dump(config(family, out, found.world_size)))
+        status = main(["run", str(path), "-q"])
+        if found.rank == 0:
+            (out / f"{family}.status").write_text(str(status))
+
+
+if __name__ == "__main__":
+    train_zoo(Path(sys.argv[1]))
