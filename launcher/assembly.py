@@ -40,7 +40,28 @@ def model_and_data(run: RunConfig, session: Session) -> tuple[keras.Model, Split
         if not model.compiled:
             compile_from_config(model, run.train)
         _build(model, splits)
+    _check_devices_can_split(splits, session)
     return model, splits
+
+
+def _check_devices_can_split(splits: Splits, session: Session) -> None:
+    """TensorFlow's MirroredStrategy cannot split string features over several devices of one
+    process (its AddN has no string kernel): refused before training, with what works."""
+    if session.num_replicas < 2 or session.communicator is not None or \
+            backends.current() != "tensorflow":
+        return
+    if any(_is_text(x) for x in keras.tree.flatten(first_features(splits.train))):
+        raise UserError(
+            f"the data's features include strings, which TensorFlow's MirroredStrategy cannot "
+            f"split over {session.num_replicas} devices of one process", where="strategy.devices",
+            hint="turn the strings into numbers in the data fn (map the dataset through the "
+                 "adapted TextVectorization layer), train on one device (devices: 1), or use "
+                 "strategy.name: multiworker (a process per device), which takes strings")
+
+
+def _is_text(value) -> bool:
+    dtype = getattr(value, "dtype", None)
+    return getattr(dtype, "kind", "") in ("U", "S", "O") or getattr(dtype, "name", "") == "string"
 
 
 def checkpoint_model(run: RunConfig, state: TrainingState) -> keras.Model:

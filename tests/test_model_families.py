@@ -138,3 +138,20 @@ def test_each_rank_draws_its_own_dropout_masks():
 
     assert (masks(0) == masks(None)).all()  # rank 0 keeps its stream: checkpoints hold it
     assert (masks(1) != masks(0)).any() and (masks(2) != masks(1)).any()
+
+
+def test_string_features_over_several_devices_of_one_process_are_refused(tmp_path):
+    """TensorFlow's MirroredStrategy fails on them mid-training (its AddN has no string
+    kernel): refused before, with what works instead (one device, or a process per device)."""
+    zoo_fns = REPO / "tests" / "fixtures" / "zoo.py"
+    run = load_config(write_config(tmp_path / "config.yaml", base_config(
+        tmp_path / "out", model={"fn": f"{zoo_fns}:text_classifier", "kwargs": {}},
+        data={"fn": f"{zoo_fns}:sentences", "kwargs": {}},
+        train={"loss": None, "metrics": []})))
+    devices = Session(rank=0, world_size=1, num_replicas=2)
+    with pytest.raises(UserError) as caught:
+        model_and_data(run, devices)
+    message = caught.value.render()
+    assert message.startswith("strategy.devices: the data's features include strings")
+    assert "devices: 1" in message and "strategy.name: multiworker" in message
+    model_and_data(run, Session(rank=0, world_size=1, num_replicas=1))
