@@ -154,9 +154,7 @@ def _check_model(model) -> None:
 def _check_workers_can_share(model: keras.Model, session: Session) -> None:
     """What would make N worker processes train other weights than one process, refused:
     optimizers the model holds besides model.optimizer (a GAN's), whose gradients ktrain does
-    not average; a BatchNormalization that asks for statistics synchronized over the replicas,
-    which would get each worker's own (across processes on TensorFlow, ktrain averages
-    gradients, not batch statistics)."""
+    not average."""
     if session.communicator is None or not session.communicator.reduces_gradients:
         return
     own = [name for name, value in vars(model).items()
@@ -168,16 +166,6 @@ def _check_workers_can_share(model: keras.Model, session: Session) -> None:
             f"train different weights on every rank", where="model.fn",
             hint="train it in one process (strategy.name: mirrored), or update through "
                  "model.optimizer alone")
-    synchronized = [layer.name for layer in model._flatten_layers(include_self=False)
-                    if isinstance(layer, keras.layers.BatchNormalization)
-                    and getattr(layer, "synchronized", False)]
-    if synchronized:
-        raise UserError(
-            f"BatchNormalization layer(s) {synchronized} ask for statistics synchronized over "
-            f"the replicas, and across worker processes on TensorFlow each worker would use "
-            f"its own batch's", where="model.fn",
-            hint="set synchronized=False (per-worker statistics, as PyTorch DDP keeps them), "
-                 "or train on one machine's devices with strategy.name: mirrored")
 
 
 def compile_from_config(model: keras.Model, train: TrainSpec) -> None:

@@ -10,6 +10,8 @@ Public API (usable in your own training loops too; ``__all__``):
   included) average gradients across workers before it applies them. The hook sits where Keras
   applies an update, so with ``gradient_accumulation_steps=K`` there is one allreduce per K steps.
 - ``broadcast_variables``: copy rank 0's model and optimizer state to every worker.
+- ``synchronize_batch_norm(model, communicator)``: ``BatchNormalization(synchronized=True)``
+  layers take the statistics of the whole global batch, as on one process' devices.
 - ``GlobalMetrics``: a callback that turns each worker's epoch metrics into global ones.
 
 These are the TensorFlow backend's; on JAX, XLA reduces the gradients inside the compiled step
@@ -24,7 +26,8 @@ Steps that call MPI through ``tf.numpy_function`` or Horovod cannot be XLA-compi
 from __future__ import annotations
 
 __all__ = ["Communicator", "TensorFlowCollectives", "MpiCommunicator", "HorovodCommunicator",
-           "distribute_optimizer", "undistribute", "broadcast_variables", "GlobalMetrics"]
+           "distribute_optimizer", "undistribute", "broadcast_variables", "GlobalMetrics",
+           "synchronize_batch_norm", "desynchronize_batch_norm"]
 
 import abc
 import itertools
@@ -423,6 +426,56 @@ def undistribute(optimizer: keras.optimizers.Optimizer) -> None:
     target = getattr(optimizer, "inner_optimizer", optimizer)
     if getattr(type(target), "_ktrain_communicator", None) is not None:
         target.__class__ = type(target).__mro__[1]
+
+
+def synchronize_batch_norm(model: keras.Model, communicator: Communicator) -> list[str]:
+    """Make every ``BatchNormalization(synchronized=True)`` layer of ``model`` take its batch
+    statistics over every worker's share of the batch, as TensorFlow's MirroredStrategy does
+    over one process' devices: count, sum and sum of squares travel in one sum, and the
+    gradient flows back through the same sum. Returns the layers' names;
+    ``desynchronize_batch_norm`` undoes it (before the model is saved)."""
+    names = []
+    for layer in model._flatten_layers(include_self=False):
+        if isinstance(layer, keras.layers.BatchNormalization) and layer.synchronized:
+            plain = type(layer)
+            layer.__class__ = type(plain.__name__, (plain,), {
+                "_moments": _moments_over_workers, "_ktrain_communicator": communicator})
+            names.append(layer.name)
+    return names
+
+
+def desynchronize_batch_norm(model: keras.Model) -> None:
+    for layer in model._flatten_layers(include_self=False):
+        if getattr(type(layer), "_ktrain_communicator", None) is not None:
+            layer.__class__ = type(layer).__mro__[1]
+
+
+def _moments_over_workers(self, inputs, mask):
+    """BatchNormalization._moments with the statistics of the whole global batch. With a mask,
+    Keras takes local statistics whether synchronized or not, and so does this."""
+    if mask is not None:
+        return super(type(self), self)._moments(inputs, mask)
+    x = tf.cast(inputs, tf.float32) if inputs.dtype in (tf.float16, tf.bfloat16) else inputs
+    sums = tf.reduce_sum(x, self._reduction_axes)
+    squares = tf.reduce_sum(tf.square(x), self._reduction_axes)
+    count = tf.cast(tf.size(x) // tf.size(sums), x.dtype)
+    total = _summed_over_workers(self._ktrain_communicator,
+                                 tf.concat([sums, squares, count[None]], axis=0))
+    channels = tf.size(sums)
+    mean = total[:channels] / total[-1]
+    variance = tf.maximum(total[channels:2 * channels] / total[-1] - tf.square(mean), 0.0)
+    return tf.cast(mean, inputs.dtype), tf.cast(variance, inputs.dtype)
+
+
+def _summed_over_workers(communicator: Communicator, tensor: tf.Tensor) -> tf.Tensor:
+    """``tensor`` summed over the workers, differentiably: each worker's loss depends on every
+    worker's input to the sum, so the gradient that flows back is the sum of theirs."""
+    @tf.custom_gradient
+    def total(x):
+        return communicator.allreduce_sum([x])[0], \
+            lambda upstream: communicator.allreduce_sum([upstream])[0]
+
+    return total(tensor)
 
 
 def broadcast_variables(variables: Sequence[tf.Variable], communicator: Communicator,

@@ -78,11 +78,13 @@ def _join_group(run: RunConfig, session: Session, model: keras.Model, flags) -> 
     state from the same seed (or checkpoint)."""
     communicator = session.communicator
     if communicator.reduces_gradients:
-        from ktrain.collectives import broadcast_variables, distribute_optimizer
+        from ktrain.collectives import (broadcast_variables, distribute_optimizer,
+                                        synchronize_batch_norm)
 
         distribute_optimizer(model.optimizer, communicator, flags=flags,
                              compression=run.strategy.compression,
                              bucket_bytes=run.strategy.bucket_bytes)
+        synchronize_batch_norm(model, communicator)
         model.jit_compile = False  # numpy_function, Horovod and collective ops are not XLA ops
     mark(session.rank, "arrived")
     if communicator.reduces_gradients:
@@ -180,9 +182,10 @@ def _fit(run: RunConfig, session: Session, model: keras.Model, splits: Splits,
     store.wait()
     early_stopping = _early_stopping_report(model, optional, output)
     if communicator is not None and communicator.reduces_gradients:
-        from ktrain.collectives import undistribute
+        from ktrain.collectives import desynchronize_batch_norm, undistribute
 
         undistribute(model.optimizer)
+        desynchronize_batch_norm(model)
     summary = {**_summary(run, session, recorder, history, start.epoch, fit_started, fit_ended,
                           output.save_model(model)),
                "early_stopping": early_stopping,

@@ -23,14 +23,15 @@ sys.path.insert(0, str(REPO / "tests" / "fixtures"))
 from zoo import FAMILIES  # noqa: E402
 
 EXACT = 1e-6
-TOLERANCE = {
-    # The attention's key bias has a gradient that is zero in exact arithmetic (softmax ignores
-    # a constant added to every score): Adam divides its rounding noise by its own size and
-    # takes full steps with it. Every other variable of the block is within EXACT.
-    "transformer_block": 1e-4,
-    # float16 math on half batches (mirrored with 2 devices differs from 1 device as much).
-    "mixed_precision": 1e-3,
+TOLERANCE = {"mixed_precision": 1e-3}
+"""float16 math on half batches (mirrored with 2 devices differs from 1 device as much)."""
+NOISE_DRIVEN = {
+    "transformer_block": ("key/bias",),  # softmax ignores a constant added to every score
+    "synchronized_batch_norm": ("dense/bias", "moving_mean"),  # the norm removes a bias before it
 }
+"""Variables whose gradient is zero in exact arithmetic: Adam divides their rounding noise by
+its own size and takes full steps with it (a moving mean follows such a variable). Within
+1e-3; every other variable of the family within EXACT."""
 BY_DESIGN = {
     # Each worker draws its own masks for its share of the batch, not its slice of the one
     # process' draw: the same training in distribution, other random numbers.
@@ -74,11 +75,11 @@ def test_two_workers_train_each_family_as_one_process(zoo, family):
     if family in BY_DESIGN:  # measured, and said in the README (Porting)
         assert max(apart.values()) > 1e-3, f"{family}: expected to differ ({BY_DESIGN[family]})"
         return
+    noisy = {p for p in apart if p.endswith(NOISE_DRIVEN.get(family, ()))}
+    assert all(apart[p] <= 1e-3 for p in noisy), apart
     allowed = TOLERANCE.get(family, EXACT)
-    assert max(apart.values()) <= allowed, {p: d for p, d in apart.items() if d > EXACT}
-    if family == "transformer_block":
-        assert {p for p, d in apart.items() if d > EXACT} <= {
-            p for p in apart if p.endswith("key/bias")}
+    assert all(d <= allowed for p, d in apart.items() if p not in noisy), {
+        p: d for p, d in apart.items() if d > EXACT}
 
 
 def session(world_size: int) -> Session:
@@ -87,20 +88,6 @@ def session(world_size: int) -> Session:
     return Session(rank=0, world_size=world_size, num_replicas=world_size,
                    communicator=SimpleNamespace(reduces_gradients=True) if world_size > 1
                    else None)
-
-
-def test_synchronized_batch_norm_is_refused_across_processes_and_kept_in_one(tmp_path):
-    run = load_config(write_config(tmp_path / "config.yaml", base_config(
-        tmp_path / "out", model={"fn": f"{FIXTURES}:mlp_synchronized_batch_norm",
-                                 "kwargs": {}})))
-    with pytest.raises(UserError) as caught:
-        model_and_data(run, session(2))
-    message = caught.value.render()
-    assert message.startswith("model.fn: BatchNormalization layer(s) ['norm'] ask for "
-                              "statistics synchronized")
-    assert "synchronized=False" in message and "strategy.name: mirrored" in message
-    model, _ = model_and_data(run, session(1))  # one process: Keras synchronizes its replicas
-    assert model.get_layer("norm").synchronized
 
 
 def test_a_gan_with_optimizers_of_its_own_is_refused_across_processes(tmp_path):
