@@ -423,31 +423,32 @@ def _gathered_slices(slices: list[tf.IndexedSlices],
 
 
 def undistribute(optimizer: keras.optimizers.Optimizer) -> None:
-    target = getattr(optimizer, "inner_optimizer", optimizer)
+    _unwrap(getattr(optimizer, "inner_optimizer", optimizer))
+
+
+def _unwrap(target) -> None:
+    """Give ``target`` back its own class, if ktrain swapped it for a subclass of it (one that
+    carries ``_ktrain_communicator``)."""
     if getattr(type(target), "_ktrain_communicator", None) is not None:
         target.__class__ = type(target).__mro__[1]
 
 
-def synchronize_batch_norm(model: keras.Model, communicator: Communicator) -> list[str]:
+def synchronize_batch_norm(model: keras.Model, communicator: Communicator) -> None:
     """Make every ``BatchNormalization(synchronized=True)`` layer of ``model`` take its batch
     statistics over every worker's share of the batch, as TensorFlow's MirroredStrategy does
     over one process' devices: count, sum and sum of squares travel in one sum, and the
-    gradient flows back through the same sum. Returns the layers' names;
-    ``desynchronize_batch_norm`` undoes it (before the model is saved)."""
-    names = []
+    gradient flows back through the same sum. ``desynchronize_batch_norm`` undoes it (before
+    the model is saved)."""
     for layer in model._flatten_layers(include_self=False):
         if isinstance(layer, keras.layers.BatchNormalization) and layer.synchronized:
             plain = type(layer)
             layer.__class__ = type(plain.__name__, (plain,), {
                 "_moments": _moments_over_workers, "_ktrain_communicator": communicator})
-            names.append(layer.name)
-    return names
 
 
 def desynchronize_batch_norm(model: keras.Model) -> None:
     for layer in model._flatten_layers(include_self=False):
-        if getattr(type(layer), "_ktrain_communicator", None) is not None:
-            layer.__class__ = type(layer).__mro__[1]
+        _unwrap(layer)
 
 
 def _moments_over_workers(self, inputs, mask):

@@ -67,13 +67,13 @@ def holding(output_dir: str):
     """Hold the lease on ``output_dir`` (created if need be) while the block runs; raise
     UserError, having written nothing, if another run holds it."""
     fs, folder = fsspec.core.url_to_fs(output_dir)
-    path = f"{folder.rstrip('/')}/{NAME}"
+    path, secret_path = (f"{folder.rstrip('/')}/{name}" for name in (NAME, SECRET))
     run_id, started = uuid.uuid4().hex[:12], time.time()
     created = not fs.exists(folder)
     try:
         fs.makedirs(folder, exist_ok=True)
         _take(fs, path, output_dir, _record(run_id, started))
-        _write_secret(fs, f"{folder.rstrip('/')}/{SECRET}")
+        _write_secret(fs, secret_path)
     except OSError as err:
         raise unwritable(output_dir, err) from None
     except UserError:
@@ -91,7 +91,7 @@ def holding(output_dir: str):
         beat.join()
         with contextlib.suppress(OSError):
             if (_read(fs, path) or {}).get("run_id") == run_id:
-                fs.rm(f"{folder.rstrip('/')}/{SECRET}")
+                fs.rm(secret_path)
                 fs.rm(path)
         if created:  # a run that wrote nothing leaves no folder
             _remove_if_empty(fs, folder)
