@@ -13,10 +13,11 @@ import keras
 from ktrain import backends
 from ktrain.checkpoint import TrainingState
 from ktrain.config import RunConfig, TrainSpec
-from ktrain.data import (ArraySplit, RayStreamSplit, Splits, first_features, partition_splits,
-                         ray_stream_splits, to_splits)
+from ktrain.data import (ArraySplit, RayStreamSplit, Splits, first_batch, first_features,
+                         partition_splits, ray_stream_splits, to_splits)
 from ktrain.environment import PARTITION_ENV
 from ktrain.errors import UserError, all_of, first_line
+from ktrain.optimizers import optimizers_of
 from ktrain.ray_data import is_ray_dataset
 from ktrain.resume import restore
 from ktrain.session import Session
@@ -36,7 +37,6 @@ def model_and_data(run: RunConfig, session: Session) -> tuple[keras.Model, Split
         model = call_user(model_fn, {**_training_data_for(model_fn, splits), **run.model.kwargs},
                           "model.fn")
         _check_model(model)
-        _check_workers_can_share(model, session)
         if not model.compiled:
             compile_from_config(model, run.train)
         _build(model, splits)
@@ -151,23 +151,6 @@ def _check_model(model) -> None:
                                                "`return keras.Sequential([...])`")
 
 
-def _check_workers_can_share(model: keras.Model, session: Session) -> None:
-    """What would make N worker processes train other weights than one process, refused:
-    optimizers the model holds besides model.optimizer (a GAN's), whose gradients ktrain does
-    not average."""
-    if session.communicator is None or not session.communicator.reduces_gradients:
-        return
-    own = [name for name, value in vars(model).items()
-           if isinstance(value, keras.optimizers.Optimizer) and value is not model.optimizer]
-    if own:
-        raise UserError(
-            f"the model holds optimizer(s) of its own ({', '.join(own)}), and ktrain averages "
-            f"the gradients of model.optimizer only: across worker processes the others would "
-            f"train different weights on every rank", where="model.fn",
-            hint="train it in one process (strategy.name: mirrored), or update through "
-                 "model.optimizer alone")
-
-
 def compile_from_config(model: keras.Model, train: TrainSpec) -> None:
     """Compile an uncompiled model with the optimizer, loss and metrics of the config."""
     if train.loss is None:
@@ -219,17 +202,58 @@ def train_option_problems(train: TrainSpec) -> list[UserError]:
 
 
 def _build(model: keras.Model, splits: Splits) -> None:
-    """Create the model's and optimizer's variables, so a checkpoint can be restored into them
-    and every rank starts from the same ones."""
+    """Create the variables of the model and of every optimizer it updates with, so that a
+    checkpoint can be restored into them and every rank starts from the same ones: by calling
+    the model on the training features, and where that cannot make them all (a GAN: call()
+    takes latent vectors, and its optimizers build on their first update), by tracing a train
+    step, as Keras' first step would, without taking it."""
+    call_failed = None
     if not model.built:
         try:
             model(first_features(splits.train))
         except Exception as err:  # noqa: BLE001 - whatever the user's call() raises
-            raise UserError(
-                f"the model cannot be called on the training features to create its "
-                f"variables ({type(err).__name__}: {first_line(err)})", where="model.fn",
-                hint="ktrain creates them so, before the first step, to restore a checkpoint "
-                     "and start every rank alike: make call() take the features the data "
-                     "yields, or build the model in the model fn (model.build(shape), or call "
-                     "it once on a sample)") from None
-    model.optimizer.build(model.trainable_variables)
+            call_failed = err
+    unbuilt = [name for name, optimizer in optimizers_of(model).items()
+               if not optimizer.built and optimizer is not model.optimizer]
+    if call_failed is not None or unbuilt:
+        _trace_train_step(model, splits, call_failed, unbuilt)
+    if call_failed is None:
+        model.optimizer.build(model.trainable_variables)
+
+
+def _trace_train_step(model: keras.Model, splits: Splits, call_failed: Exception | None,
+                      unbuilt: list[str]) -> None:
+    """TensorFlow traces ``model.train_step`` into a graph on the data's structure, which
+    creates every variable the step creates; the graph is never run, so nothing is updated."""
+    tf = backends.optional_tensorflow()
+    if tf is None or backends.current() != "tensorflow":
+        raise _cannot_build(call_failed) if call_failed is not None else UserError(
+            f"the model's optimizer(s) {', '.join(unbuilt)} have no state before the first "
+            f"step, and on {backends.current()} ktrain cannot create it by tracing a step",
+            where="model.fn", hint="build them in the model fn, e.g. "
+                                   "`d_optimizer.build(discriminator.trainable_variables)`")
+    spec = tf.nest.map_structure(
+        lambda t: tf.TensorSpec((None, *t.shape[1:]), t.dtype),
+        tf.nest.map_structure(tf.convert_to_tensor, first_batch(splits.train)))
+    strategy = tf.distribute.get_strategy()
+    try:
+        tf.function(lambda data: strategy.run(model.train_step, args=(data,))
+                    ).get_concrete_function(spec)
+    except Exception as err:  # noqa: BLE001 - whatever the user's train_step raises
+        if call_failed is not None:
+            raise _cannot_build(call_failed) from None
+        raise UserError(
+            f"the model's train_step fails on the training data's structure ({type(err).__name__}: "
+            f"{first_line(err)})", where="model.fn",
+            hint=f"ktrain traces it before training to create the state of the optimizer(s) "
+                 f"{', '.join(unbuilt)}; `model.fit` on a batch of the data fn's output shows "
+                 f"the same error with its whole stack") from None
+
+
+def _cannot_build(err: Exception) -> UserError:
+    return UserError(
+        f"the model cannot be called on the training features to create its variables "
+        f"({type(err).__name__}: {first_line(err)})", where="model.fn",
+        hint="ktrain creates them so, before the first step, to restore a checkpoint and start "
+             "every rank alike: make call() take the features the data yields, or build the "
+             "model in the model fn (model.build(shape), or call it once on a sample)")

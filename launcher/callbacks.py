@@ -14,6 +14,7 @@ from ktrain import backends, console
 from ktrain.checkpoint import CheckpointStore, Position
 from ktrain.config import RunConfig
 from ktrain.errors import UserError, WorkersFailed
+from ktrain.optimizers import optimizer_variables, optimizers_of, steps_done
 from ktrain.output import RunOutput
 from ktrain.report import TIMING
 from ktrain.resume import capture
@@ -102,8 +103,8 @@ class AuditWeights(keras.callbacks.Callback):
     named, before a checkpoint can keep it.
 
     Ranks apply the same averaged gradients to the same weights, so their copies are equal to
-    the bit; a difference means an update that bypassed the averaging (an optimizer of the
-    model's own, code that changes weights on some ranks) or a faulty transport. State that is
+    the bit; a difference means an update that bypassed the averaging (an optimizer ktrain
+    could not find, code that changes weights on some ranks) or a faulty transport. State that is
     per-rank by design (BatchNormalization's moving statistics, random generators) is not
     compared. Every rank finds the same difference and stops with it."""
 
@@ -128,10 +129,10 @@ class AuditWeights(keras.callbacks.Callback):
             self._audit(step)
 
     def _steps_done(self) -> int:
-        return int(self.model.optimizer.iterations.numpy())
+        return steps_done(self.model)
 
     def _audit(self, step: int) -> None:
-        variables = [*self.model.trainable_variables, *self.model.optimizer.variables]
+        variables = [*self.model.trainable_variables, *optimizer_variables(self.model)]
         mine = np.array([np.sum(v.numpy(), dtype=np.float64) for v in variables])
         every = np.zeros((self.session.world_size, len(variables)))
         every[self.session.rank] = mine
@@ -149,18 +150,20 @@ class AuditWeights(keras.callbacks.Callback):
         console.debug(f"audit: {len(variables)} variables equal on every rank at step {step}")
 
     def _diverged(self, variable, ranks: list, step: int) -> Diverged:
-        optimizer = any(variable is v for v in self.model.optimizer.variables)
-        owner = "the optimizer" if optimizer else f"layer '{variable.path.rsplit('/', 1)[0]}'"
+        optimizer = next((name for name, o in optimizers_of(self.model).items()
+                          if any(variable is v for v in o.variables)), None)
+        owner = f"optimizer {optimizer}" if optimizer else \
+            f"layer '{variable.path.rsplit('/', 1)[0]}'"
         since = (f"every rank was equal at step {self._audited}" if self._audited is not None
                  else "the first audit of this start")
         return Diverged(
             f"rank(s) {[int(r) for r in ranks]} diverged from rank 0: variable "
             f"'{variable.path}' ({owner}) differs at step {step} ({since}); the run stops "
             f"before a checkpoint keeps it", where="strategy.audit_steps",
-            hint="look for an update that bypasses the averaged gradients: an optimizer the "
-                 "model holds besides model.optimizer, or a callback or train_step that "
-                 "changes weights on some ranks only; a smaller strategy.audit_steps narrows "
-                 "the step down")
+            hint="look for an update that bypasses the averaged gradients: an optimizer "
+                 "ktrain cannot find (made inside train_step, or held outside the model), or a "
+                 "callback or train_step that changes weights on some ranks only; a smaller "
+                 "strategy.audit_steps narrows the step down")
 
 
 class StopNow(Exception):
@@ -253,30 +256,37 @@ def _plain(value):
 
 
 class ScaledLearningRate(keras.callbacks.Callback):
-    """Scale the learning rate by ``factor``, ramping up linearly over ``warmup_epochs``
-    (counted in the optimizer's steps, so a resumed run ramps exactly as an unbroken one)."""
+    """Scale the learning rate of every optimizer the model updates with by ``factor``, ramping
+    up linearly over ``warmup_epochs`` (counted in steps taken, so a resumed run ramps exactly
+    as an unbroken one)."""
 
     def __init__(self, factor: float, warmup_epochs: int, steps_per_epoch: int):
         super().__init__()
         self.factor, self.warmup_steps = factor, warmup_epochs * steps_per_epoch
-        self.base: float | None = None
+        self.base: list[float] | float | None = None
+        """Each optimizer's own learning rate (a float in checkpoints of one optimizer's runs
+        from before ktrain scaled several)."""
         self._ramping = True
 
     def on_train_begin(self, logs=None):
-        if not isinstance(self.model.optimizer.learning_rate,
-                          (keras.Variable, *((tf.Variable,) if tf else ()))):
+        self.optimizers = list(optimizers_of(self.model).values())
+        constant = (keras.Variable, *((tf.Variable,) if tf else ()))
+        if not all(isinstance(o.learning_rate, constant) for o in self.optimizers):
             raise UserError("strategy.lr_scaling needs a constant learning rate, not a schedule",
                             where="strategy.lr_scaling", hint="set lr_scaling: off")
         if self.base is None:  # fit may be called again (a resumed epoch, then the rest)
-            self.base = float(self.model.optimizer.learning_rate.numpy())
+            self.base = [float(o.learning_rate.numpy()) for o in self.optimizers]
+        elif not isinstance(self.base, list):
+            self.base = [self.base]
         self._ramping = True
 
     def on_train_batch_begin(self, batch, logs=None):
         if not self._ramping:
             return
-        done = int(self.model.optimizer.iterations.numpy())
+        done = steps_done(self.model)
         progress = min(1.0, done / self.warmup_steps) if self.warmup_steps else 1.0
-        self.model.optimizer.learning_rate.assign(self.base * (1 + (self.factor - 1) * progress))
+        for optimizer, base in zip(self.optimizers, self.base):
+            optimizer.learning_rate.assign(base * (1 + (self.factor - 1) * progress))
         self._ramping = progress < 1.0
 
 

@@ -370,11 +370,16 @@ def steps_per_epoch(split: AnySplit, global_batch_size: int,
     return steps
 
 
+def first_batch(split: AnySplit) -> tuple[Any, Any]:
+    """The first example, as a batch of one: (features, label)."""
+    if isinstance(split, ArraySplit):
+        return split.rows(slice(0, 1))
+    return next(iter(split.dataset.batch(1)))
+
+
 def first_features(split: AnySplit) -> Any:
     """The first example's features, as a batch of one (to build a model)."""
-    if isinstance(split, ArraySplit):
-        return split.rows(slice(0, 1))[0]
-    return next(iter(split.dataset.batch(1)))[0]
+    return first_batch(split)[0]
 
 
 def training_batches(split: AnySplit, *, global_batch_size: int, rank: int, world_size: int,

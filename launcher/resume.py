@@ -13,6 +13,7 @@ from ktrain.checkpoint import CheckpointStore, Position, TrainingState, load_che
 from ktrain.config import RunConfig, TrainSpec
 from ktrain.data import Splits
 from ktrain.errors import UserError
+from ktrain.optimizers import optimizer_variables
 from ktrain.sources import FileSplit
 
 
@@ -93,12 +94,12 @@ def fit_phases(start: Position, epochs: int) -> list[tuple[int, int, int]]:
 
 def capture(model: keras.Model, position: Position, history: list[dict],
             **record) -> TrainingState:
-    """The model's and optimizer's state at ``position``, with ``record``'s fields (callbacks'
-    state, global batch size, fingerprint, written_by: see TrainingState)."""
+    """The model's and its optimizers' state at ``position``, with ``record``'s fields
+    (callbacks' state, global batch size, fingerprint, written_by: see TrainingState)."""
     return TrainingState(
         epoch=position.epoch, step=position.step,
         model_variables=[np.asarray(v.numpy()) for v in model.variables],
-        optimizer_variables=[np.asarray(v.numpy()) for v in model.optimizer.variables],
+        optimizer_variables=[np.asarray(v.numpy()) for v in optimizer_variables(model)],
         history=list(history), variable_paths=[v.path for v in model.variables], **record)
 
 
@@ -115,13 +116,13 @@ def restore(model: keras.Model, state: TrainingState) -> None:
             hint="resume with the model that wrote it, or start in a new output_dir")
     for variable, value in zip(variables, state.model_variables):
         variable.assign(value)
-    optimizer_variables = model.optimizer.variables
-    if len(optimizer_variables) != len(state.optimizer_variables):
+    optimizers = optimizer_variables(model)
+    if len(optimizers) != len(state.optimizer_variables):
         raise UserError(
             f"the checkpoint's optimizer state ({len(state.optimizer_variables)} variables) does "
-            f"not fit this optimizer ({len(optimizer_variables)})", where="checkpoint.resume",
-            hint="resume with the optimizer that wrote it, or start in a new output_dir")
-    for variable, value in zip(optimizer_variables, state.optimizer_variables):
+            f"not fit this model's optimizer(s) ({len(optimizers)})", where="checkpoint.resume",
+            hint="resume with the optimizer(s) that wrote it, or start in a new output_dir")
+    for variable, value in zip(optimizers, state.optimizer_variables):
         variable.assign(value)
 
 

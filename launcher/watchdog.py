@@ -167,8 +167,8 @@ class _Board:
                  if rank != 0] or [f"rank 0's Python stacks:\n{python_stacks()}"]
         error = WorkersFailed(
             f"rank(s) {behind} stalled: the other ranks have waited {self.timeout:g}s "
-            f"(strategy.stall_timeout) for them at the gradient allreduce of step {reached + 1} "
-            f"(counted from this start), so the group ends", details="\n".join(shown),
+            f"(strategy.stall_timeout) for them at gradient allreduce {reached + 1} since this "
+            f"start (one a step, for each optimizer), so the group ends", details="\n".join(shown),
             hint="the stack shows where the rank is stuck (its input pipeline, I/O, a lock); "
                  "strategy.max_restarts restarts the group from the newest checkpoint, and a "
                  "larger strategy.stall_timeout allows longer waits")

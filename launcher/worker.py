@@ -26,6 +26,7 @@ from ktrain.data import Splits, evaluation_batches, steps_per_epoch, training_ba
 from ktrain.errors import UserError, WorkersFailed, first_line
 from ktrain.exports import export_after_run
 from ktrain.jax_runtime import even_share
+from ktrain.optimizers import optimizer_variables, optimizers_of
 from ktrain.output import RunOutput, RunResult
 from ktrain.report import write_report
 from ktrain.resume import (check_resumable, fit_phases, restore, run_fingerprint,
@@ -73,22 +74,23 @@ def run_worker(run: RunConfig, session: Session) -> RunResult:
 
 
 def _join_group(run: RunConfig, session: Session, model: keras.Model, flags) -> str:
-    """Average gradients (and ``flags``) over the workers, and start every worker from rank
-    0's state; on JAX the train step reduces the gradients, and every worker built the same
+    """Average gradients (and ``flags``) over the workers, in every optimizer the model updates
+    with, and start every worker from rank 0's state; on JAX the train step reduces the gradients, and every worker built the same
     state from the same seed (or checkpoint)."""
     communicator = session.communicator
     if communicator.reduces_gradients:
         from ktrain.collectives import (broadcast_variables, distribute_optimizer,
                                         synchronize_batch_norm)
 
-        distribute_optimizer(model.optimizer, communicator, flags=flags,
-                             compression=run.strategy.compression,
-                             bucket_bytes=run.strategy.bucket_bytes)
+        for optimizer in optimizers_of(model).values():  # a GAN has one per sub-model
+            distribute_optimizer(optimizer, communicator, flags=flags,
+                                 compression=run.strategy.compression,
+                                 bucket_bytes=run.strategy.bucket_bytes)
         synchronize_batch_norm(model, communicator)
         model.jit_compile = False  # numpy_function, Horovod and collective ops are not XLA ops
     mark(session.rank, "arrived")
     if communicator.reduces_gradients:
-        broadcast_variables(model.variables + list(model.optimizer.variables), communicator)
+        broadcast_variables(model.variables + optimizer_variables(model), communicator)
         own_random_draws(model, session.rank)
     else:
         communicator.barrier()
@@ -184,7 +186,8 @@ def _fit(run: RunConfig, session: Session, model: keras.Model, splits: Splits,
     if communicator is not None and communicator.reduces_gradients:
         from ktrain.collectives import desynchronize_batch_norm, undistribute
 
-        undistribute(model.optimizer)
+        for optimizer in optimizers_of(model).values():
+            undistribute(optimizer)
         desynchronize_batch_norm(model)
     summary = {**_summary(run, session, recorder, history, start.epoch, fit_started, fit_ended,
                           output.save_model(model)),

@@ -16,7 +16,8 @@ PACKAGES = {"launcher": "ktrain", "strategies": "ktrain.strategies", "configs": 
 
 FLOORS = [
     # what everything may use: no ktrain imports beyond this floor
-    {"ktrain", "errors", "schema", "session", "environment", "collectives", "handshake"},
+    {"ktrain", "errors", "schema", "session", "environment", "collectives", "handshake",
+     "optimizers"},
     {"backends", "console", "userfn", "checkpoint", "tracking", "output", "stopping", "report",
      "lease"},
     {"config"},  # the whole schema, every strategy's options included

@@ -6,7 +6,8 @@ the whole zoo, since loading TensorFlow costs far more than training these model
     python tests/zoo_ranks.py OUT_DIR                  # 1 process
     mpirun -np 2 python tests/zoo_ranks.py OUT_DIR     # 2 workers
 
-Each family trains into OUT_DIR/<family>; OUT_DIR/<family>.status holds its exit status."""
+Each family trains into OUT_DIR/<family>; OUT_DIR/<family>.status holds its exit status.
+The families in RESUMED train on 2 workers in two starts."""
 
 import sys
 from pathlib import Path
@@ -30,18 +31,30 @@ def config(family: str, out: Path, workers: int) -> dict:
     return {"model": {"fn": f"{FIXTURES}/zoo.py:{model_fn}"},
             "data": {"fn": f"{FIXTURES}/zoo.py:{data_fn}"},
             "train": {"epochs": 2, "global_batch_size": 32, "shuffle": False, "seed": 3},
-            "strategy": strategy, "checkpoint": {"every_epochs": 2, "keep": 1},
+            "strategy": strategy, "checkpoint": {"every_epochs": 1, "keep": 1},
             "report": False, "output_dir": str(out / family)}
+
+
+RESUMED = {"gan"}
+"""Families whose 2 workers stop after epoch 1 and resume (as a rerun of the same command
+would): a GAN's optimizers have no state until a step is traced, and the checkpoint's must be
+restored into it."""
 
 
 def train_zoo(out: Path) -> None:
     found = detect()
     for family in FAMILIES:
-        keras.backend.clear_session()
-        keras.config.set_dtype_policy("float32")  # a family may have set another
-        path = out / f"{family}-rank{found.rank}.yaml"
-        path.write_text(yaml.safe_dump(config(family, out, found.world_size)))
-        status = main(["run", str(path), "-q"])
+        settings = config(family, out, found.world_size)
+        starts = [1, 2] if family in RESUMED and found.world_size > 1 else [2]
+        for epochs in starts:
+            keras.backend.clear_session()
+            keras.config.set_dtype_policy("float32")  # a family may have set another
+            settings["train"]["epochs"] = epochs
+            path = out / f"{family}-rank{found.rank}.yaml"
+            path.write_text(yaml.safe_dump(settings))
+            status = main(["run", str(path), "-q"])
+            if status:
+                break
         if found.rank == 0:
             (out / f"{family}.status").write_text(str(status))
 
