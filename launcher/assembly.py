@@ -217,14 +217,16 @@ def _build(model: keras.Model, splits: Splits) -> None:
                if not optimizer.built and optimizer is not model.optimizer]
     if call_failed is not None or unbuilt:
         _trace_train_step(model, splits, call_failed, unbuilt)
-    if call_failed is None:
+    if call_failed is None and not model.optimizer.built:
         model.optimizer.build(model.trainable_variables)
 
 
 def _trace_train_step(model: keras.Model, splits: Splits, call_failed: Exception | None,
                       unbuilt: list[str]) -> None:
     """TensorFlow traces ``model.train_step`` into a graph on the data's structure, which
-    creates every variable the step creates; the graph is never run, so nothing is updated."""
+    builds the layers it calls; each optimizer's ``apply`` meanwhile only notes the variables
+    it was given, and the optimizers are built with them afterwards, outside the graph (a
+    MirroredStrategy cannot lift optimizer state created inside one). The graph never runs."""
     tf = backends.optional_tensorflow()
     if tf is None or backends.current() != "tensorflow":
         raise _cannot_build(call_failed) if call_failed is not None else UserError(
@@ -236,6 +238,17 @@ def _trace_train_step(model: keras.Model, splits: Splits, call_failed: Exception
         lambda t: tf.TensorSpec((None, *t.shape[1:]), t.dtype),
         tf.nest.map_structure(tf.convert_to_tensor, first_batch(splits.train)))
     strategy = tf.distribute.get_strategy()
+    applied: dict[int, tuple[keras.optimizers.Optimizer, list]] = {}
+
+    def noting(optimizer):
+        def apply(grads, trainable_variables=None):
+            given = applied.setdefault(id(optimizer), (optimizer, []))[1]
+            given += [v for v in trainable_variables or () if all(v is not g for g in given)]
+        return apply
+
+    waiting = [o for o in optimizers_of(model).values() if not o.built]
+    for optimizer in waiting:
+        vars(optimizer)["apply"] = noting(optimizer)
     try:
         tf.function(lambda data: strategy.run(model.train_step, args=(data,))
                     ).get_concrete_function(spec)
@@ -248,6 +261,12 @@ def _trace_train_step(model: keras.Model, splits: Splits, call_failed: Exception
             hint=f"ktrain traces it before training to create the state of the optimizer(s) "
                  f"{', '.join(unbuilt)}; `model.fit` on a batch of the data fn's output shows "
                  f"the same error with its whole stack") from None
+    finally:
+        for optimizer in waiting:
+            vars(optimizer).pop("apply")
+    for optimizer, variables in applied.values():
+        with keras.name_scope(optimizer.name, caller=optimizer):
+            optimizer.build(variables)
 
 
 def _cannot_build(err: Exception) -> UserError:
