@@ -4,6 +4,7 @@ restored into it. Training (ktrain.worker) and ``ktrain export --checkpoint`` bo
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import os
@@ -215,7 +216,8 @@ def _build(model: keras.Model, splits: Splits) -> None:
             call_failed = err
     unbuilt = [name for name, optimizer in optimizers_of(model).items()
                if not optimizer.built and optimizer is not model.optimizer]
-    if call_failed is not None or unbuilt:
+    own_step = type(model).train_step is not keras.Model.train_step
+    if call_failed is not None or unbuilt or (own_step and backends.current() == "tensorflow"):
         _trace_train_step(model, splits, call_failed, unbuilt)
     if call_failed is None and not model.optimizer.built:
         model.optimizer.build(model.trainable_variables)
@@ -224,9 +226,10 @@ def _build(model: keras.Model, splits: Splits) -> None:
 def _trace_train_step(model: keras.Model, splits: Splits, call_failed: Exception | None,
                       unbuilt: list[str]) -> None:
     """TensorFlow traces ``model.train_step`` into a graph on the data's structure, which
-    builds the layers it calls; each optimizer's ``apply`` meanwhile only notes the variables
-    it was given, and the optimizers are built with them afterwards, outside the graph (a
-    MirroredStrategy cannot lift optimizer state created inside one). The graph never runs."""
+    builds the layers it calls; an unbuilt optimizer's ``apply`` meanwhile only notes the
+    variables it was given, and each is built with them afterwards, outside the graph (a
+    MirroredStrategy cannot lift optimizer state created inside one). An optimizer the step
+    applies that the model does not hold is refused. The graph never runs."""
     tf = backends.optional_tensorflow()
     if tf is None or backends.current() != "tensorflow":
         raise _cannot_build(call_failed) if call_failed is not None else UserError(
@@ -238,35 +241,55 @@ def _trace_train_step(model: keras.Model, splits: Splits, call_failed: Exception
         lambda t: tf.TensorSpec((None, *t.shape[1:]), t.dtype),
         tf.nest.map_structure(tf.convert_to_tensor, first_batch(splits.train)))
     strategy = tf.distribute.get_strategy()
-    applied: dict[int, tuple[keras.optimizers.Optimizer, list]] = {}
-
-    def noting(optimizer):
-        def apply(grads, trainable_variables=None):
-            given = applied.setdefault(id(optimizer), (optimizer, []))[1]
-            given += [v for v in trainable_variables or () if all(v is not g for g in given)]
-        return apply
-
-    waiting = [o for o in optimizers_of(model).values() if not o.built]
-    for optimizer in waiting:
-        vars(optimizer)["apply"] = noting(optimizer)
-    try:
-        tf.function(lambda data: strategy.run(model.train_step, args=(data,))
-                    ).get_concrete_function(spec)
-    except Exception as err:  # noqa: BLE001 - whatever the user's train_step raises
-        if call_failed is not None:
-            raise _cannot_build(call_failed) from None
+    with _noting_applies() as applied:
+        try:
+            tf.function(lambda data: strategy.run(model.train_step, args=(data,))
+                        ).get_concrete_function(spec)
+        except Exception as err:  # noqa: BLE001 - whatever the user's train_step raises
+            if call_failed is not None:
+                raise _cannot_build(call_failed) from None
+            raise UserError(
+                f"the model's train_step fails on the training data's structure "
+                f"({type(err).__name__}: {first_line(err)})", where="model.fn",
+                hint="ktrain traces it before training to create every variable it needs; "
+                     "`model.fit` on a batch of the data fn's output shows the same error "
+                     "with its whole stack") from None
+    held = [o for optimizer in optimizers_of(model).values()
+            for o in (optimizer, getattr(optimizer, "inner_optimizer", None))]
+    strangers = [o for o in applied if all(o is not h for h in held)]
+    if strangers:
         raise UserError(
-            f"the model's train_step fails on the training data's structure ({type(err).__name__}: "
-            f"{first_line(err)})", where="model.fn",
-            hint=f"ktrain traces it before training to create the state of the optimizer(s) "
-                 f"{', '.join(unbuilt)}; `model.fit` on a batch of the data fn's output shows "
-                 f"the same error with its whole stack") from None
+            f"the model's train_step applies optimizer(s) the model does not hold "
+            f"({', '.join(f'{o.name!r} ({type(o).__name__})' for o in strangers)}): ktrain "
+            f"could neither average their gradients across workers nor keep their state in "
+            f"checkpoints", where="model.fn",
+            hint="keep every optimizer on the model, e.g. `self.d_optimizer = ...` in its "
+                 "compile() or __init__()")
+    for optimizer, variables in applied.items():
+        if not optimizer.built:
+            with keras.name_scope(optimizer.name, caller=optimizer):
+                optimizer.build(variables)
+
+
+@contextlib.contextmanager
+def _noting_applies():
+    """While tracing: every optimizer applied, with the variables it was given (in order);
+    an unbuilt one applies nothing, so that it creates no state inside the graph."""
+    applied: dict = {}
+    holder = next(c for c in keras.optimizers.Optimizer.__mro__ if "apply" in vars(c))
+    original = holder.apply
+
+    def apply(optimizer, grads, trainable_variables=None):
+        given = applied.setdefault(optimizer, [])
+        given += [v for v in trainable_variables or () if all(v is not g for g in given)]
+        if optimizer.built:
+            return original(optimizer, grads, trainable_variables)
+
+    holder.apply = apply
+    try:
+        yield applied
     finally:
-        for optimizer in waiting:
-            vars(optimizer).pop("apply")
-    for optimizer, variables in applied.values():
-        with keras.name_scope(optimizer.name, caller=optimizer):
-            optimizer.build(variables)
+        holder.apply = original
 
 
 def _cannot_build(err: Exception) -> UserError:

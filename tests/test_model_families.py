@@ -108,6 +108,19 @@ def test_a_model_whose_call_does_not_take_the_features_is_named(tmp_path):
     assert "ValueError" in message and "model.build(shape)" in message
 
 
+def test_an_optimizer_the_model_does_not_hold_is_named(tmp_path):
+    """ktrain averages, checkpoints and restores the optimizers a model holds; one its
+    train_step finds elsewhere (a module's global) is refused before training, named."""
+    run = load_config(write_config(tmp_path / "config.yaml", base_config(
+        tmp_path / "out", model={"fn": f"{FIXTURES}:optimizer_held_elsewhere", "kwargs": {}})))
+    with pytest.raises(UserError) as caught:
+        model_and_data(run, Session(rank=0, world_size=1, num_replicas=1))
+    message = caught.value.render()
+    assert message.startswith("model.fn: the model's train_step applies optimizer(s) the model "
+                              "does not hold ('global_sgd' (SGD))"), message
+    assert "self.d_optimizer = ..." in message
+
+
 def test_each_rank_draws_its_own_dropout_masks():
     """Every rank starts from rank 0's state, seeds included; each then draws its own masks
     (with one seed, the k-th example of every rank's share got the same mask)."""
