@@ -11,6 +11,8 @@ from ktrain import cli
 from ktrain.checkpoint import CheckpointStore, TrainingState, keep_latest, load_checkpoint_url
 from ktrain.errors import UserError
 
+pytestmark = pytest.mark.fast  # the fast tier: README, Development
+
 
 def state(epoch: int) -> TrainingState:
     rng = np.random.default_rng(epoch)

@@ -9,6 +9,7 @@ import pytest
 from helpers import REPO, base_config, run_cli, run_command, write_config
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("command", ["run", "validate", "init", "export", "report", "spark-entry",
                                      "checkpoints", "env"])
 def test_every_command_has_help(command):
@@ -16,6 +17,7 @@ def test_every_command_has_help(command):
     assert result.returncode == 0 and f"usage: ktrain {command}" in result.stdout
 
 
+@pytest.mark.fast
 def test_init_writes_a_project_that_trains(tmp_path):
     project = tmp_path / "project"
     result = run_cli("init", project)
@@ -30,6 +32,7 @@ def test_init_writes_a_project_that_trains(tmp_path):
     assert again.returncode == 2 and "already exist" in again.stderr
 
 
+@pytest.mark.fast
 def test_validate_prints_the_resolved_config(tmp_path):
     result = run_cli("validate", REPO / "configs" / "quickstart.yaml", "train.epochs=7")
     assert result.returncode == 0, result.stderr
@@ -39,6 +42,7 @@ def test_validate_prints_the_resolved_config(tmp_path):
     assert bad.returncode == 2 and "train.epochs" in bad.stderr
 
 
+@pytest.mark.fast
 def test_env_reports_versions_devices_and_cluster():
     result = run_cli("env")
     assert result.returncode == 0, result.stderr

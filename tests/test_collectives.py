@@ -13,6 +13,8 @@ import tensorflow as tf
 from ktrain.collectives import Communicator, buckets, distribute_optimizer, undistribute
 from ktrain.callbacks import ScaledLearningRate
 
+pytestmark = pytest.mark.fast  # the fast tier: README, Development
+
 
 class Loopback(Communicator):
     def __init__(self):

@@ -9,6 +9,8 @@ import pytest
 from ktrain.config import load_config
 from ktrain.errors import UserError
 
+pytestmark = pytest.mark.fast  # the fast tier: README, Development
+
 GOOD = """\
 model:
   fn: models.py:build_model

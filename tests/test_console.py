@@ -7,7 +7,8 @@ from helpers import (KTRAIN, MPIRUN, TF_NATIVE_LINE, assert_quiet_console, base_
                      run_command, with_strategy, write_config)
 
 
-@pytest.mark.parametrize("strategy, world_size", [("mirrored", 1), ("multiworker", 2)])
+@pytest.mark.parametrize("strategy, world_size", [
+    pytest.param("mirrored", 1, marks=pytest.mark.fast), ("multiworker", 2)])
 def test_default_console_is_quiet_and_has_one_summary(tmp_path, strategy, world_size):
     config = (with_strategy(tmp_path / "out", strategy) if world_size > 1
               else base_config(tmp_path / "out"))
@@ -21,6 +22,7 @@ def test_ranks_started_by_mpirun_print_one_summary(tmp_path):
     assert_quiet_console(run_command(command), tmp_path / "out", 2)
 
 
+@pytest.mark.fast
 def test_verbose_brings_tensorflow_lines_back(tmp_path):
     config = base_config(tmp_path / "out", train={"epochs": 1})
     result = run_cli("run", write_config(tmp_path / "config.yaml", config), "-v")

@@ -8,6 +8,8 @@ import tensorflow as tf
 from ktrain.data import to_splits, training_batches
 from ktrain.errors import UserError
 
+pytestmark = pytest.mark.fast  # the fast tier: README, Development
+
 X = np.arange(40, dtype="float32").reshape(20, 2)
 Y = np.arange(20)
 

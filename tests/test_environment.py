@@ -8,6 +8,8 @@ from ktrain.environment import detect, parse_slurm_nodelist, visible_gpus
 from ktrain.errors import UserError
 from ktrain.strategies import multiworker
 
+pytestmark = pytest.mark.fast  # the fast tier: README, Development
+
 
 @pytest.mark.parametrize("nodelist, hosts", [
     ("gpu[01-04,07]", ("gpu01", "gpu02", "gpu03", "gpu04", "gpu07")),

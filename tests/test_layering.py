@@ -2,14 +2,16 @@
 
 Read from the source (nothing is imported), so it runs in a second. A module may import
 modules on its own floor or below; an arrow that runs up, a circle, a module on no floor, or a
-function-level import that only dodges one, fails with the modules' names. README's Layout
-section draws the same floors.
+function-level import that only dodges one, fails with the modules' names. The Layout
+section of docs/development.md draws the same floors.
 """
 
 import ast
 from pathlib import Path
 
 import pytest
+
+pytestmark = pytest.mark.fast  # the fast tier: README, Development
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = {"launcher": "ktrain", "strategies": "ktrain.strategies", "configs": "ktrain.configs"}
@@ -89,7 +91,8 @@ def _loads_a_framework(name: str, seen=()) -> bool:
 
 def test_every_module_is_on_a_floor():
     assert not set(MODULES) - set(FLOOR), (
-        f"put {sorted(set(MODULES) - set(FLOOR))} on a floor in FLOORS (and in README's Layout)")
+        f"put {sorted(set(MODULES) - set(FLOOR))} on a floor in FLOORS (and in the Layout of "
+        f"docs/development.md)")
     assert not set(FLOOR) - set(MODULES), f"no such modules: {sorted(set(FLOOR) - set(MODULES))}"
 
 

@@ -95,6 +95,7 @@ def test_two_workers_train_each_family_as_one_process(zoo, backend, family):
         p: d for p, d in apart.items() if d > EXACT}
 
 
+@pytest.mark.fast
 def test_a_model_whose_call_does_not_take_the_features_is_named(tmp_path):
     """Keras' own train_step calls the model on the data's features: a model whose call()
     takes something else (a GAN's generator, without the GAN's train_step) is the user's
@@ -108,6 +109,7 @@ def test_a_model_whose_call_does_not_take_the_features_is_named(tmp_path):
     assert "ValueError" in message and "model.build(shape)" in message
 
 
+@pytest.mark.fast
 def test_an_optimizer_the_model_does_not_hold_is_named(tmp_path):
     """ktrain averages, checkpoints and restores the optimizers a model holds; one its
     train_step finds elsewhere (a module's global) is refused before training, named."""
@@ -121,6 +123,7 @@ def test_an_optimizer_the_model_does_not_hold_is_named(tmp_path):
     assert "self.d_optimizer = ..." in message
 
 
+@pytest.mark.fast
 def test_each_rank_draws_its_own_dropout_masks():
     """Every rank starts from rank 0's state, seeds included; each then draws its own masks
     (with one seed, the k-th example of every rank's share got the same mask)."""
@@ -141,6 +144,7 @@ def test_each_rank_draws_its_own_dropout_masks():
     assert (masks(1) != masks(0)).any() and (masks(2) != masks(1)).any()
 
 
+@pytest.mark.fast
 def test_string_features_over_several_devices_of_one_process_are_refused(tmp_path):
     """TensorFlow's MirroredStrategy fails on them mid-training (its AddN has no string
     kernel): refused before, with what works instead (one device, or a process per device)."""

@@ -31,6 +31,7 @@ def snapshot(folder):
             if not p.name.startswith(lease.NAME)}
 
 
+@pytest.mark.fast
 def test_a_second_run_into_a_held_folder_exits_2_and_writes_nothing(tmp_path):
     out = tmp_path / "out"
     (out / "checkpoints").mkdir(parents=True)
@@ -58,6 +59,7 @@ def hold(folder, **record) -> None:
         "started": time.time() - 600, "heartbeat": time.time(), **record}))
 
 
+@pytest.mark.fast
 def test_a_lease_with_a_live_heartbeat_from_another_host_holds(tmp_path):
     hold(tmp_path)
     with pytest.raises(UserError, match=r"in use by run elsewhere1 \(host node-17, pid 4242"):
@@ -66,6 +68,7 @@ def test_a_lease_with_a_live_heartbeat_from_another_host_holds(tmp_path):
     assert json.loads((tmp_path / lease.NAME).read_text())["run_id"] == "elsewhere1"
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("gone", ["silent", "ended", "same SLURM job"])
 def test_a_lease_whose_holder_is_gone_is_taken_over_with_a_note(tmp_path, gone, capsys,
                                                                  monkeypatch):
@@ -97,6 +100,7 @@ def _ended_pid() -> int:
     return pid
 
 
+@pytest.mark.fast
 def test_the_handshake_proves_the_secret_both_ways():
     def exchange(listener_key: bytes, peer_key: bytes):
         ours, theirs = socket.socketpair()
@@ -126,6 +130,7 @@ def _raised(function, *args):
         return err
 
 
+@pytest.mark.fast
 def test_strangers_at_the_rendezvous_neither_join_nor_take_a_rank(tmp_path, monkeypatch,
                                                                   capsys):
     """Under srun, ranks meet at rank 0's port (ktrain.rendezvous), proving the secret that
@@ -189,6 +194,7 @@ def test_a_killed_launcher_leaves_no_temporary_folder(tmp_path, background):
     assert not [p.name for p in temporary.iterdir() if p.name.startswith("ktrain")]
 
 
+@pytest.mark.fast
 def test_a_url_output_dirs_logs_reach_it_and_leave_no_temporary_folder(tmp_path, monkeypatch):
     """Logs are appended line by line, which object stores cannot do: for a URL output_dir the
     launcher writes them into a temporary folder, copied to the URL at the end, and removed

@@ -7,6 +7,8 @@ from helpers import FIXTURES
 from ktrain.errors import UserError
 from ktrain.userfn import call_user, load_function
 
+pytestmark = pytest.mark.fast  # the fast tier: README, Development
+
 
 def test_loads_from_file_and_module(tmp_path):
     assert load_function(f"{FIXTURES}:mlp", "model.fn", str(tmp_path)).__name__ == "mlp"
