@@ -125,7 +125,7 @@ def digits_parquet(tmp_path):
 
 
 def test_parquet_partitions_train_as_well_as_the_array_path(tmp_path, digits_parquet):
-    train = {"epochs": 15, "validation_split": 0.2, "seed": 0, "shuffle": True,
+    train = {"epochs": 8, "validation_split": 0.2, "seed": 0, "shuffle": True,
              "optimizer": {"name": "adam", "learning_rate": 0.003}}
     model = {"fn": f"{FIXTURES}:mlp", "kwargs": {"hidden": 64}}
     # The quickstart's own data fn: a random 20% held out, as the Parquet path does.
