@@ -43,6 +43,7 @@ class FnSpec(Section):
     fn: str
     """``path/to/file.py:function`` or ``package.module:function``."""
     kwargs: dict[str, Any] = {}
+    """Keyword arguments the fn is called with."""
 
     _check_fn = field_validator("fn")(_function_reference)
 
@@ -52,10 +53,13 @@ class DataSpec(Section):
     Parquet dataset or catalog table whose partitions the workers train on."""
 
     fn: str | None = None
+    """A data fn, ``file.py:function``: arrays, a tf.data.Dataset or ``ktrain.Files``."""
     kwargs: dict[str, Any] = {}
+    """Keyword arguments the data fn is called with."""
     files: str | list[str] | None = None
     """Parquet or TFRecord files (paths, globs, fsspec URLs), streamed (see ktrain.sources)."""
     validation_files: str | list[str] | None = None
+    """Files to validate on, read as data.files are."""
     format: Literal["parquet", "tfrecord"] | None = None
     """Of data.files; default: from their extension."""
     map: FnSpec | None = None
@@ -71,6 +75,7 @@ class DataSpec(Section):
     features: list[str] = []
     """Columns (or tf.train.Example keys) that make up the feature vector, in order."""
     label: str | None = None
+    """The column (or tf.train.Example key) that holds the label."""
 
     _check_fn = field_validator("fn")(_function_reference)
 
@@ -95,31 +100,51 @@ class OptimizerSpec(Section):
 
     model_config = ConfigDict(extra="allow", frozen=True)
     name: Literal[OPTIMIZERS] = "adam"  # type: ignore[valid-type]
+    """A Keras optimizer's name."""
     learning_rate: PositiveFloat = 0.001
+    """The optimizer's learning rate."""
 
 
 class EarlyStoppingSpec(Section):
     monitor: str = "val_loss"
+    """The metric watched (as the console names it)."""
     patience: NonNegativeInt = 3
+    """Epochs without improvement before the run stops."""
     min_delta: NonNegativeFloat = 0.0
+    """The least change that counts as an improvement."""
     restore_best_weights: bool = False
+    """End with the best epoch's weights rather than the last one's."""
 
 
 class TrainSpec(Section):
     epochs: PositiveInt
+    """Epochs the run ends after (a resumed run counts those already done)."""
     global_batch_size: PositiveInt
+    """Examples per step, summed over all replicas (each takes an equal share)."""
     shuffle: bool = True
+    """Shuffle every epoch, in an order that depends on (seed, epoch) only."""
     shuffle_buffer: PositiveInt = 10_000
+    """Examples in the shuffle buffer of a tf.data.Dataset from the data fn."""
     seed: int = 0
+    """Seeds the model's initial weights, its random layers and the data's order."""
     optimizer: OptimizerSpec = OptimizerSpec()
+    """For a model the model fn returns uncompiled: a name, or a name with arguments."""
     loss: str | None = None
+    """A Keras loss name, for an uncompiled model (required then)."""
     metrics: list[str] = []
+    """Keras metric names, for an uncompiled model."""
     validation_split: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
+    """Hold out this last fraction of a data fn's (x, y) for validation."""
     validation_freq: PositiveInt = 1
+    """Validate every this many epochs."""
     early_stopping: EarlyStoppingSpec | None = None
+    """Stop when a metric stops improving (Keras' EarlyStopping; resumes with its state)."""
     precision: Literal["float32", "mixed_float16", "mixed_bfloat16"] = "float32"
+    """Keras' dtype policy for the run."""
     jit_compile: Literal["auto"] | bool = "auto"
+    """XLA for a model ktrain compiles (auto: Keras' choice)."""
     tensorboard: bool = False
+    """Write TensorBoard logs to output_dir/logs/tensorboard/ (rank 0)."""
     callbacks: FnSpec | None = None
     """A fn returning a list of Keras callbacks, called in every worker once the model exists."""
 
@@ -141,11 +166,13 @@ class TrainSpec(Section):
 
 class CheckpointSpec(Section):
     every_epochs: PositiveInt = 1
+    """Checkpoint at the end of every this many epochs."""
     every_steps: PositiveInt | None = None
     """Also mid-epoch, every this many global batches (counted from the run's start)."""
     every_minutes: PositiveFloat | None = None
     """Also mid-epoch, when this long has passed since the last checkpoint."""
     keep: PositiveInt = 3
+    """The newest this many checkpoints are kept."""
     resume: str = "auto"
     """``auto`` (newest checkpoint in output_dir, if any), ``never``, or a checkpoint path."""
     stop_signals: list[str] = ["SIGTERM", "SIGINT", "SIGUSR1"]
@@ -203,6 +230,7 @@ class MultiProcessConfig(StrategyConfig):
     """Options shared by every strategy that runs several worker processes."""
 
     workers: PositiveInt = 2
+    """Worker processes to start (where ktrain starts them; under srun or mpirun, theirs)."""
     start_timeout: PositiveFloat = 120.0
     """Seconds for every worker to start and join; the ranks that did not are named."""
     max_restarts: NonNegativeInt = 0
@@ -211,7 +239,7 @@ class MultiProcessConfig(StrategyConfig):
     """fp16 or bf16 halves the bytes sent per gradient, where the transport supports it."""
     bucket_mb: PositiveFloat | None = 4.0
     """Gradients travel in fused buckets of at most this many MB, the last layers' first;
-    null: one buffer per dtype. The default is the fastest measured (README, Performance)."""
+    null: one buffer per dtype. The default is the fastest measured (docs/performance.md)."""
     lr_scaling: Literal["off", "linear", "sqrt"] = "off"
     """Multiply the learning rate by the world size (linear) or its square root."""
     warmup_epochs: NonNegativeInt = 0
@@ -250,7 +278,8 @@ class MultiWorkerConfig(ClusterProcessConfig):
     name: Literal["multiworker"] = "multiworker"
     communicator: Literal["auto", "mpi", "collective"] = "auto"
     """mpi: MPI Allreduce via mpi4py; collective: TensorFlow's collective ops over gRPC;
-    auto: mpi where MPI can join the ranks, else collective (see ``choose_communicator``)."""
+    auto: mpi where MPI can join the ranks on CPUs, else collective (the run's first line says
+    which, and why)."""
 
 
 class HorovodConfig(ClusterProcessConfig):
@@ -301,19 +330,27 @@ def _strategy_union():
 
 class RunConfig(Section):
     backend: Literal[BACKENDS] | None = None  # type: ignore[valid-type]
-    """Keras' backend (see ktrain.backends); load_config settles it: the config's, else
-    KERAS_BACKEND's, else tensorflow."""
+    """Keras' backend: the config's, else KERAS_BACKEND's, else tensorflow (load_config
+    settles it)."""
     model: FnSpec
+    """The model fn, ``file.py:function``, returning a keras.Model, compiled or not."""
     data: DataSpec
+    """Where the examples come from."""
     train: TrainSpec
+    """How to train."""
     strategy: _strategy_union() = Field(default_factory=MirroredConfig)  # type: ignore[valid-type]
+    """Where and how the replicas run; ``name`` picks the strategy, the other keys are its
+    options (below, by strategy)."""
     checkpoint: CheckpointSpec = CheckpointSpec()
+    """When checkpoints are taken, kept and resumed from, and which signals stop a run."""
     export: list[Literal[EXPORT_FORMATS]] = []  # type: ignore[valid-type]
     """Formats the chief writes to output_dir/export/ after training (see ktrain.exports)."""
     report: bool = True
     """Write report.png and report.html (curves per epoch) into output_dir after training."""
     mlflow: MlflowSpec | None = None
+    """Log the run's parameters, metrics and files to MLflow, from rank 0."""
     output_dir: str = ""
+    """Where the run's folder is (a path or fsspec URL); default: runs/<config file name>."""
     base_dir: str = "."
     """The config file's folder: relative paths resolve against it. Set by load_config."""
 

@@ -29,6 +29,17 @@ def test_the_pages_build_strictly(tmp_path):
     assert (tmp_path / "site" / "getting-started" / "index.html").exists()
 
 
+def test_the_config_reference_is_the_schemas():
+    """docs/config-reference.md is generated from ktrain's config schema: it cannot drift, and
+    every key has a docstring to show there."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    import config_reference
+
+    assert not config_reference.undocumented(), "give these keys a docstring in ktrain.config"
+    assert config_reference.PAGE.read_text() == config_reference.reference(), (
+        "docs/config-reference.md is stale: run python scripts/config_reference.py")
+
+
 def blocks(page: Path, language: str) -> list[str]:
     return re.findall(rf"^```{language}\n(.*?)^```", page.read_text(), re.S | re.M)
 
