@@ -66,6 +66,50 @@ class RunRecorder(keras.callbacks.Callback):
         self.output.flush_log()
 
 
+class Progress(keras.callbacks.Callback):
+    """Rank 0's way through the current epoch (step, samples/s, time left, its running loss):
+    redrawn a few times a second where the console is a terminal (``console.progress``),
+    else a line every ``every_seconds``, so an epoch longer than that is never silent. Only
+    the console shows it: not the metrics, not the log."""
+
+    REDRAW_EVERY = 0.25
+
+    def __init__(self, epochs: int, steps: int, global_batch_size: int, every_seconds: float):
+        super().__init__()
+        self.epochs, self.steps, self.global_batch_size = epochs, steps, global_batch_size
+        self.live = console.live_progress()
+        self.every = self.REDRAW_EVERY if self.live else every_seconds
+        self._epoch, self._began, self._shown = 0, 0.0, 0.0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch, self._shown = epoch, time.perf_counter()
+
+    def on_train_batch_end(self, batch, logs=None):
+        now = time.perf_counter()
+        if batch == 0:  # timed from here: the first step also compiles
+            self._began = now
+        if batch == 0 or now - self._shown < self.every:
+            return
+        self._shown = now
+        timed = batch  # steps since the first of this fit call (a resumed epoch's has fewer)
+        left = self.params["steps"] - batch - 1
+        seconds = now - self._began
+        loss = f"  loss {float(logs['loss']):.4f}" if logs and "loss" in logs else ""
+        text = (f"epoch {self._epoch + 1}/{self.epochs}  step {self.steps - left}/{self.steps}  "
+                f"{timed * self.global_batch_size / seconds:.0f} samples/s  "
+                f"{_clock(left * seconds / timed)} left{loss}")
+        if self.live:
+            console.progress(text)
+        else:
+            console.info(text)
+
+
+def _clock(seconds: float) -> str:
+    minutes, seconds = divmod(round(seconds), 60)
+    return f"{minutes // 60}:{minutes % 60:02d}:{seconds:02d}" if minutes >= 60 else \
+        f"{minutes}:{seconds:02d}"
+
+
 class ShardsBroken(WorkersFailed):
     """data.audit found that the workers did not read the epoch's examples once each."""
 
@@ -311,6 +355,9 @@ def optional_callbacks(run: RunConfig, session: Session,
         callbacks.append(keras.callbacks.TensorBoard(log_dir=f"{run.output_dir}/logs/tensorboard"))
     if run.train.callbacks:
         callbacks += _user_callbacks(run, session)
+    if session.is_chief and console.verbosity() == console.NORMAL:  # -v: Keras' progress bar
+        callbacks.append(Progress(run.train.epochs, steps, run.train.global_batch_size,
+                                  run.progress_seconds))
     return callbacks
 
 

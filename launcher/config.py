@@ -347,6 +347,10 @@ class RunConfig(Section):
     """Formats the chief writes to output_dir/export/ after training (see ktrain.exports)."""
     report: bool = True
     """Write report.png and report.html (curves per epoch) into output_dir after training."""
+    progress_seconds: PositiveFloat = 60.0
+    """Where the console is not a terminal (a SLURM log, a Spark or Ray job's output): a line
+    of rank 0's progress through the epoch every this many seconds. On a terminal, a line
+    redrawn in place."""
     mlflow: MlflowSpec | None = None
     """Log the run's parameters, metrics and files to MLflow, from rank 0."""
     output_dir: str = ""

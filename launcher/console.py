@@ -16,10 +16,18 @@ from ktrain import backends
 
 QUIET, NORMAL, VERBOSE = 0, 1, 2
 VERBOSITY_ENV = "KTRAIN_VERBOSITY"
+OUTPUT_CAPTURED_ENV = "KTRAIN_OUTPUT_CAPTURED"
+"""Set for a rank whose output a launcher writes to its log (its stdout may still be a pty:
+mpirun gives ranks one)."""
+LIVE_ENV = "KTRAIN_LIVE_PROGRESS"
+"""Set for ranks whose launcher's console is a terminal: it redraws their progress lines."""
+PROGRESS_PREFIX = "ktrain: progress: "
+"""How a progress line a launcher should redraw in place begins."""
 
 _rank: int | None = None
 _every_rank = False
 _through_log = False
+_live_line = False
 
 
 def set_verbosity(level: int) -> None:
@@ -29,9 +37,11 @@ def set_verbosity(level: int) -> None:
 
 def environment() -> dict[str, str]:
     """What a process started far from this one (a Spark task, a Ray actor) needs in order to
-    speak like it: verbosity and TensorFlow's log level."""
-    return {name: os.environ[name] for name in (VERBOSITY_ENV, "TF_CPP_MIN_LOG_LEVEL")
-            if name in os.environ}
+    speak like it: verbosity, TensorFlow's log level, and whether its progress is redrawn on a
+    terminal (this process relays it)."""
+    settings = {name: os.environ[name] for name in (VERBOSITY_ENV, "TF_CPP_MIN_LOG_LEVEL")
+                if name in os.environ}
+    return {**settings, LIVE_ENV: "1"} if live_progress() else settings
 
 
 def verbosity() -> int:
@@ -60,8 +70,42 @@ def _prefix() -> str:
     return f"[rank {_rank}] " if _rank is not None and _every_rank else ""
 
 
+def _on_terminal() -> bool:
+    return sys.stdout.isatty() and OUTPUT_CAPTURED_ENV not in os.environ
+
+
+def live_progress() -> bool:
+    """Whether progress lines can be redrawn in place: this process' console is a terminal, or
+    its launcher's is and redraws them."""
+    return verbosity() == NORMAL and (_on_terminal() or os.environ.get(LIVE_ENV) == "1")
+
+
+def progress(text: str) -> None:
+    """Rank 0's progress through an epoch, redrawn in place on a terminal; where a launcher
+    relays this process' output, a marked line it redraws (see ktrain.supervisor)."""
+    global _live_line
+    if verbosity() != NORMAL or _rank not in (None, 0):
+        return
+    if _on_terminal():
+        sys.stdout.write(f"\r{_prefix()}{text}\x1b[K")
+        sys.stdout.flush()
+        _live_line = True
+    else:
+        print(PROGRESS_PREFIX + text, flush=True)
+
+
+def _end_live_line() -> None:
+    """Clear a progress line, so that the next line does not start in its middle."""
+    global _live_line
+    if _live_line:
+        sys.stdout.write("\r\x1b[K")
+        sys.stdout.flush()
+        _live_line = False
+
+
 def info(message: str) -> None:
     if verbosity() >= NORMAL and _speaks():
+        _end_live_line()
         print(_prefix() + message, flush=True)
 
 
@@ -73,12 +117,14 @@ def debug(message: str) -> None:
 def note(message: str) -> None:
     """Something the user should know about their input; on stderr, so that stdout stays data."""
     if verbosity() >= NORMAL and _speaks():
+        _end_live_line()
         print(f"ktrain: note: {message}", file=sys.stderr, flush=True)
 
 
 def warning(message: str) -> None:
     """Something went wrong that the run works around (a damaged checkpoint skipped)."""
     if verbosity() >= NORMAL and _speaks():
+        _end_live_line()
         print(f"ktrain: warning: {message}", file=sys.stderr, flush=True)
 
 
@@ -91,6 +137,7 @@ def error(message: str) -> None:
     if _through_log:
         return
     rank = f"rank {_rank}: " if _rank else ""
+    _end_live_line()
     print(f"{ERROR_PREFIX}{rank}{_ANSI.sub('', message)}", file=sys.stderr, flush=True)
 
 

@@ -43,7 +43,7 @@ _FOLLOWED_CHIEF = re.compile(r"rank 0 ends the group|lost contact with rank 0 ")
 _PR_SET_PDEATHSIG = 1
 
 
-OUTPUT_CAPTURED_ENV = "KTRAIN_OUTPUT_CAPTURED"
+OUTPUT_CAPTURED_ENV = console.OUTPUT_CAPTURED_ENV
 
 
 def is_supervised() -> bool:
@@ -189,6 +189,10 @@ class WorkerGroup:
                     rank, line = int(tagged.group(1)), tagged.group(2)
                 elif len(ranks) > 1:
                     self._launcher_tail.append(line)  # mpirun's own messages go to rank 0's log
+                if line.startswith(console.PROGRESS_PREFIX):  # redrawn, never logged
+                    if not self._quiet and rank == 0:
+                        console.progress(line.removeprefix(console.PROGRESS_PREFIX))
+                    continue
                 logs[rank].write(line + "\n")
                 logs[rank].flush()
                 self._tails[rank].append(line)
@@ -389,8 +393,11 @@ def echo_log(log_url: str, every: float = 0.5):
                     new = log.read()
                 offset += len(new)
                 *lines, partial = (partial + new).split(b"\n")
-                for line in lines:
-                    console.info(line.decode(errors="replace"))
+                for line in (raw.decode(errors="replace") for raw in lines):
+                    if line.startswith(console.PROGRESS_PREFIX):
+                        console.progress(line.removeprefix(console.PROGRESS_PREFIX))
+                    else:
+                        console.info(line)
             if stopping:
                 return
 
