@@ -11,7 +11,7 @@ import os
 
 import keras
 
-from ktrain import backends
+from ktrain import backends, console
 from ktrain.checkpoint import TrainingState
 from ktrain.config import RunConfig, TrainSpec
 from ktrain.data import (ArraySplit, RayStreamSplit, Splits, first_batch, first_features,
@@ -40,6 +40,8 @@ def model_and_data(run: RunConfig, session: Session) -> tuple[keras.Model, Split
         _check_model(model)
         if not model.compiled:
             compile_from_config(model, run.train)
+        else:
+            _note_compile_options_unused(run.train)
         _build(model, splits)
     _check_devices_can_split(splits, session)
     return model, splits
@@ -150,6 +152,19 @@ def _check_model(model) -> None:
         raise UserError(f"the model fn returned a {type(model).__name__}, not a keras.Model",
                         where="model.fn", hint="return the model object, e.g. "
                                                "`return keras.Sequential([...])`")
+
+
+_COMPILE_OPTIONS = ("optimizer", "loss", "metrics", "jit_compile")
+
+
+def _note_compile_options_unused(train: TrainSpec) -> None:
+    """The config's compile options do nothing for a model its fn compiled: said, not ignored."""
+    unused = [f"train.{key}" for key in _COMPILE_OPTIONS if key in train.model_fields_set]
+    if unused:
+        console.note(f"the model fn returned a compiled model, so {', '.join(unused)} "
+                     f"{'is' if len(unused) == 1 else 'are'} not used (the model's own compile "
+                     f"settings are); remove {'it' if len(unused) == 1 else 'them'}, or return "
+                     f"the model uncompiled")
 
 
 def compile_from_config(model: keras.Model, train: TrainSpec) -> None:

@@ -124,6 +124,18 @@ def test_an_optimizer_the_model_does_not_hold_is_named(tmp_path):
 
 
 @pytest.mark.fast
+def test_compile_options_a_compiled_model_does_not_use_are_said(tmp_path, capsys):
+    """train.optimizer, loss, metrics and jit_compile act only on a model ktrain compiles; set
+    for one the model fn compiled, they would do nothing, so the run says so."""
+    run = load_config(write_config(tmp_path / "config.yaml", base_config(
+        tmp_path / "out", model={"fn": f"{FIXTURES}:mlp_compiled_momentum", "kwargs": {}})))
+    model_and_data(run, Session(rank=0, world_size=1, num_replicas=1))
+    said = capsys.readouterr().err
+    assert ("ktrain: note: the model fn returned a compiled model, so train.optimizer, "
+            "train.loss, train.metrics are not used") in said, said
+
+
+@pytest.mark.fast
 def test_each_rank_draws_its_own_dropout_masks():
     """Every rank starts from rank 0's state, seeds included; each then draws its own masks
     (with one seed, the k-th example of every rank's share got the same mask)."""
