@@ -32,6 +32,31 @@ def test_init_writes_a_project_that_trains(tmp_path):
     assert again.returncode == 2 and "already exist" in again.stderr
 
 
+TRAIN_TEMPLATES = """
+import json
+from pathlib import Path
+import keras, yaml
+from ktrain.cli import TEMPLATES, main
+for name in TEMPLATES:
+    keras.backend.clear_session()
+    assert main(["init", name, "--template", name, "-q"]) == 0
+    assert main(["run", f"{name}/config.yaml", "-q"]) == 0
+    out = Path(yaml.safe_load(Path(name, "config.yaml").read_text())["output_dir"])
+    print(name, json.loads((out / "summary.json").read_text())["final_metrics"]["val_accuracy"])
+"""
+
+
+def test_every_template_trains_as_written(tmp_path):
+    """ktrain init --template NAME: each starting point trains, as written, in one process
+    (all in one, to load TensorFlow once), and learns."""
+    result = run_command([sys.executable, "-c", TRAIN_TEMPLATES], cwd=tmp_path, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    accuracy = dict(line.split() for line in result.stdout.splitlines())
+    chance = {"digits": 0.1, "images": 0.1, "text": 0.25, "tabular": 0.63, "custom-step": 0.1}
+    assert accuracy.keys() == chance.keys()
+    assert all(float(accuracy[name]) > 0.3 + chance[name] for name in chance), accuracy
+
+
 @pytest.mark.fast
 def test_validate_prints_the_resolved_config(tmp_path):
     result = run_cli("validate", REPO / "configs" / "quickstart.yaml", "train.epochs=7")
