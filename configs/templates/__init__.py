@@ -1,0 +1,1 @@
+"""Starting points for `ktrain init --template NAME` (see ktrain.cli.TEMPLATES)."""
