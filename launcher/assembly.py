@@ -102,6 +102,14 @@ def _load_data(run: RunConfig, session: Session) -> Splits:
                             hint="use strategy.name: ray and set data.features and data.label")
         splits = to_splits(result, run.train.validation_split)
     splits.train.check_workers(session.world_size, "strategy.workers")
+    stopping = run.train.early_stopping
+    if stopping and stopping.monitor.startswith("val_") and splits.validation is None:
+        raise UserError(f"train.early_stopping watches {stopping.monitor}, and this run has no "
+                        f"validation data, so it would never stop the run",
+                        where="train.early_stopping.monitor",
+                        hint="give validation data (train.validation_split, a 'validation' "
+                             "split from the data fn, or data.validation_files), or watch a "
+                             "training metric such as loss")
     if run.data.audit and not isinstance(splits.train, FileSplit):
         raise UserError("data.audit checks how workers share a dataset in files, and this "
                         "run's data is in memory", where="data.audit",
@@ -159,7 +167,8 @@ _COMPILE_OPTIONS = ("optimizer", "loss", "metrics", "jit_compile")
 
 def _note_compile_options_unused(train: TrainSpec) -> None:
     """The config's compile options do nothing for a model its fn compiled: said, not ignored."""
-    unused = [f"train.{key}" for key in _COMPILE_OPTIONS if key in train.model_fields_set]
+    unused = [f"train.{key}" for key in _COMPILE_OPTIONS
+              if getattr(train, key) != TrainSpec.model_fields[key].default]
     if unused:
         console.note(f"the model fn returned a compiled model, so {', '.join(unused)} "
                      f"{'is' if len(unused) == 1 else 'are'} not used (the model's own compile "

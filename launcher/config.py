@@ -397,15 +397,39 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
 
 def _check_no_silent_options(config: RunConfig, filename: str, lines: dict,
                              overrides: dict) -> None:
-    """Options that would do nothing in this config: refused, not ignored."""
-    if config.data.files is not None and config.train.validation_split:
-        key = ("train", "validation_split")
-        where = (f"override '{overrides[key]}'" if key in overrides else
-                 f"{filename}:{lines.get(key, lines.get(('train',), '?'))}")
-        raise UserError("train.validation_split holds out part of an in-memory dataset, and "
-                        "data.files streams files, which it cannot split", where=where,
-                        hint="name files to validate on with data.validation_files, and remove "
-                             "train.validation_split")
+    """Options that would do nothing in this config: refused where they are set (every one at
+    once), not ignored."""
+    data, train, strategy = config.data, config.train, config.strategy
+    idle = []  # (key path, what, how to fix)
+    if data.files is not None and train.validation_split:
+        idle.append((("train", "validation_split"),
+                     "train.validation_split holds out part of an in-memory dataset, and "
+                     "data.files streams files, which it cannot split",
+                     "name files to validate on with data.validation_files, and remove "
+                     "train.validation_split"))
+    if data.files is None:
+        idle += [(("data", key), f"data.{key} applies to data.files, which this config does "
+                                 f"not read", f"remove data.{key}, or read the data with data.files")
+                 for key in ("validation_files", "format", "map", "lanes")
+                 if getattr(data, key) != DataSpec.model_fields[key].default]
+    if getattr(strategy, "warmup_epochs", 0) and strategy.lr_scaling == "off":
+        idle.append((("strategy", "warmup_epochs"),
+                     "strategy.warmup_epochs ramps up the scaled learning rate, and "
+                     "strategy.lr_scaling is off", "set strategy.lr_scaling: linear (or sqrt), "
+                                                   "or remove warmup_epochs"))
+    if idle:
+        raise all_of([UserError(what, where=_set_at(key, filename, lines, overrides), hint=hint)
+                      for key, what, hint in idle])
+
+
+def _set_at(loc: tuple, filename: str, lines: dict, overrides: dict) -> str:
+    """Where the user set the key at ``loc``: the override that set it (or a section above
+    it), else the config file's line of it (or of the nearest section above)."""
+    override = next((item for keys, item in overrides.items() if loc[:len(keys)] == keys), None)
+    if override:
+        return f"override '{override}'"
+    known = next((loc[:n] for n in range(len(loc), -1, -1) if loc[:n] in lines), None)
+    return f"{filename}:{lines[known]}" if known is not None else filename
 
 
 def _settle_mlflow(spec: MlflowSpec, path: Path) -> MlflowSpec:
@@ -524,12 +548,7 @@ def _explain_key(loc: tuple, found: list[dict], errors: list[dict], raw: dict, f
         loc, error = loc + ("name",), {**error, "input": error["input"].get("name")}
     dotted = ".".join(map(str, loc))
     kind = error["type"]
-    override = next((item for keys, item in overrides.items() if loc[:len(keys)] == keys), None)
-    if override:
-        where = f"override '{override}'"
-    else:
-        known = next(loc[:n] for n in range(len(loc), -1, -1) if loc[:n] in lines)
-        where = f"{filename}:{lines[known]}" if known else filename
+    where = _set_at(loc, filename, lines, overrides)
 
     if kind == "extra_forbidden":
         allowed = _allowed_keys(loc[:-1], raw)

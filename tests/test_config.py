@@ -178,3 +178,15 @@ def test_validation_split_with_files_it_cannot_split_is_refused_where_it_is_set(
     message = error_for(tmp_path, files, "train.validation_split=0.1")
     assert message.startswith("override 'train.validation_split=0.1': ")
     assert load_config(write(tmp_path, files)).train.validation_split == 0.0
+
+
+def test_options_that_would_do_nothing_are_refused_where_they_are_set(tmp_path):
+    """data.lanes (and format, map, validation_files) act on data.files only; warmup_epochs
+    ramps a scaled learning rate only: set where they cannot act, each is named, all at once."""
+    idle = GOOD.replace("  name: mirrored\n  devices: 2", "  name: multiworker\n  warmup_epochs: 2")
+    idle = idle.replace("  fn: models.py:load_data", "  fn: models.py:load_data\n  lanes: 6")
+    message = error_for(tmp_path, idle)
+    assert message.startswith("2 problems:"), message
+    assert "data.lanes applies to data.files, which this config does not read" in message
+    assert "strategy.warmup_epochs ramps up the scaled learning rate" in message
+    assert "lr_scaling: linear" in message and f"{tmp_path / 'config.yaml'}:" in message
