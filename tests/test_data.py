@@ -70,21 +70,3 @@ def test_too_little_data_for_one_global_batch():
                          world_size=1, shuffle=False, shuffle_buffer=1, seed=0,
                          first_epoch=0, epochs=1)
 
-
-def test_early_stopping_on_validation_metrics_without_validation_data_is_refused(tmp_path):
-    """Watching val_loss with no validation data, Keras' EarlyStopping would warn every epoch
-    and never stop: refused before training, with the ways to give it validation data."""
-    from helpers import FIXTURES, base_config, write_config
-    from ktrain.assembly import model_and_data
-    from ktrain.config import load_config
-    from ktrain.session import Session
-
-    run = load_config(write_config(tmp_path / "c.yaml", base_config(
-        tmp_path / "out", data={"fn": f"{FIXTURES}:digits", "kwargs": {"n": 256}},
-        train={"early_stopping": {"monitor": "val_loss"}})))
-    with pytest.raises(UserError) as caught:
-        model_and_data(run, Session(rank=0, world_size=1, num_replicas=1))
-    message = caught.value.render()
-    assert message.startswith("train.early_stopping.monitor: train.early_stopping watches "
-                              "val_loss, and this run has no validation data"), message
-    assert "train.validation_split" in message

@@ -1,8 +1,8 @@
 """Keras model families across worker processes. The model zoo (fixtures/zoo.py, written as
 keras-io writes them) trains as 2 workers and as 1 process: each family ends with 1 process'
-weights, within a tolerance its test justifies, or differs by design, measured. Where N
-workers cannot train as 1 process, ktrain refuses before training, naming the layer and what
-to do."""
+weights, within a tolerance its test justifies, or differs by design, measured. What cannot
+train as the user meant (N workers unlike 1 process, an option that would do nothing), ktrain
+refuses before training, naming it and what to do."""
 
 import subprocess
 import sys
@@ -95,16 +95,26 @@ def test_two_workers_train_each_family_as_one_process(zoo, backend, family):
         p: d for p, d in apart.items() if d > EXACT}
 
 
+def assembled(tmp_path, replicas: int = 1, **sections):
+    """model_and_data of ``base_config(**sections)`` in this process, on ``replicas`` devices."""
+    run = load_config(write_config(tmp_path / "config.yaml",
+                                   base_config(tmp_path / "out", **sections)))
+    return model_and_data(run, Session(rank=0, world_size=1, num_replicas=replicas))
+
+
+def refusal(tmp_path, replicas: int = 1, **sections) -> str:
+    """The message ``assembled`` refuses with."""
+    with pytest.raises(UserError) as caught:
+        assembled(tmp_path, replicas, **sections)
+    return caught.value.render()
+
+
 @pytest.mark.fast
 def test_a_model_whose_call_does_not_take_the_features_is_named(tmp_path):
     """Keras' own train_step calls the model on the data's features: a model whose call()
     takes something else (a GAN's generator, without the GAN's train_step) is the user's
     mistake, said before training, without ktrain's frames."""
-    run = load_config(write_config(tmp_path / "config.yaml", base_config(
-        tmp_path / "out", model={"fn": f"{FIXTURES}:generator_only", "kwargs": {}})))
-    with pytest.raises(UserError) as caught:
-        model_and_data(run, Session(rank=0, world_size=1, num_replicas=1))
-    message = caught.value.render()
+    message = refusal(tmp_path, model={"fn": f"{FIXTURES}:generator_only", "kwargs": {}})
     assert message.startswith("model.fn: the model cannot be called on the training features")
     assert "ValueError" in message and "model.build(shape)" in message
 
@@ -113,11 +123,8 @@ def test_a_model_whose_call_does_not_take_the_features_is_named(tmp_path):
 def test_an_optimizer_the_model_does_not_hold_is_named(tmp_path):
     """ktrain averages, checkpoints and restores the optimizers a model holds; one its
     train_step finds elsewhere (a module's global) is refused before training, named."""
-    run = load_config(write_config(tmp_path / "config.yaml", base_config(
-        tmp_path / "out", model={"fn": f"{FIXTURES}:optimizer_held_elsewhere", "kwargs": {}})))
-    with pytest.raises(UserError) as caught:
-        model_and_data(run, Session(rank=0, world_size=1, num_replicas=1))
-    message = caught.value.render()
+    message = refusal(tmp_path, model={"fn": f"{FIXTURES}:optimizer_held_elsewhere",
+                                       "kwargs": {}})
     assert message.startswith("model.fn: the model's train_step applies optimizer(s) the model "
                               "does not hold ('global_sgd' (SGD))"), message
     assert "self.d_optimizer = ..." in message
@@ -127,9 +134,7 @@ def test_an_optimizer_the_model_does_not_hold_is_named(tmp_path):
 def test_compile_options_a_compiled_model_does_not_use_are_said(tmp_path, capsys):
     """train.optimizer, loss, metrics and jit_compile act only on a model ktrain compiles; set
     for one the model fn compiled, they would do nothing, so the run says so."""
-    run = load_config(write_config(tmp_path / "config.yaml", base_config(
-        tmp_path / "out", model={"fn": f"{FIXTURES}:mlp_compiled_momentum", "kwargs": {}})))
-    model_and_data(run, Session(rank=0, world_size=1, num_replicas=1))
+    assembled(tmp_path, model={"fn": f"{FIXTURES}:mlp_compiled_momentum", "kwargs": {}})
     said = capsys.readouterr().err
     assert ("ktrain: note: the model fn returned a compiled model, so train.optimizer, "
             "train.loss, train.metrics are not used") in said, said
@@ -161,14 +166,21 @@ def test_string_features_over_several_devices_of_one_process_are_refused(tmp_pat
     """TensorFlow's MirroredStrategy fails on them mid-training (its AddN has no string
     kernel): refused before, with what works instead (one device, or a process per device)."""
     zoo_fns = REPO / "tests" / "fixtures" / "zoo.py"
-    run = load_config(write_config(tmp_path / "config.yaml", base_config(
-        tmp_path / "out", model={"fn": f"{zoo_fns}:text_classifier", "kwargs": {}},
-        data={"fn": f"{zoo_fns}:sentences", "kwargs": {}},
-        train={"loss": None, "metrics": []})))
-    devices = Session(rank=0, world_size=1, num_replicas=2)
-    with pytest.raises(UserError) as caught:
-        model_and_data(run, devices)
-    message = caught.value.render()
+    text = {"model": {"fn": f"{zoo_fns}:text_classifier", "kwargs": {}},
+            "data": {"fn": f"{zoo_fns}:sentences", "kwargs": {}},
+            "train": {"loss": None, "metrics": []}}
+    message = refusal(tmp_path, replicas=2, **text)
     assert message.startswith("strategy.devices: the data's features include strings")
     assert "devices: 1" in message and "strategy.name: multiworker" in message
-    model_and_data(run, Session(rank=0, world_size=1, num_replicas=1))
+    assembled(tmp_path, **text)
+
+
+@pytest.mark.fast
+def test_early_stopping_on_validation_metrics_without_validation_data_is_refused(tmp_path):
+    """Watching val_loss with no validation data, Keras' EarlyStopping would warn every epoch
+    and never stop: refused before training, with the ways to give it validation data."""
+    message = refusal(tmp_path, data={"fn": f"{FIXTURES}:digits", "kwargs": {"n": 256}},
+                      train={"early_stopping": {"monitor": "val_loss"}})
+    assert message.startswith("train.early_stopping.monitor: train.early_stopping watches "
+                              "val_loss, and this run has no validation data"), message
+    assert "train.validation_split" in message
