@@ -22,9 +22,9 @@ from helpers import FIXTURES, Background, base_config, run_cli, write_config  # 
 LONGEST_MODULES = ("test_preemption", "test_spark", "test_streaming", "test_backends",
                    "test_multiworker", "test_slurm", "test_ray", "test_hosts", "test_porting",
                    "test_after_training", "test_cli_errors", "test_model_families")
-"""The slowest test modules, slowest first (on two workers on a 2-core machine, 2026-11-29:
-864 s down to 166 s; test_model_families' zoo, 2026-12-07: about 200 s; every other module
-under 90 s)."""
+"""The slowest test modules, handed out first in this order (on two workers on a 2-core
+machine, 2026-11-29: 864 s down to 166 s; test_model_families' zoo, 2026-12-07: about 200 s,
+last, so that its four training processes do not meet the heaviest engines' start-up)."""
 
 
 def pytest_collection_modifyitems(items):
