@@ -24,7 +24,7 @@ LONGEST_MODULES = ("test_preemption", "test_spark", "test_streaming", "test_back
                    "test_after_training", "test_cli_errors", "test_model_families")
 """The slowest test modules, handed out first in this order (on two workers on a 2-core
 machine, 2026-11-29: 864 s down to 166 s; test_model_families' zoo, 2026-12-07: about 200 s,
-last, so that its four training processes do not meet the heaviest engines' start-up)."""
+handed out last in the measured 42-minute run)."""
 
 
 def pytest_collection_modifyitems(items):
