@@ -173,7 +173,7 @@ class AuditWeights(keras.callbacks.Callback):
             self._audit(step)
 
     def _steps_done(self) -> int:
-        return steps_done(self.model)
+        return steps_done(optimizers_of(self.model).values())
 
     def _audit(self, step: int) -> None:
         variables = [*self.model.trainable_variables, *optimizer_variables(self.model)]
@@ -327,7 +327,7 @@ class ScaledLearningRate(keras.callbacks.Callback):
     def on_train_batch_begin(self, batch, logs=None):
         if not self._ramping:
             return
-        done = steps_done(self.model)
+        done = steps_done(self.optimizers)  # found once, in on_train_begin: not every step
         progress = min(1.0, done / self.warmup_steps) if self.warmup_steps else 1.0
         for optimizer, base in zip(self.optimizers, self.base):
             optimizer.learning_rate.assign(base * (1 + (self.factor - 1) * progress))

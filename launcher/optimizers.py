@@ -38,7 +38,8 @@ def optimizer_variables(model: keras.Model) -> list:
     return [v for optimizer in optimizers_of(model).values() for v in optimizer.variables]
 
 
-def steps_done(model: keras.Model) -> int:
-    """Training steps taken: the most updates any of the model's optimizers has applied (a GAN
-    applies each of its two once a step; its model.optimizer may never be used)."""
-    return max(int(o.iterations.numpy()) for o in optimizers_of(model).values())
+def steps_done(optimizers) -> int:
+    """Training steps taken: the most updates any of a model's ``optimizers`` (those of
+    ``optimizers_of``) has applied (a GAN applies each of its two once a step; its
+    model.optimizer may never be used)."""
+    return max(int(o.iterations.numpy()) for o in optimizers)
