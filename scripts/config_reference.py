@@ -64,6 +64,12 @@ def _default(field) -> str:
     return f"`{value!r}`".replace("'", "") if value != "" else "(see below)"
 
 
+def _section(field):
+    """The section a field holds (its annotation, or the model in its ``X | None``), if any."""
+    return next((a for a in (field.annotation, *typing.get_args(field.annotation))
+                 if isinstance(a, type) and issubclass(a, BaseModel)), None)
+
+
 def _sections():
     """(key path, model) of every section, strategy options by strategy."""
     yield "", RunConfig
@@ -71,16 +77,10 @@ def _sections():
         if name == "strategy":
             for strategy, options in STRATEGY_OPTIONS.items():
                 yield f"strategy` with `name: {strategy}", options
-            continue
-        model = next((a for a in (field.annotation, *typing.get_args(field.annotation))
-                      if isinstance(a, type) and issubclass(a, BaseModel)), None)
-        if model is not None:
+        elif (model := _section(field)) is not None:
             yield name, model
             for sub, subfield in model.model_fields.items():
-                inner = next((a for a in (subfield.annotation,
-                                          *typing.get_args(subfield.annotation))
-                              if isinstance(a, type) and issubclass(a, BaseModel)), None)
-                if inner is not None:
+                if (inner := _section(subfield)) is not None:
                     yield f"{name}.{sub}", inner
 
 
