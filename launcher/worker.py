@@ -75,8 +75,8 @@ def run_worker(run: RunConfig, session: Session) -> RunResult:
 
 def _join_group(run: RunConfig, session: Session, model: keras.Model, flags) -> str:
     """Average gradients (and ``flags``) over the workers, in every optimizer the model updates
-    with, and start every worker from rank 0's state; on JAX the train step reduces the gradients, and every worker built the same
-    state from the same seed (or checkpoint)."""
+    with, and start every worker from rank 0's state; on JAX the train step reduces the
+    gradients, and every worker built the same state from the same seed (or checkpoint)."""
     communicator = session.communicator
     if communicator.reduces_gradients:
         from ktrain.collectives import (broadcast_variables, distribute_optimizer,
