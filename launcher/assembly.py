@@ -101,7 +101,9 @@ def _load_data(run: RunConfig, session: Session) -> Splits:
                             "its columns", where="data.fn",
                             hint="use strategy.name: ray and set data.features and data.label")
         splits = to_splits(result, run.train.validation_split)
-    splits.train.check_workers(session.world_size, "strategy.workers")
+    fewest, most = getattr(run.strategy, "size_range", (1, 1))
+    for size in sorted({session.world_size, *range(fewest, most + 1)}):  # each it may train at
+        splits.train.check_workers(size, "strategy.workers")
     stopping = run.train.early_stopping
     if stopping and stopping.monitor.startswith("val_") and splits.validation is None:
         raise UserError(f"train.early_stopping watches {stopping.monitor}, and this run has no "

@@ -16,6 +16,7 @@ from ktrain.config import RunConfig
 from ktrain.errors import UserError, WorkersFailed
 from ktrain.optimizers import optimizer_variables, optimizers_of, steps_done
 from ktrain.output import RunOutput
+from ktrain.regroup import Reformation
 from ktrain.report import TIMING
 from ktrain.resume import capture
 from ktrain.session import Session
@@ -108,6 +109,48 @@ def _clock(seconds: float) -> str:
     minutes, seconds = divmod(round(seconds), 60)
     return f"{minutes // 60}:{minutes % 60:02d}:{seconds:02d}" if minutes >= 60 else \
         f"{minutes}:{seconds:02d}"
+
+
+class GroupSizes(keras.callbacks.Callback):
+    """The run's ``world_size_history``: at this group's first step, the global step it
+    started at, its size and why it was formed. When it replaced a group (``reformation``),
+    also the seconds from the loss (or the stop to grow) to this first step and the steps that
+    were lost; rank 0 says so in one line when the size changed."""
+
+    def __init__(self, sizes: list[dict], world_size: int, start: Position, start_step: int,
+                 reformation: Reformation | None, output: RunOutput):
+        super().__init__()
+        self.sizes, self.world_size, self.start, self.start_step = (sizes, world_size, start,
+                                                                    start_step)
+        self.reformation, self.output = reformation, output
+        self._recorded = False
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self._recorded:
+            return
+        self._recorded = True
+        change = self.reformation
+        entry = {"step": self.start_step, "size": self.world_size,
+                 "kind": change.kind if change else "start" if not self.start_step else "resume"}
+        if change:
+            entry["reason"] = change.reason
+            entry["seconds"] = round(time.time() - change.since, 2)
+            if change.completed_step is not None:
+                entry["steps_lost"] = max(0, change.completed_step - self.start_step)
+        self.sizes.append(entry)
+        if change and change.kind != "restart":
+            self.output.say(self._line(entry, change))
+
+    def _line(self, entry: dict, change: Reformation) -> str:
+        if change.kind == "grow":
+            return (f"the group grew to {self.world_size} workers ({change.reason}): continuing "
+                    f"{self.start}, {entry['seconds']:.1f}s after it stopped to grow")
+        lost = ("" if "steps_lost" not in entry else
+                f", {entry['steps_lost']} step(s) lost" + (
+                    f" (rank {change.saved_by} saved the last one from memory)"
+                    if change.saved_by is not None else " (from the newest checkpoint)"))
+        return (f"the group re-formed on {self.world_size} workers after {change.reason}: "
+                f"continuing {self.start}{lost}, {entry['seconds']:.1f}s after the loss")
 
 
 class ShardsBroken(WorkersFailed):
@@ -218,6 +261,42 @@ class StopNow(Exception):
         self.position = position
 
 
+class LeaveToGrow(StopNow):
+    """Raised out of ``fit`` once the checkpoint at ``position`` is committed, when the group
+    stops there to re-form larger."""
+
+
+class CompletedSteps(keras.callbacks.Callback):
+    """Where the state the model holds stands: the first callback after each step, before
+    any that reaches the peers (and may find one lost). None between an epoch's last step and
+    the end of its callbacks (validation, metrics, audits), whose state is not a position a
+    run can resume from."""
+
+    def __init__(self, steps_per_epoch: int):
+        super().__init__()
+        self.steps_per_epoch = steps_per_epoch
+        self.first_step = 0
+        """Global batches of the current epoch done before this fit call."""
+        self.position: Position | None = None
+        self._epoch = 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        step = self.first_step + batch + 1
+        self.position = Position(self._epoch, step) if step < self.steps_per_epoch else None
+
+    def ended_epoch(self, done: int) -> None:
+        """Called by the last callback of an epoch's end."""
+        self.position = Position(done, 0)
+
+    @property
+    def global_step(self) -> int | None:
+        return None if self.position is None else \
+            self.position.epoch * self.steps_per_epoch + self.position.step
+
+
 class Checkpoints(keras.callbacks.Callback):
     """Checkpoints at epoch ends, every ``every_steps`` global batches and every
     ``every_minutes``; and the stop on a signal, at the step every rank agreed on.
@@ -227,7 +306,7 @@ class Checkpoints(keras.callbacks.Callback):
     def __init__(self, run: RunConfig, store: CheckpointStore, history: list[dict],
                  steps_per_epoch: int, stop: StopRequest, flags,
                  callbacks: list[keras.callbacks.Callback], saved_callbacks: dict,
-                 record: dict):
+                 record: dict, completed: CompletedSteps, grow_flag: int | None = None):
         super().__init__()
         self.stateful = [c for c in callbacks if type(c) in CALLBACK_STATE]
         self.run, self.store, self.history = run, store, history
@@ -237,9 +316,15 @@ class Checkpoints(keras.callbacks.Callback):
         """What every checkpoint carries besides the state: fingerprint and written_by."""
         self.first_step = 0
         """Global batches of the current epoch done before this fit call (a resumed epoch)."""
+        self.completed = completed
+        self.grow_flag = grow_flag
+        """The flag rank 0 raises when its launcher offers room to grow (None: none can)."""
         self._epoch = 0
         self._last_saved = time.monotonic()
         self._stop_at_epoch_end = False
+        self._agreed: list[int] = []
+        """The flags every rank learned after the last step (asked once a step: on JAX,
+        asking is a collective)."""
 
     def on_train_begin(self, logs=None):
         for callback in self.stateful:
@@ -251,6 +336,8 @@ class Checkpoints(keras.callbacks.Callback):
 
     def on_train_batch_end(self, batch, logs=None):
         step = self.first_step + batch + 1
+        if self.flags is not None:  # every rank learns them after the same step
+            self._agreed = self.flags.agreed()
         if self._stop_requested():
             if step < self.steps_per_epoch:
                 self._save(Position(self._epoch, step), background=False)
@@ -263,22 +350,44 @@ class Checkpoints(keras.callbacks.Callback):
                 == 0) or (every.every_minutes and
                           time.monotonic() - self._last_saved >= every.every_minutes * 60):
             self._save(Position(self._epoch, step))
+            self._leave_if_growing(Position(self._epoch, step))
 
     def on_epoch_end(self, epoch, logs=None):
         done = epoch + 1
-        if (done % self.run.checkpoint.every_epochs == 0 or done == self.run.train.epochs
-                or self.model.stop_training or self._stop_at_epoch_end):
+        saved = (done % self.run.checkpoint.every_epochs == 0 or done == self.run.train.epochs
+                 or self.model.stop_training or self._stop_at_epoch_end)
+        if saved:
             self._save(Position(done, 0))
         if self._stop_at_epoch_end:
             raise StopNow(Position(done, 0))
+        self.completed.ended_epoch(done)
+        if saved and done < self.run.train.epochs and not self.model.stop_training:
+            self._leave_if_growing(Position(done, 0))
 
     def _stop_requested(self) -> bool:
-        if self.flags is not None:  # every rank learns it after the same step
-            agreed = self.flags.agreed()  # one flag per stop signal
-            if agreed:  # every rank names the same signal, received or not
-                self.stop.received = self.stop.signals[agreed[0]]
-            return bool(agreed)
+        if self.flags is not None:
+            signals = [i for i in self._agreed if i != self.grow_flag]  # one flag per signal
+            if signals:  # every rank names the same signal, received or not
+                self.stop.received = self.stop.signals[signals[0]]
+            return bool(signals)
         return self.stop.received is not None
+
+    def _leave_if_growing(self, position: Position) -> None:
+        """Once the checkpoint at ``position`` is committed, stop to re-form larger if the
+        launcher offered room (every rank learned it at the same step)."""
+        if self.grow_flag is not None and self.grow_flag in self._agreed:
+            self.store.wait()
+            raise LeaveToGrow(position)
+
+    def save_in_memory_state(self) -> Position | None:
+        """After a peer was lost: commit the state of the last completed step, which this
+        rank holds as every rank did, whichever rank it is; None when it holds none (an
+        epoch's end was under way)."""
+        position = self.completed.position
+        if position is not None and position not in self.store.positions():
+            self.store = CheckpointStore(self.store.url, keep=self.store.keep)  # writes
+            self._save(position, background=False)
+        return position
 
     def _save(self, position: Position, background: bool = True) -> None:
         self.callback_state = {type(c).__name__: {name: _plain(getattr(c, name))
@@ -393,11 +502,12 @@ def metrics_of(row: dict) -> dict:
 def callbacks_in_order(session: Session, recorder: RunRecorder, tracker, history: list[dict],
                         optional: list, checkpoints: Checkpoints, audit: ShardAudit | None,
                         train_share: int, validation_share: int,
-                        audit_steps: int | None) -> list:
-    """Global metrics first, so that every later callback sees the same numbers on every rank;
-    the shard audit and the divergence audit before any checkpoint takes the epoch (the
-    latter after every callback that might change weights); checkpoints last."""
-    callbacks = [recorder, *([tracker.callback(history)] if tracker else []), *optional,
+                        audit_steps: int | None, sizes: GroupSizes) -> list:
+    """The count of completed steps first (later ones may reach the peers and fail), then
+    global metrics, so that every later callback sees the same numbers on every rank; the
+    shard audit and the divergence audit before any checkpoint takes the epoch (the latter
+    after every callback that might change weights); checkpoints last."""
+    callbacks = [recorder, sizes, *([tracker.callback(history)] if tracker else []), *optional,
                  checkpoints]
     if audit_steps and session.communicator is not None and session.world_size > 1:
         callbacks.insert(-1, AuditWeights(session, audit_steps))
@@ -407,4 +517,4 @@ def callbacks_in_order(session: Session, recorder: RunRecorder, tracker, history
         from ktrain.collectives import GlobalMetrics
 
         callbacks.insert(0, GlobalMetrics(session.communicator, train_share, validation_share))
-    return callbacks
+    return [checkpoints.completed, *callbacks]

@@ -74,6 +74,9 @@ class TrainingState:
     written_by: dict = field(default_factory=dict)
     """How the run that wrote it ran (strategy, backend, world size): for the record only;
     a checkpoint resumes under any of them."""
+    world_sizes: list[dict] = field(default_factory=list)
+    """The run's groups so far: the global step each started at, its size and why it was
+    formed (summary.json's ``world_size_history``)."""
 
     @property
     def position(self) -> Position:
@@ -83,7 +86,7 @@ class TrainingState:
         meta = {"epoch": self.epoch, "step": self.step, "history": self.history,
                 "variable_paths": self.variable_paths, "callbacks": self.callbacks,
                 "global_batch_size": self.global_batch_size, "fingerprint": self.fingerprint,
-                "written_by": self.written_by, "format": 4}
+                "written_by": self.written_by, "world_sizes": self.world_sizes, "format": 4}
         arrays = {f"model_{i:05d}": v for i, v in enumerate(self.model_variables)}
         arrays |= {f"optimizer_{i:05d}": v for i, v in enumerate(self.optimizer_variables)}
         arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
@@ -114,7 +117,8 @@ class TrainingState:
         optimizer = [arrays[k] for k in sorted(k for k in arrays if k.startswith("optimizer_"))]
         return cls(meta["epoch"], model, optimizer, meta["history"], meta["variable_paths"],
                    meta.get("step", 0), meta.get("global_batch_size"), meta.get("callbacks", {}),
-                   meta.get("fingerprint", {}), meta.get("written_by", {}))
+                   meta.get("fingerprint", {}), meta.get("written_by", {}),
+                   meta.get("world_sizes", []))
 
 
 _DIGEST = "sha256"

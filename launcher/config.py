@@ -226,11 +226,32 @@ class MirroredConfig(StrategyConfig):
     """``auto``: every GPU, else one CPU. ``N``: N GPUs, or N logical CPU devices when there is no GPU."""
 
 
+class WorkerRange(Section):
+    """The sizes an elastic group may take (see docs/elastic.md)."""
+
+    min: PositiveInt
+    """The fewest workers the run goes on with; losing more restarts the group
+    (strategy.max_restarts counts it)."""
+    max: PositiveInt
+    """The workers it starts with, and grows back to."""
+
+    @model_validator(mode="after")
+    def _ordered(self):
+        if self.min > self.max:
+            raise ValueError(f"min ({self.min}) is more than max ({self.max})")
+        return self
+
+
 class MultiProcessConfig(StrategyConfig):
     """Options shared by every strategy that runs several worker processes."""
 
-    workers: PositiveInt = 2
-    """Worker processes to start (where ktrain starts them; under srun or mpirun, theirs)."""
+    workers: PositiveInt | WorkerRange = 2
+    """Worker processes to start (where ktrain starts them; under srun or mpirun, theirs);
+    {min: M, max: N}: an elastic run, which goes on with the workers that are left (at least
+    M) when one is lost, and grows back to N."""
+    grow: bool = True
+    """In an elastic run: grow back to workers.max at the next checkpoint once workers are
+    available again; false: go on at the size it shrank to."""
     start_timeout: PositiveFloat = 120.0
     """Seconds for every worker to start and join; the ranks that did not are named."""
     max_restarts: NonNegativeInt = 0
@@ -253,6 +274,19 @@ class MultiProcessConfig(StrategyConfig):
     named. null: off."""
     console_ranks: Literal["chief", "all"] = "chief"
     """Which ranks' output the console shows (every rank's goes to logs/rank-<r>.log)."""
+
+    @property
+    def size_range(self) -> tuple[int, int]:
+        """(fewest, most) workers: one size unless ``workers`` is a range."""
+        workers = self.workers
+        return (workers.min, workers.max) if isinstance(workers, WorkerRange) else \
+            (workers, workers)
+
+    @property
+    def elastic(self) -> bool:
+        """Whether the group may change size."""
+        fewest, most = self.size_range
+        return fewest < most
 
     @property
     def bucket_bytes(self) -> int | None:
@@ -397,8 +431,8 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
 
 def _check_no_silent_options(config: RunConfig, filename: str, lines: dict,
                              overrides: dict) -> None:
-    """Options that would do nothing in this config: refused where they are set (every one at
-    once), not ignored."""
+    """Options that would do nothing in this config, or change its math behind the user's
+    back: refused where they are set (every one at once), not ignored."""
     data, train, strategy = config.data, config.train, config.strategy
     idle = []  # (key path, what, how to fix)
     if data.files is not None and train.validation_split:
@@ -417,6 +451,16 @@ def _check_no_silent_options(config: RunConfig, filename: str, lines: dict,
                      "strategy.warmup_epochs ramps up the scaled learning rate, and "
                      "strategy.lr_scaling is off", "set strategy.lr_scaling: linear (or sqrt), "
                                                    "or remove warmup_epochs"))
+    if hasattr(strategy, "grow") and not strategy.grow and not strategy.elastic:
+        idle.append((("strategy", "grow"), "strategy.grow applies to an elastic run, and "
+                     "strategy.workers is one size", "remove grow, or give workers a range: "
+                                                      "{min: M, max: N}"))
+    if getattr(strategy, "elastic", False) and strategy.lr_scaling != "off":
+        idle.append((("strategy", "lr_scaling"),
+                     f"strategy.lr_scaling: {strategy.lr_scaling} would change the learning "
+                     f"rate each time the elastic group changes size, and the run would no "
+                     f"longer train as the config says at every size",
+                     "set lr_scaling: off and the learning rate you want in train.optimizer"))
     if idle:
         raise all_of([UserError(what, where=_set_at(key, filename, lines, overrides), hint=hint)
                       for key, what, hint in idle])

@@ -67,21 +67,18 @@ class StopRequest:
             yield self
             return
         fs, path = fsspec.core.url_to_fs(url)
-        done = threading.Event()
 
-        def follow():
-            while not done.wait(_FOLLOW_EVERY) and self.received is None:
-                if fs.exists(path):
-                    self.received = signal.Signals[fs.cat_file(path).decode().strip()]
-                    on_signal(self.received)
+        def taken() -> bool:
+            if self.received is not None:
+                return True
+            if not fs.exists(path):
+                return False
+            self.received = signal.Signals[fs.cat_file(path).decode().strip()]
+            on_signal(self.received)
+            return True
 
-        follower = threading.Thread(target=follow, daemon=True, name="ktrain-stop-requests")
-        follower.start()
-        try:
+        with polling(taken, "ktrain-stop-requests"):
             yield self
-        finally:
-            done.set()
-            follower.join(timeout=5)
 
     def stopped(self, where: str, requeued: str | None = None) -> Stopped:
         """The error every rank exits with once the checkpoint at ``where`` is committed."""
@@ -108,6 +105,25 @@ def relaying_stops(signal_names: list[str], output_dir: str):
     finally:
         if fs.exists(path):
             fs.rm(path)
+
+
+@contextlib.contextmanager
+def polling(check: Callable[[], bool], name: str, every: float = _FOLLOW_EVERY):
+    """Call ``check`` every ``every`` seconds, in a thread, while the block runs and until it
+    returns True."""
+    done = threading.Event()
+
+    def poll():
+        while not done.wait(every) and not check():
+            pass
+
+    poller = threading.Thread(target=poll, daemon=True, name=name)
+    poller.start()
+    try:
+        yield
+    finally:
+        done.set()
+        poller.join(timeout=5)
 
 
 def reported_stop(said: str, *, shown: bool) -> Stopped:

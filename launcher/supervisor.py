@@ -32,6 +32,7 @@ import fsspec
 
 from ktrain import console
 from ktrain.errors import Stopped
+from ktrain.regroup import LEFT_TO_GROW, PEER_LOST, RegroupFolder
 from ktrain.stopping import STOP_REPORT, StopRequest, reported_stop
 
 _RENDEZVOUS_ENV = "KTRAIN_RENDEZVOUS_DIR"
@@ -89,6 +90,14 @@ class Failure:
     """Where the failed rank's whole log is."""
     shown: bool = False
     """The rank's own error report already reached the console: nothing to add."""
+    lost: list[int] = field(default_factory=list)
+    """The ranks the group lost: all but those that left because a peer was lost."""
+    completed_step: int | None = None
+    """The last global step a rank that lost a peer had completed."""
+    saved_by: int | None = None
+    """The rank that saved that step's state from its memory as a checkpoint."""
+    since: float = field(default_factory=time.time)
+    """Unix time the failure was seen."""
 
     def __post_init__(self):
         self.log_tail = self.log_tail[-_TAIL:]
@@ -109,10 +118,18 @@ def describe_exit(returncode: int) -> str:
     return f"exited with status {returncode}"
 
 
+LEFT_TO_GROW_OUTCOME = "left to grow"
+"""What ``WorkerGroup.run`` returns when every rank stopped after a checkpoint to re-form
+larger."""
+_SURVIVORS_LEAVE = 60.0
+"""Seconds the ranks left after a loss have to save and exit before they are ended."""
+
+
 class WorkerGroup:
     def __init__(self, specs: list[WorkerSpec], log_dir: Path, *, start_timeout: float,
                  console_ranks: str = "chief", stop_signals: tuple[str, ...] = (),
-                 logs_kept_at: str | None = None):
+                 logs_kept_at: str | None = None, offer_growth: bool = False,
+                 environment: dict[str, str] | None = None):
         self.specs = specs
         self.stop = StopRequest(list(stop_signals))
         self.log_dir = log_dir
@@ -134,13 +151,24 @@ class WorkerGroup:
         """A rank's "stopped by SIG... at step ..." line."""
         self._reported: set[int] = set()
         """Ranks whose own error report the console showed."""
+        self.regroup = RegroupFolder(str(self.rendezvous_dir / "regroup")) if all(
+            len(spec.ranks) == 1 for spec in specs) else None
+        """Where the ranks learn who saves after a loss, and of room to grow: where each rank
+        is a process of its own (mpirun ends them all when one dies)."""
+        self.offer_growth = offer_growth
+        self.environment = environment or {}
+        """Variables every rank gets besides its spec's."""
 
-    def run(self) -> Failure | None:
-        """Run every worker to the end; return the first failure, or None if all succeeded."""
+    def run(self) -> Failure | str | None:
+        """Run every worker to the end; return the first failure, ``LEFT_TO_GROW_OUTCOME``, or
+        None if all succeeded."""
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        self.rendezvous_dir.mkdir(parents=True, exist_ok=True)
-        for marker in self.rendezvous_dir.iterdir():
-            marker.unlink()
+        shutil.rmtree(self.rendezvous_dir, ignore_errors=True)
+        self.rendezvous_dir.mkdir(parents=True)
+        if self.regroup:
+            self.regroup.clear()
+            if self.offer_growth:
+                self.regroup.offer_growth()
         try:
             with self.stop.listening(on_signal=self._pass_on):
                 self._start()
@@ -168,8 +196,9 @@ class WorkerGroup:
         for spec in self.specs:
             # Launchers (horovodrun) look for mpirun on PATH: put this environment's bin/ first.
             path = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
-            env = {**os.environ, **spec.env, **captured_output_env(),
-                   _RENDEZVOUS_ENV: str(self.rendezvous_dir), "PATH": path}
+            env = {**os.environ, **self.environment, **spec.env, **captured_output_env(),
+                   _RENDEZVOUS_ENV: str(self.rendezvous_dir), "PATH": path,
+                   **(self.regroup.environment() if self.regroup else {})}
             process = subprocess.Popen(spec.command, env=env, stdout=subprocess.PIPE,
                                        stderr=subprocess.STDOUT, text=True, errors="replace",
                                        start_new_session=True, preexec_fn=die_with_parent)
@@ -220,12 +249,15 @@ class WorkerGroup:
                     return self._stopped(codes)
                 if all(code == 0 for code in codes):
                     return None
+                if all(code in (0, LEFT_TO_GROW) for code in codes):
+                    return LEFT_TO_GROW_OUTCOME
             if self._stopping(codes):  # wait for every rank, the chief committing
                 time.sleep(0.1)
                 continue
-            for spec, code in zip(self.specs, codes):
-                if code not in (None, 0):
-                    return self._failure(spec, code)
+            failed = [(spec, code) for spec, code in zip(self.specs, codes)
+                      if code not in (None, 0, LEFT_TO_GROW)]
+            if failed:  # a rank that left because of another is not the cause
+                return self._after_loss(self._failure(*min(failed, key=lambda f: f[1] == PEER_LOST)))
             if time.monotonic() > deadline:
                 everyone = set(range(self.world_size))
                 missing = sorted(everyone - set(self._markers("arrived")))
@@ -260,6 +292,28 @@ class WorkerGroup:
                           user_error=code == 2, log=self._log(rank),
                           shown=rank in self._reported)
         return blame_chief_first(failure, self._log(0))
+
+    def _after_loss(self, failure: Failure) -> Failure:
+        """Where the group can re-form: ask the lowest rank still running to save the step it
+        holds in memory, give the ranks left time to do so and leave, and note who was lost."""
+        if not self.regroup:
+            return failure
+        running = [spec.ranks[0] for spec, p in zip(self.specs, self._processes)
+                   if p.poll() is None]
+        if running:
+            self.regroup.ask_to_save(min(running))
+        deadline = time.monotonic() + _SURVIVORS_LEAVE
+        while any(p.poll() is None for p in self._processes) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        self.terminate()
+        left = {spec.ranks[0] for spec, p in zip(self.specs, self._processes)
+                if p.returncode == PEER_LOST}
+        failure.lost = sorted(set(range(self.world_size)) - left)
+        completed = {r: step for r, step in self.regroup.completed_steps().items() if step >= 0}
+        failure.completed_step = max(completed.values(), default=None)
+        if running and min(running) in left and min(running) in completed:
+            failure.saved_by = min(running)
+        return failure
 
     def _log(self, rank: int) -> str:
         return f"{self.logs_kept_at}/rank-{rank}.log"

@@ -16,14 +16,14 @@ import time
 import keras
 import numpy as np
 
-from ktrain import STARTED_AT, backends, console
+from ktrain import STARTED_AT, backends, console, regroup
 from ktrain.assembly import model_and_data
-from ktrain.callbacks import (Checkpoints, RunRecorder, StopNow, callbacks_in_order, metrics_of,
-                              optional_callbacks)
+from ktrain.callbacks import (Checkpoints, CompletedSteps, GroupSizes, LeaveToGrow, RunRecorder,
+                              StopNow, callbacks_in_order, metrics_of, optional_callbacks)
 from ktrain.checkpoint import CheckpointStore, Position, TrainingState
 from ktrain.config import RunConfig
 from ktrain.data import Splits, evaluation_batches, steps_per_epoch, training_batches
-from ktrain.errors import UserError, WorkersFailed, first_line
+from ktrain.errors import KtrainError, UserError, WorkersFailed, first_line
 from ktrain.exports import export_after_run
 from ktrain.jax_runtime import even_share
 from ktrain.optimizers import optimizer_variables, optimizers_of
@@ -67,8 +67,9 @@ def run_worker(run: RunConfig, session: Session) -> RunResult:
         restore(model, state)
     flags = None
     if session.communicator is not None:
-        if run.checkpoint.stop_signals or getattr(run.strategy, "stall_timeout", None):
-            flags = session.communicator.flags(max(1, len(run.checkpoint.stop_signals)))
+        if run.checkpoint.stop_signals or getattr(run.strategy, "stall_timeout", None) or \
+                regroup.can_regroup():  # one flag per stop signal, and one to grow
+            flags = session.communicator.flags(len(run.checkpoint.stop_signals) + 1)
         output.say(_join_group(run, session, model, flags))
     return _fit(run, session, model, splits, output, store, state, flags, fingerprint)
 
@@ -139,17 +140,24 @@ def _fit(run: RunConfig, session: Session, model: keras.Model, splits: Splits,
     stop = StopRequest(run.checkpoint.stop_signals)
     recorder = RunRecorder(run, output, history)
     optional = optional_callbacks(run, session, steps)
-    record = {"fingerprint": fingerprint, "written_by": _written_by(run, session)}
+    sizes = list(state.world_sizes) if state else []
+    record = {"fingerprint": fingerprint, "written_by": _written_by(run, session),
+              "world_sizes": sizes}
+    grow_flag = len(stop.signals) if flags is not None and regroup.can_regroup() else None
     checkpoints = Checkpoints(run, store, history, steps, stop, flags, optional,
-                              state.callbacks if state else {}, record)
+                              state.callbacks if state else {}, record, CompletedSteps(steps),
+                              grow_flag)
     tracker = None
     if run.mlflow and session.is_chief:
         tracker = MlflowRun(run, output, output.say)
     audit = ShardAudit(splits.train, session.rank, session.world_size) if run.data.audit \
         else None
+    group = GroupSizes(sizes, session.world_size, start, start.epoch * steps + start.step,
+                       regroup.Reformation.of_this_group(), output)
     callbacks = callbacks_in_order(session, recorder, tracker, history, optional, checkpoints,
                                     audit, steps * train.global_batch_size // session.world_size,
-                                    validation_share, getattr(run.strategy, "audit_steps", None))
+                                    validation_share, getattr(run.strategy, "audit_steps", None),
+                                    group)
     fit_started = time.perf_counter()
     arrivals = flags.arrived if flags else (lambda: recorder.steps)
 
@@ -157,10 +165,15 @@ def _fit(run: RunConfig, session: Session, model: keras.Model, splits: Splits,
         if flags is not None:
             flags.raise_flag(stop.signals.index(received))
 
+    def offer_to_grow() -> None:  # every rank stops after the next checkpoint
+        flags.raise_flag(grow_flag)
+
     with tracker.ending_on_failure() if tracker else contextlib.nullcontext():
         try:
             with stop.listening(on_signal=raise_flag), \
                     stop.following_requests(raise_flag, follow=session.is_chief), \
+                    regroup.following_offers(offer_to_grow,
+                                             follow=session.is_chief and grow_flag is not None), \
                     watching_for_stalls(session, getattr(run.strategy, "stall_timeout", None),
                                         arrivals, output,
                                         getattr(run.strategy, "network_interface", None)):
@@ -173,11 +186,13 @@ def _fit(run: RunConfig, session: Session, model: keras.Model, splits: Splits,
                         partition_steps=splits.partition_steps, audit=audit)
                     if flags is not None and not communicator.reduces_gradients:
                         batches = flags.counting(batches)
-                    checkpoints.first_step = first_step
-                    _fit_phase(run, session, model, store, batches, first_epoch, end_epoch,
-                               steps - first_step, validation, callbacks)
+                    checkpoints.first_step = checkpoints.completed.first_step = first_step
+                    _fit_phase(run, session, model, checkpoints, batches, first_epoch,
+                               end_epoch, steps - first_step, validation, callbacks)
                     if model.stop_training:  # early stopping
                         break
+        except LeaveToGrow as leaving:
+            raise _left_to_grow(session, output, leaving.position) from None
         except StopNow as stopped:
             raise _stopped(run, session, store, stop, stopped.position) from None
     fit_ended = time.perf_counter()
@@ -191,6 +206,7 @@ def _fit(run: RunConfig, session: Session, model: keras.Model, splits: Splits,
         desynchronize_batch_norm(model)
     summary = {**_summary(run, session, recorder, history, start.epoch, fit_started, fit_ended,
                           output.save_model(model)),
+               "world_size_history": sizes,
                "early_stopping": early_stopping,
                "peak_memory_mib": _peak_memory_by_rank(session),
                **_audit_report(audit, output)}
@@ -233,6 +249,17 @@ def _stopped(run: RunConfig, session: Session, store: CheckpointStore, stop: Sto
         error.shown = True
     if is_supervised():  # ktrain's launcher, a Spark task or a Ray actor reports the stop
         error.exit_code = 0  # so that mpirun or horovodrun do not call it a crash
+    return error
+
+
+def _left_to_grow(session: Session, output: RunOutput, position) -> KtrainError:
+    """How every rank exits when the group stops to re-form larger: the checkpoint at
+    ``position`` is committed, and the launcher says the rest."""
+    if session.is_chief:
+        output.say(f"the group stops {position} to re-form with more workers; the checkpoint "
+                   f"there is committed")
+    error = KtrainError("left the group to let it re-form larger")
+    error.exit_code, error.shown = regroup.LEFT_TO_GROW, True
     return error
 
 
@@ -292,8 +319,8 @@ def _early_stopping_report(model: keras.Model, callbacks: list, output: RunOutpu
             "best_value": float(stopper.best), "weights_of_epoch": best if restored else stopped}
 
 
-def _fit_phase(run, session, model, store, batches, first_epoch, end_epoch, steps, validation,
-               callbacks) -> None:
+def _fit_phase(run, session, model, checkpoints, batches, first_epoch, end_epoch, steps,
+               validation, callbacks) -> None:
     """``model.fit`` over epochs [first_epoch, end_epoch) of ``steps`` steps each, with
     ktrain's failure messages."""
     try:
@@ -313,7 +340,7 @@ def _fit_phase(run, session, model, store, batches, first_epoch, end_epoch, step
     except _OP_ERROR as err:
         if session.communicator is None:
             raise
-        raise _peer_lost(session, err, store) from err
+        raise _peer_lost(session, err, model, checkpoints) from err
 
 
 def _without_graph_stack(err: Exception) -> str:
@@ -327,12 +354,16 @@ def _without_graph_stack(err: Exception) -> str:
     return re.sub(r"\s*\[Op:[^\]]*\]", "", " ".join(kept)).strip()
 
 
-def _peer_lost(session: Session, err: Exception, store: CheckpointStore) -> WorkersFailed:
+def _peer_lost(session: Session, err: Exception, model: keras.Model,
+               checkpoints: Checkpoints) -> WorkersFailed:
     """A collective failed mid-training: almost always another rank died. Say so, once."""
+    store = checkpoints.store
     store.wait()
     message = first_line(err)
     peer = re.search(r"/task:(\d+)", str(err))
     lost = f"rank {peer.group(1)}" if peer and int(peer.group(1)) != session.rank else "a peer"
+    if regroup.can_regroup():
+        return _leave_broken_group(session, model, checkpoints, lost)
     saved = store.positions()
     resume = f" ({saved[-1]})" if saved else ""
     return WorkersFailed(
@@ -340,6 +371,23 @@ def _peer_lost(session: Session, err: Exception, store: CheckpointStore) -> Work
         f"stopping ({type(err).__name__}: {message})",
         hint=f"see the other ranks' output for the first failure; re-run the same command to "
              f"resume from the newest checkpoint{resume}")
+
+
+def _leave_broken_group(session: Session, model: keras.Model, checkpoints: Checkpoints,
+                        lost: str) -> WorkersFailed:
+    """Under a launcher that re-forms the group: tell it the last step this rank completed;
+    the rank it names saves that step's state from memory, so the next group loses none."""
+    regroup.note_completed(session.rank, checkpoints.completed.global_step)
+    saved = None
+    if regroup.saver() == session.rank:
+        own_random_draws(model, -session.rank)  # rank 0's random streams, as checkpoints hold
+        saved = checkpoints.save_in_memory_state()
+    said = f"rank {session.rank} lost contact with {lost} during training" + (
+        f"; it saved the state {saved} for the group that follows" if saved else "")
+    console.info(said)
+    error = WorkersFailed(said)
+    error.exit_code, error.shown = regroup.PEER_LOST, True
+    return error
 
 
 def _summary(run, session, recorder, history, first_epoch, fit_started, fit_ended,

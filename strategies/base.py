@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import math
 import os
 import shutil
 import sys
@@ -26,8 +27,10 @@ from ktrain.environment import detect
 from ktrain.errors import UserError, WorkersFailed
 from ktrain.launch import Train, train_here
 from ktrain.output import RunOutput, RunResult
+from ktrain.regroup import Reformation
 from ktrain.session import Session
-from ktrain.supervisor import WorkerGroup, is_supervised, temporary_folder
+from ktrain.supervisor import (LEFT_TO_GROW_OUTCOME, Failure, WorkerGroup, is_supervised,
+                               temporary_folder)
 
 COMPRESSIONS = {"collective": ("fp16", "bf16"), "mpi": (), "horovod": ("fp16",)}
 """The ``compression`` values each transport can send: MPI has no standard half-precision
@@ -72,9 +75,13 @@ class MultiProcessStrategy(Strategy):
 
     config: MultiProcessConfig
 
+    fixed_size: ClassVar[str | None] = None
+    """Why this strategy's groups cannot change size, and what to use instead; None where
+    they can (``strategy.workers: {min, max}``)."""
+
     def world_size(self) -> int:
         found = detect()
-        return found.world_size if found.world_size > 1 else self.config.workers
+        return found.world_size if found.world_size > 1 else self.config.size_range[1]
 
     def prepare(self, run: RunConfig) -> None:
         if self.config.compression != "none":
@@ -83,7 +90,35 @@ class MultiProcessStrategy(Strategy):
                                      "on JAX the gradients travel in the model's own dtype "
                                      "(train.precision: mixed_bfloat16 halves them): remove "
                                      "strategy.compression")
+        if self.config.elastic:
+            self.check_elastic(run)
         run.train.check_split(self.world_size(), "workers")
+
+    def check_elastic(self, run: RunConfig) -> None:
+        """An elastic run trains the config's math at every size in its range: each of them
+        splits the global batch evenly."""
+        fewest, most = self.config.size_range
+        if self.fixed_size:
+            raise UserError(f"strategy.workers is a range ({fewest} to {most}), and "
+                            f"{self.fixed_size}", where="strategy.workers",
+                            hint=f"use strategy.name: multiworker for an elastic run, or set "
+                                 f"workers: {most}")
+        found = detect()
+        if found.world_size > 1:
+            raise UserError(f"{found.launcher} started this group at a fixed size, and "
+                            f"strategy.workers is a range ({fewest} to {most})",
+                            where="strategy.workers",
+                            hint=f"let `ktrain run` start the workers (outside {found.launcher}), "
+                                 f"or set workers: {found.world_size}")
+        uneven = [n for n in range(fewest, most + 1) if run.train.global_batch_size % n]
+        if uneven:
+            whole = math.lcm(*range(fewest, most + 1))
+            raise UserError(
+                f"train.global_batch_size {run.train.global_batch_size} cannot be split evenly "
+                f"over {' or '.join(map(str, uneven))} workers, sizes strategy.workers allows "
+                f"({fewest} to {most})", where="train.global_batch_size",
+                hint=f"use a multiple of {whole} (every size from {fewest} to {most} divides "
+                     f"it), or a narrower range")
 
     def check_compression(self, transport: str, said: str, elsewhere: str = "") -> None:
         """``strategy.compression`` must be one that ``transport`` (a key of COMPRESSIONS;
@@ -105,43 +140,75 @@ class MultiProcessStrategy(Strategy):
         found = detect()
         if found.hint:
             console.info(f"HINT: {found.hint}")
-        return self.run_with_restarts(run, lambda attempt: self.run_group(attempt, train))
+        return self.run_with_restarts(
+            run, lambda run, size, environment: self.run_group(run, train, size, environment))
 
     @abc.abstractmethod
-    def run_group(self, run: RunConfig, train: Train):
-        """One attempt at running ``train`` in all workers to the end: a ``ktrain.supervisor.Failure``,
-        or None when they all finished."""
+    def run_group(self, run: RunConfig, train: Train, size: int, environment: dict[str, str]):
+        """One attempt at running ``train`` in ``size`` workers to the end, each with
+        ``environment`` besides its own: a ``ktrain.supervisor.Failure``,
+        ``LEFT_TO_GROW_OUTCOME``, or None when they all finished."""
 
-    def run_local_group(self, run: RunConfig, specs: list):
-        """Start ``specs`` (``ktrain.supervisor.WorkerSpec``) on this machine and watch them."""
+    def run_local_group(self, run: RunConfig, specs: list, environment: dict[str, str]):
+        """Start ``specs`` (``ktrain.supervisor.WorkerSpec``) on this machine and watch them.
+        This machine has room for the most workers allowed: a smaller group is offered it."""
         with group_log_dir(run.output_dir) as (logs, kept_at):
             return WorkerGroup(specs, logs, start_timeout=self.config.start_timeout,
                                console_ranks=self.config.console_ranks,
                                stop_signals=tuple(run.checkpoint.stop_signals),
-                               logs_kept_at=kept_at).run()
+                               logs_kept_at=kept_at, environment=environment,
+                               offer_growth=self.config.grow and len(specs) <
+                               self.config.size_range[1]).run()
 
     def run_with_restarts(self, run: RunConfig, attempt) -> RunResult:
-        """Call ``attempt(run)`` until it returns no Failure, up to ``max_restarts`` more times,
-        resuming from the newest checkpoint; then return the chief's summary."""
-        restarts = 0
-        while (failure := attempt(run)) is not None:
-            hint = f"see {failure.log} for the whole log" if failure.log else None
-            if failure.user_error or restarts >= self.config.max_restarts:
-                advice = ("set strategy.max_restarts to restart the group from the newest "
-                          "checkpoint" if not self.config.max_restarts else None)
-                error = (UserError(failure.render(), hint=hint) if failure.user_error else
-                         WorkersFailed(failure.render(),
-                                       hint="; ".join(h for h in (hint, advice) if h) or None))
-                error.shown = failure.shown
-                raise error
-            restarts += 1
-            console.info(f"{failure.summary}; restarting all workers from the newest "
-                         f"checkpoint (restart {restarts} of {self.config.max_restarts})")
+        """Call ``attempt(run, size, environment)`` until the workers finish; then return the
+        chief's summary. An elastic group goes on with the workers left after a loss (no
+        fewer than ``workers.min``) and grows back to ``workers.max`` when its workers stop
+        to grow; any other failure restarts the group at its size, up to ``max_restarts``
+        times. Each new group resumes from the newest checkpoint, and learns why it was
+        formed (``environment``)."""
+        fewest, most = self.config.size_range
+        size, restarts, environment = most, 0, {}
+        while (outcome := attempt(run, size, environment)) is not None:
+            if outcome == LEFT_TO_GROW_OUTCOME:
+                change = Reformation("workers are available again", time.time(), "grow")
+                size = most
+            elif self.config.elastic and _absorbed(outcome, size, fewest):
+                change = Reformation(outcome.summary, outcome.since, "shrink",
+                                     outcome.completed_step, outcome.saved_by)
+                size -= len(outcome.lost)
+            else:
+                restarts += 1
+                self._check_restart(outcome, restarts)
+                console.info(f"{outcome.summary}; restarting all workers from the newest "
+                             f"checkpoint (restart {restarts} of {self.config.max_restarts})")
+                change = Reformation(outcome.summary, outcome.since, "restart",
+                                     outcome.completed_step, outcome.saved_by)
+            environment = change.environment()
             run = run.model_copy(update={"checkpoint": run.checkpoint.model_copy(
                 update={"resume": "auto"})})
         # The command's wall time as the user saw it, workers' start-up and restarts included.
         return RunResult(RunOutput(run.output_dir).update_summary(
             wall_seconds=round(time.perf_counter() - STARTED_AT, 3)))
+
+
+    def _check_restart(self, failure: Failure, restarts: int) -> None:
+        """Raise the group's failure unless restart number ``restarts`` may happen."""
+        if not failure.user_error and restarts <= self.config.max_restarts:
+            return
+        hint = f"see {failure.log} for the whole log" if failure.log else None
+        advice = ("set strategy.max_restarts to restart the group from the newest checkpoint"
+                  if not self.config.max_restarts else None)
+        error = (UserError(failure.render(), hint=hint) if failure.user_error else
+                 WorkersFailed(failure.render(),
+                               hint="; ".join(h for h in (hint, advice) if h) or None))
+        error.shown = failure.shown
+        raise error
+
+
+def _absorbed(failure: Failure, size: int, fewest: int) -> bool:
+    """Whether an elastic group of ``size`` goes on without the ranks ``failure`` lost."""
+    return not failure.user_error and bool(failure.lost) and size - len(failure.lost) >= fewest
 
 
 @contextlib.contextmanager

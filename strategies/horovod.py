@@ -34,6 +34,9 @@ class HorovodStrategy(MultiProcessStrategy):
     name = "horovod"
     config: HorovodConfig
 
+    fixed_size = ("horovodrun starts a group of one size (Horovod Elastic does not run on "
+                  "TensorFlow 2.16 or later)")
+
     def prepare(self, run) -> None:
         backends.tensorflow_only("the horovod strategy", "strategy.name",
                                  "use strategy.name: multiworker, which on JAX joins the "
@@ -48,8 +51,8 @@ class HorovodStrategy(MultiProcessStrategy):
             find_mpirun()
         self.check_compression("horovod", "Horovod")
 
-    def run_group(self, run, train):
-        n = self.config.workers
+    def run_group(self, run, train, size, environment):
+        n = size
         worker = worker_command()
         if self.config.controller == "gloo":
             command = [_horovodrun(), "-np", str(n), "-H", f"localhost:{n}", "--gloo",
@@ -57,7 +60,8 @@ class HorovodStrategy(MultiProcessStrategy):
         else:
             command = mpirun_command(n, worker)
         return self.run_local_group(
-            run, [WorkerSpec(command, worker_environment(run, train), tuple(range(n)))])
+            run, [WorkerSpec(command, worker_environment(run, train), tuple(range(n)))],
+            environment)
 
     def open_session(self, run) -> Session:
         from ktrain.collectives import HorovodCommunicator  # imports TensorFlow: ranks only

@@ -24,7 +24,7 @@ from ktrain.supervisor import WorkerSpec
 
 
 def choose_communicator(found: ClusterEnvironment, env: dict[str, str] | None = None,
-                        compression: str = "none") -> tuple[str, str]:
+                        compression: str = "none", elastic: bool = False) -> tuple[str, str]:
     """The transport ``communicator: auto`` uses in the world ``found`` describes, and why.
 
     On CPUs, MPI where it can join the ranks (ktrain starting them with mpirun, or mpirun or
@@ -34,6 +34,8 @@ def choose_communicator(found: ClusterEnvironment, env: dict[str, str] | None = 
     """
     if backends.current() == "jax":
         return "collective", "on JAX, jax.distributed joins the workers"
+    if elastic:
+        return "collective", "an elastic group re-forms at other sizes, and an MPI world cannot"
     if visible_gpus(env):
         return "collective", "GPUs: TF collectives reduce on them with NCCL"
     if compression != "none":
@@ -62,7 +64,8 @@ class MultiWorkerStrategy(MultiProcessStrategy):
         the config's, or the one auto chooses, and auto's reason."""
         if self.config.communicator != "auto":
             return self.config.communicator, None
-        return choose_communicator(found or detect(), compression=self.config.compression)
+        return choose_communicator(found or detect(), compression=self.config.compression,
+                                   elastic=self.config.elastic)
 
     def prepare(self, run) -> None:
         super().prepare(run)
@@ -71,6 +74,11 @@ class MultiWorkerStrategy(MultiProcessStrategy):
         if why and found.rank == 0:
             console.info(f"communicator: {transport} ({why}; set strategy.communicator to "
                          f"choose)")
+        if self.config.communicator == "mpi" and self.config.elastic:
+            raise UserError("communicator: mpi cannot carry an elastic run (strategy.workers "
+                            "is a range): an MPI world cannot change size",
+                            where="strategy.communicator",
+                            hint="use communicator: collective (or auto, which picks it)")
         if self.config.communicator == "mpi":
             backends.tensorflow_only("communicator: mpi", "strategy.communicator",
                                      "on JAX, XLA's collectives join the workers: use "
@@ -79,17 +87,18 @@ class MultiWorkerStrategy(MultiProcessStrategy):
         self.check_compression(transport, f"communicator {transport}",
                                "or communicator: collective (fp16, bf16)")
 
-    def run_group(self, run, train):
-        n = self.config.workers
+    def run_group(self, run, train, size, environment):
+        n = size
         if self.communicator()[0] == "mpi":  # mpirun gives each rank its place
             command = mpirun_command(n, worker_command("-m", "mpi4py"))
             return self.run_local_group(
-                run, [WorkerSpec(command, worker_environment(run, train), tuple(range(n)))])
+                run, [WorkerSpec(command, worker_environment(run, train), tuple(range(n)))],
+                environment)
         peers = [f"127.0.0.1:{port}" for port in free_ports(n)]
         return self.run_local_group(run, [
             WorkerSpec(worker_command(), worker_environment(
                 run, train, rank=r, world_size=n, local_rank=r, peers=peers), (r,))
-            for r in range(n)])
+            for r in range(n)], environment)
 
     def open_session(self, run) -> Session:
         use_network_interface(self.config.network_interface)

@@ -32,6 +32,8 @@ class RayStrategy(MultiProcessStrategy):
     name = "ray"
     config: RayConfig
 
+    fixed_size = "ktrain's ray strategy places one group of actors of one size"
+
     def prepare(self, run) -> None:
         super().prepare(run)
         try:
@@ -48,12 +50,12 @@ class RayStrategy(MultiProcessStrategy):
         return dataclasses.replace(collective_session(self.config.start_timeout, run.output_dir),
                                    data_shard=self.data_shard)
 
-    def run_group(self, run, train):
+    def run_group(self, run, train, size, environment):
         import ray
 
         started = self._connect()
         try:
-            return self._run_actors(run, train)
+            return self._run_actors(run, train, size, environment)
         finally:
             if started:
                 ray.shutdown()
@@ -93,7 +95,7 @@ class RayStrategy(MultiProcessStrategy):
         return True
 
     def _needed(self) -> dict[str, float]:
-        return {k: v * self.config.workers for k, v in self.config.resources_per_worker.items()}
+        return {k: v * self.config.size_range[1] for k, v in self.config.resources_per_worker.items()}
 
     def _check_resources(self) -> None:
         import ray
@@ -102,18 +104,17 @@ class RayStrategy(MultiProcessStrategy):
         short = {k: (v, have.get(k, 0)) for k, v in self._needed().items() if v > have.get(k, 0)}
         if short:
             detail = ", ".join(f"{k}: needs {need:g}, has {got:g}" for k, (need, got) in short.items())
-            raise UserError(f"{self.config.workers} workers with resources_per_worker "
+            raise UserError(f"{self.config.size_range[1]} workers with resources_per_worker "
                             f"{self.config.resources_per_worker} need more than the Ray cluster "
                             f"has ({detail})", where="strategy.resources_per_worker",
                             hint="lower strategy.workers or resources_per_worker, or add nodes")
 
-    def _run_actors(self, run, train):
+    def _run_actors(self, run, train, n, environment):
         import ray
         from ray.util.placement_group import placement_group, remove_placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         self._check_resources()
-        n = self.config.workers
         bundles = [dict(self.config.resources_per_worker) for _ in range(n)]
         group = placement_group(bundles, strategy=self.config.placement.upper())
         ready, _ = ray.wait([group.ready()], timeout=self.config.start_timeout)
@@ -139,7 +140,7 @@ class RayStrategy(MultiProcessStrategy):
             stopped = {}  # rank -> its "stopped by ..." report
             with relaying_stops(run.checkpoint.stop_signals, run.output_dir) as (_, env), \
                     echo_log(f"{run.output_dir}/logs/rank-0.log"):
-                driver_env = {**console.environment(), **env}
+                driver_env = {**console.environment(), **env, **environment}
                 pending = {actor.train.remote(plan, peers, driver_env, shards and shards[r]): r
                            for r, actor in enumerate(actors)}
                 while pending:

@@ -41,6 +41,8 @@ class SparkStrategy(MultiProcessStrategy):
     name = "spark"
     config: SparkConfig
 
+    fixed_size = "ktrain's spark strategy runs one barrier stage of one size"
+
     def prepare(self, run) -> None:
         super().prepare(run)
         try:
@@ -51,21 +53,21 @@ class SparkStrategy(MultiProcessStrategy):
                             hint='pip install "ktrain-launcher[spark]"') from None
         _require_java()
         local = re.fullmatch(r"local\[(\d+)\]", self.config.master or "")
-        if local and int(local.group(1)) < self.config.workers:
+        if local and int(local.group(1)) < self.config.size_range[1]:
             raise UserError(
-                f"a barrier stage of {self.config.workers} tasks needs {self.config.workers} "
+                f"a barrier stage of {self.config.size_range[1]} tasks needs {self.config.size_range[1]} "
                 f"task slots; {self.config.master} has {local.group(1)}", where="strategy.master",
-                hint=f"use local[{self.config.workers}] or fewer strategy.workers")
+                hint=f"use local[{self.config.size_range[1]}] or fewer strategy.workers")
 
     def open_session(self, run) -> Session:
         return collective_session(self.config.start_timeout, run.output_dir)
 
-    def run_group(self, run, train):
+    def run_group(self, run, train, size, environment):
         """The whole group as one barrier stage; a Failure, or None if every task finished."""
         with group_log_dir(run.output_dir) as (logs, _):
             spark, created = self._spark_session(run, logs)
             try:
-                return self._barrier_stage(spark, run, train)
+                return self._barrier_stage(spark, run, train, size, environment)
             finally:
                 if created:
                     spark.stop()
@@ -90,7 +92,7 @@ class SparkStrategy(MultiProcessStrategy):
             # Under spark-submit: its --master and --conf already configure the session.
             return SparkSession.builder.appName("ktrain").config("spark.log.level", "WARN") \
                 .getOrCreate(), False
-        master = self.config.master or f"local[{self.config.workers}]"
+        master = self.config.master or f"local[{self.config.size_range[1]}]"
         # A failed task fails the stage at once: strategy.max_restarts, not Spark, retries.
         conf = SparkConf().setMaster(master).setAppName("ktrain") \
             .set("spark.ui.showConsoleProgress", "false").set("spark.task.maxFailures", "1")
@@ -139,8 +141,7 @@ class SparkStrategy(MultiProcessStrategy):
             builder = builder.config(key, value)
         return builder.getOrCreate()
 
-    def _barrier_stage(self, spark, run, train):
-        n = self.config.workers
+    def _barrier_stage(self, spark, run, train, n, environment):
         connect = type(spark).__module__.startswith("pyspark.sql.connect")
         if not connect:  # Spark Connect does not expose the scheduler: Spark checks the slots
             _check_slots(spark.sparkContext, n, min(self.config.start_timeout, 30.0))
@@ -156,7 +157,8 @@ class SparkStrategy(MultiProcessStrategy):
         try:
             with relaying_stops(run.checkpoint.stop_signals, run.output_dir) as (stop, env):
                 task = _barrier_task(worker_environment(run, train), run.output_dir,
-                                     {**console.environment(), **env}, columns)
+                                     {**console.environment(), **env, **environment},
+                                     columns)
                 with echo_log(chief_log):
                     partitions.mapInArrow(task, "rank long", barrier=True).collect()
         except Exception as err:  # Py4J's (classic) or gRPC's (Connect) report of the stage

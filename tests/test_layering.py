@@ -20,8 +20,8 @@ FLOORS = [
     # what everything may use: no ktrain imports beyond this floor
     {"ktrain", "errors", "schema", "session", "environment", "collectives", "handshake",
      "optimizers"},
-    {"backends", "console", "userfn", "checkpoint", "tracking", "output", "stopping", "report",
-     "lease"},
+    {"backends", "console", "userfn", "checkpoint", "tracking", "output", "stopping", "regroup",
+     "report", "lease"},
     {"config"},  # the whole schema, every strategy's options included
     # cluster and runtime: where ranks are, how they start, meet, are watched
     {"rendezvous", "supervisor", "watchdog", "launch", "jax_runtime"},

@@ -1,0 +1,161 @@
+"""Elastic runs (strategy.workers: {min, max}): a group that loses a worker goes on with the
+ones left, grows back, and still trains the config's math; the sizes it cannot keep exact
+are refused before anything starts."""
+
+import json
+import os
+import signal
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from helpers import (FIXTURES, assert_same_weights, base_config, run_cli, worker_pid,
+                     write_config)
+from ktrain import strategies
+from ktrain.config import load_config
+from ktrain.errors import UserError, WorkersFailed
+from ktrain.supervisor import LEFT_TO_GROW_OUTCOME, Failure
+
+
+def elastic_config(out: Path, **strategy) -> dict:
+    """Digits on {min: 2, max: 3} workers, a checkpoint every 4 steps, steps slow enough to
+    kill a worker mid-epoch; a global batch of 48 splits evenly over 2 and 3 workers."""
+    config = base_config(out, train={
+        "epochs": 6, "global_batch_size": 48,
+        "callbacks": {"fn": f"{FIXTURES}:slow_steps", "kwargs": {"seconds": 0.05}}})
+    config["strategy"] = {"name": "multiworker", "workers": {"min": 2, "max": 3}, **strategy}
+    config["checkpoint"] = {**config["checkpoint"], "every_steps": 4}
+    return config
+
+
+def test_a_lost_worker_is_absorbed_and_the_group_grows_back_with_the_weights_of_one_process(
+        tmp_path, background):
+    out, one = tmp_path / "elastic", tmp_path / "one"
+    run = background("run", write_config(tmp_path / "elastic.yaml", elastic_config(out)))
+    run.wait_for(lambda: (out / "checkpoints" / "ckpt-000002.npz").exists()
+                 and worker_pid(out, 2), timeout=180)
+    os.kill(worker_pid(out, 2), signal.SIGKILL)
+    run.process.wait(timeout=300)
+    output = run.process.stdout.read()
+    assert run.process.returncode == 0, output[-3000:]
+    # one line for each re-formation, from the new group's rank 0
+    assert "the group re-formed on 2 workers after rank 2 was killed by SIGKILL: continuing " \
+           "at step" in output, output[-3000:]
+    assert "0 step(s) lost (rank 0 saved the last one from memory)" in output
+    assert "the group grew to 3 workers (workers are available again)" in output
+    history = json.loads((out / "summary.json").read_text())["world_size_history"]
+    assert [(h["kind"], h["size"]) for h in history] == [("start", 3), ("shrink", 2),
+                                                         ("grow", 3)], history
+    assert history[1]["steps_lost"] == 0 and history[1]["step"] > 20  # past epoch 2
+    assert history[2]["step"] > history[1]["step"] and history[2]["step"] % 4 == 0
+
+    reference = elastic_config(one)
+    reference["strategy"] = {"name": "mirrored", "devices": 1}
+    del reference["train"]["callbacks"]
+    result = run_cli("run", write_config(tmp_path / "one.yaml", reference), "-q")
+    assert result.returncode == 0, result.stderr
+    assert_same_weights(out, one, atol=1e-6)
+
+
+# ------------------------------------------------------------ the launcher's decisions
+
+
+@pytest.mark.fast
+@pytest.mark.parametrize("workers, outcomes, sizes", [
+    # an elastic group shrinks by the ranks it lost, and grows back to max when asked
+    ({"min": 2, "max": 3}, [[2], LEFT_TO_GROW_OUTCOME, None], [3, 2, 3]),
+    # a loss below min restarts the group at its size, counted by max_restarts
+    ({"min": 2, "max": 3}, [[2], [0], None], [3, 2, 2]),
+    # one size: every loss is a restart (as with an integer)
+    ({"min": 3, "max": 3}, [[2], None], [3, 3]),
+])
+def test_the_launcher_shrinks_grows_or_restarts_as_the_range_allows(tmp_path, workers,
+                                                                    outcomes, sizes):
+    (launcher, run), attempts = _launcher(tmp_path, workers, max_restarts=1), []
+
+    def attempt(run, size, environment):
+        attempts.append((size, json.loads(environment.get("KTRAIN_REFORMED", "{}"))))
+        outcome = outcomes[len(attempts) - 1]
+        return Failure(1, "rank 2 was killed by SIGKILL", lost=outcome, completed_step=7,
+                       saved_by=0) if isinstance(outcome, list) else outcome
+
+    launcher.run_with_restarts(run, attempt)
+    assert [size for size, _ in attempts] == sizes
+    kinds = [said.get("kind") for _, said in attempts[1:]]
+    expected = {3: "grow", 2: "shrink"} if workers["min"] < workers["max"] else {}
+    assert kinds == [expected.get(b, "restart") if a != b else "restart"
+                     for a, b in zip(sizes, sizes[1:])]
+    assert attempts[1][1]["completed_step"] == 7 and attempts[1][1]["saved_by"] == 0
+
+
+@pytest.mark.fast
+def test_losses_beyond_max_restarts_fail_naming_the_rank(tmp_path):
+    launcher, run = _launcher(tmp_path, {"min": 2, "max": 3}, max_restarts=0)
+    lost = iter([[2], [1]])
+    with pytest.raises(WorkersFailed, match="rank 1 was killed"):
+        launcher.run_with_restarts(run, lambda run, size, env: Failure(
+            1, "rank 1 was killed by SIGKILL", lost=next(lost)))
+
+
+def _launcher(tmp_path, workers, max_restarts):
+    """The strategy's launcher side and its run, whose output_dir holds a summary."""
+    config = elastic_config(tmp_path / "out", max_restarts=max_restarts)
+    config["strategy"]["workers"] = workers
+    run = load_config(write_config(tmp_path / "c.yaml", config))
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "summary.json").write_text("{}")
+    return strategies.create(run.strategy), run
+
+
+# ------------------------------------------------------------ what is refused, and why
+
+
+def refusal(tmp_path, strategy: dict, **train) -> str:
+    config = elastic_config(tmp_path / "out")
+    config["strategy"] = {"name": "multiworker", "workers": {"min": 2, "max": 4}, **strategy}
+    config["train"].update(train)
+    with pytest.raises(UserError) as caught:
+        run = load_config(write_config(tmp_path / "c.yaml", config))
+        strategies.create(run.strategy).prepare(run)
+    return caught.value.render()
+
+
+@pytest.mark.fast
+@pytest.mark.parametrize("strategy, train, said", [
+    ({}, {"global_batch_size": 40}, "cannot be split evenly over 3 workers, sizes "
+                                   "strategy.workers allows (2 to 4)"),
+    ({}, {"global_batch_size": 30}, "use a multiple of 12"),
+    ({"communicator": "mpi"}, {"global_batch_size": 48}, "communicator: mpi cannot carry an "
+                                                        "elastic run"),
+    ({"lr_scaling": "linear"}, {"global_batch_size": 48}, "strategy.lr_scaling: linear would "
+                                                         "change the learning rate"),
+    ({"name": "horovod"}, {"global_batch_size": 48}, "horovodrun starts a group of one size"),
+    ({"name": "ray"}, {"global_batch_size": 48}, "one group of actors of one size"),
+    ({"name": "spark"}, {"global_batch_size": 48}, "one barrier stage of one size"),
+    ({"workers": {"min": 3, "max": 2}}, {}, "min (3) is more than max (2)"),
+])
+def test_what_an_elastic_run_cannot_keep_exact_is_refused(tmp_path, strategy, train, said):
+    if strategy.get("name") == "horovod":
+        pytest.importorskip("horovod", reason="Horovod is installed by install_horovod.sh")
+    message = refusal(tmp_path, strategy, **train)
+    assert said in message, message
+    assert "strategy" in message or "train.global_batch_size" in message
+
+
+@pytest.mark.fast
+def test_grow_without_a_range_is_refused_where_it_is_set(tmp_path):
+    text = textwrap.dedent(f"""\
+        model: {{fn: {FIXTURES}:mlp}}
+        data: {{fn: {FIXTURES}:digits_split}}
+        train: {{epochs: 1, global_batch_size: 48, loss: sparse_categorical_crossentropy}}
+        strategy:
+          name: multiworker
+          workers: 3
+          grow: false
+        """)
+    (tmp_path / "c.yaml").write_text(text)
+    with pytest.raises(UserError) as caught:
+        load_config(tmp_path / "c.yaml")
+    assert "strategy.grow applies to an elastic run" in caught.value.render()
+    assert "c.yaml:" in caught.value.render()
