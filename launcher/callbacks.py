@@ -117,11 +117,12 @@ class GroupSizes(keras.callbacks.Callback):
     also the seconds from the loss (or the stop to grow) to this first step and the steps that
     were lost; rank 0 says so in one line when the size changed."""
 
-    def __init__(self, sizes: list[dict], world_size: int, start: Position, start_step: int,
-                 reformation: Reformation | None, output: RunOutput):
+    def __init__(self, sizes: list[dict], world_size: int, start: Position,
+                 steps_per_epoch: int, reformation: Reformation | None, output: RunOutput):
         super().__init__()
-        self.sizes, self.world_size, self.start, self.start_step = (sizes, world_size, start,
-                                                                    start_step)
+        self.sizes, self.world_size, self.start = sizes, world_size, start
+        self.start_step = start.epoch * steps_per_epoch + start.step
+        self.epoch = round(start.epoch + start.step / steps_per_epoch, 3)
         self.reformation, self.output = reformation, output
         self._recorded = False
 
@@ -130,7 +131,7 @@ class GroupSizes(keras.callbacks.Callback):
             return
         self._recorded = True
         change = self.reformation
-        entry = {"step": self.start_step, "size": self.world_size,
+        entry = {"step": self.start_step, "epoch": self.epoch, "size": self.world_size,
                  "kind": change.kind if change else "start" if not self.start_step else "resume"}
         if change:
             entry["reason"] = change.reason

@@ -2,7 +2,9 @@
 small HTML page (the picture and the same numbers as tables).
 
 Read from each run's metrics.csv: one panel per metric (training solid, validation dashed,
-one colour per run) and one for throughput (samples/s per epoch). The chief writes a
+one colour per run) and one for throughput (samples/s per epoch); under it, where a run's
+group changed size or restarted, its world size over the epochs (summary.json's
+``world_size_history``). The chief writes a
 report of its own run into output_dir at the end of every run (``report: false`` turns it
 off); matplotlib draws it, off-screen.
 """
@@ -28,7 +30,8 @@ def write_report(run_dirs: list[str], png: str | None = None) -> str:
     report.png in the one run's folder). Returns where the PNG went."""
     runs = [RunOutput.named(d) for d in run_dirs]
     histories = {_label(out, runs): _history(out) for out in runs}
-    picture = _draw(histories)
+    sizes = {_label(out, runs): _sizes(out, histories[_label(out, runs)]) for out in runs}
+    picture = _draw(histories, {label: s for label, s in sizes.items() if len(s) > 2})
     page = _page(histories, picture)
     if png is None and len(runs) == 1:
         with tempfile.TemporaryDirectory() as tmp:
@@ -64,6 +67,15 @@ def _history(out) -> list[dict[str, float]]:
                 for row in csv.DictReader(f)]
 
 
+def _sizes(out, history: list[dict]) -> list[tuple[float, int]]:
+    """(epochs done, workers) where each of a run's groups started, and where the run ended."""
+    groups = out.read_summary().get("world_size_history", [])
+    points = [(g["epoch"], g["size"]) for g in groups if "epoch" in g]
+    if points and history:
+        points.append((history[-1]["epoch"], points[-1][1]))
+    return points
+
+
 def _panels(histories: dict[str, list[dict]]) -> list[str]:
     """One panel per metric (its validation twin drawn in it), throughput last."""
     columns = dict.fromkeys(k for rows in histories.values() for row in rows for k in row)
@@ -73,20 +85,30 @@ def _panels(histories: dict[str, list[dict]]) -> list[str]:
     return metrics + (["samples_per_second"] if "samples_per_second" in columns else [])
 
 
-def _draw(histories: dict[str, list[dict]]) -> bytes:
+def _draw(histories: dict[str, list[dict]], sizes: dict[str, list[tuple]]) -> bytes:
     import matplotlib  # loaded only to draw: every `ktrain run` imports this module
 
     matplotlib.use("Agg")  # no screen needed
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
 
-    panels = _panels(histories)
+    panels = _panels(histories) + (["world size"] if sizes else [])
     cols = min(3, len(panels)) or 1
     rows = -(-len(panels) // cols) or 1
     figure = Figure(figsize=(4.8 * cols, 3.4 * rows), dpi=100, layout="constrained")
     axes = figure.subplots(rows, cols, squeeze=False).ravel()
     colours = matplotlib.colormaps["tab10"].colors
     for ax, metric in zip(axes, panels):
+        if metric == "world size":
+            for colour, label in zip(colours * 10, histories):
+                if label in sizes:
+                    ax.step(*zip(*sizes[label]), where="post", color=colour, label=label)
+            ax.set_title("world size (workers)")
+            ax.set_xlabel("epoch")
+            ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize="small")
+            continue
         for colour, (label, history) in zip(colours * 10, histories.items()):
             for key, style, suffix in ((metric, "-", ""), (f"val_{metric}", "--", " (val)")):
                 points = [(r["epoch"], r[key]) for r in history if key in r]

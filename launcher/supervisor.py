@@ -91,7 +91,8 @@ class Failure:
     shown: bool = False
     """The rank's own error report already reached the console: nothing to add."""
     lost: list[int] = field(default_factory=list)
-    """The ranks the group lost: all but those that left because a peer was lost."""
+    """The ranks the group lost: all but those that left because a peer was lost and those
+    still running when the launcher ended them."""
     completed_step: int | None = None
     """The last global step a rank that lost a peer had completed."""
     saved_by: int | None = None
@@ -305,9 +306,10 @@ class WorkerGroup:
         deadline = time.monotonic() + _SURVIVORS_LEAVE
         while any(p.poll() is None for p in self._processes) and time.monotonic() < deadline:
             time.sleep(0.1)
-        self.terminate()
+        # ranks that left because of the loss, or were still running: not lost themselves
         left = {spec.ranks[0] for spec, p in zip(self.specs, self._processes)
-                if p.returncode == PEER_LOST}
+                if p.poll() in (None, PEER_LOST)}
+        self.terminate()
         failure.lost = sorted(set(range(self.world_size)) - left)
         completed = {r: step for r, step in self.regroup.completed_steps().items() if step >= 0}
         failure.completed_step = max(completed.values(), default=None)

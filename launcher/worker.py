@@ -152,7 +152,7 @@ def _fit(run: RunConfig, session: Session, model: keras.Model, splits: Splits,
         tracker = MlflowRun(run, output, output.say)
     audit = ShardAudit(splits.train, session.rank, session.world_size) if run.data.audit \
         else None
-    group = GroupSizes(sizes, session.world_size, start, start.epoch * steps + start.step,
+    group = GroupSizes(sizes, session.world_size, start, steps,
                        regroup.Reformation.of_this_group(), output)
     callbacks = callbacks_in_order(session, recorder, tracker, history, optional, checkpoints,
                                     audit, steps * train.global_batch_size // session.world_size,

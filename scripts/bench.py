@@ -31,6 +31,13 @@ checkpoints only and all of those off.
     python scripts/bench.py --preemption 50 configs/synthetic.yaml --set data.kwargs.samples=3200 \
         --set train.epochs=1
 
+--elastic: 3 workers, one SIGKILLed mid-epoch: seconds from the loss to the first step of the
+group that replaces it and steps lost, for an elastic group ({min: 2, max: 3}) and for a
+restart at the same size over TF collectives and over MPI; then the elastic group growing back.
+
+    python scripts/bench.py --elastic configs/synthetic.yaml --set train.global_batch_size=48 \
+        --set data.kwargs.samples=480 --set train.epochs=3
+
 --streaming: on synthetic Parquet and TFRecord files (written once, to a temporary folder),
 ktrain's streaming input (data.files) next to a hand-written tf.data pipeline over the same
 files with model.fit, both in one process; and ktrain on 2 workers. samples/s and peak
@@ -500,6 +507,60 @@ def bench_preemption(config: str, overrides: list[str], every_steps: int, repeat
         print(f"| {label} | {speed:.1f} | {speed / baseline:.3f} |")
 
 
+ELASTIC_RUNS = {
+    "elastic {min: 2, max: 3}: goes on with 2": "{name: multiworker, workers: {min: 2, max: 3}}",
+    "3 workers, max_restarts 1 (TF collectives)":
+        "{name: multiworker, workers: 3, max_restarts: 1, communicator: collective}",
+    "3 workers, max_restarts 1 (MPI: mpirun ends every rank)":
+        "{name: multiworker, workers: 3, max_restarts: 1, communicator: mpi}"}
+
+
+def bench_elastic(config: str, overrides: list[str]) -> None:
+    """What a lost worker costs: 3 workers, rank 2 SIGKILLed half an epoch after the first
+    epoch's checkpoint; seconds from the launcher seeing the loss to the first step of
+    the group that replaces it, and steps lost, as each run's world_size_history records them;
+    then the elastic group's growth back to 3."""
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for label, strategy in ELASTIC_RUNS.items():
+            out = Path(tmp, str(len(rows)))
+            run = subprocess.Popen([sys.executable, "-m", "ktrain", "run", config, *overrides,
+                                    f"strategy={strategy}", f"output_dir={out}",
+                                    "checkpoint.resume=never", "-q"], cwd=REPO, env=_env())
+            while not (out / "checkpoints" / "ckpt-000001.npz").exists():
+                time.sleep(0.05)
+            time.sleep(_first_epoch_seconds(out) / 2)  # half an epoch since the checkpoint
+            os.kill(_pid_of_rank(out, 2), 9)
+            if run.wait() != 0:
+                raise SystemExit(f"{label}: ktrain exited with {run.returncode}")
+            history = json.loads((out / "summary.json").read_text())["world_size_history"]
+            rows += [(label if i == 1 else "", h) for i, h in enumerate(history) if i]
+    print("| run | re-formed | size | seconds to its first step | steps lost |")
+    print("|---|---|---|---|---|")
+    for label, h in rows:
+        print(f"| {label} | {h['kind']} | {h['size']} | {h['seconds']:.1f} | "
+              f"{h.get('steps_lost', '-')} |")
+
+
+def _first_epoch_seconds(out: Path) -> float:
+    import csv
+
+    while not (out / "metrics.csv").exists():
+        time.sleep(0.05)
+    with open(out / "metrics.csv") as f:
+        return float(next(csv.DictReader(f))["epoch_seconds"])
+
+
+def _pid_of_rank(out: Path, rank: int) -> int:
+    """The pid a rank's log says it runs as ("rank r of n joined (..., pid N, ...)")."""
+    import re
+
+    log = out / "logs" / f"rank-{rank}.log"
+    while not (log.exists() and re.search(r"pid (\d+)", log.read_text())):
+        time.sleep(0.05)
+    return int(re.search(r"pid (\d+)", log.read_text()).group(1))
+
+
 STREAMING_TRAIN = {"epochs": 2, "global_batch_size": 256, "shuffle": True, "seed": 0,
                    "shuffle_buffer": 10000, "optimizer": {"name": "adam", "learning_rate": 0.001},
                    "loss": "sparse_categorical_crossentropy", "metrics": ["accuracy"]}
@@ -649,6 +710,8 @@ def main() -> None:
                         help="ktrain's ray strategy next to Ray Train's TensorflowTrainer")
     parser.add_argument("--preemption", type=int, metavar="STEPS",
                         help="cost of checkpoints every STEPS steps, stop flags and watchdog")
+    parser.add_argument("--elastic", action="store_true",
+                        help="a worker of 3 lost: elastic, restarted, restarted under MPI")
     parser.add_argument("--streaming", action="store_true",
                         help="data.files next to a hand-written tf.data pipeline")
     parser.add_argument("--rows", type=int, default=200_000, help="with --streaming")
@@ -674,8 +737,11 @@ def main() -> None:
             bench_preemption(os.path.abspath(config), args.set, args.preemption, args.repeats)
     if args.streaming:
         bench_streaming(args.rows, args.width, args.repeats)
-    if (args.allreduce or args.workers or args.scaling or args.ray_train or args.preemption or args.streaming
-            or not args.configs):
+    if args.elastic:
+        for config in args.configs:
+            bench_elastic(os.path.abspath(config), args.set)
+    if (args.allreduce or args.workers or args.scaling or args.ray_train or args.preemption
+            or args.streaming or args.elastic or not args.configs):
         return
     rows = [compare(os.path.abspath(c), args.set, args.repeats) for c in args.configs]
     if args.json:

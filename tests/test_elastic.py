@@ -18,7 +18,7 @@ from ktrain.errors import UserError, WorkersFailed
 from ktrain.supervisor import LEFT_TO_GROW_OUTCOME, Failure
 
 
-def elastic_config(out: Path, **strategy) -> dict:
+def elastic_config(out: Path, report: bool = False, **strategy) -> dict:
     """Digits on {min: 2, max: 3} workers (10 steps an epoch), a checkpoint every 5 steps,
     steps slow enough to kill a worker between two; a global batch of 48 splits evenly over 2
     and 3 workers."""
@@ -27,13 +27,15 @@ def elastic_config(out: Path, **strategy) -> dict:
         "callbacks": {"fn": f"{FIXTURES}:slow_steps", "kwargs": {"seconds": 0.1}}})
     config["strategy"] = {"name": "multiworker", "workers": {"min": 2, "max": 3}, **strategy}
     config["checkpoint"] = {**config["checkpoint"], "every_steps": 5, "keep": 10}
+    config["report"] = report
     return config
 
 
 def test_a_lost_worker_is_absorbed_and_the_group_grows_back_with_the_weights_of_one_process(
         tmp_path, background):
     out, one = tmp_path / "elastic", tmp_path / "one"
-    run = background("run", write_config(tmp_path / "elastic.yaml", elastic_config(out)))
+    config = elastic_config(out, report=True)  # with the world size drawn
+    run = background("run", write_config(tmp_path / "elastic.yaml", config))
     run.wait_for(lambda: (out / "checkpoints" / "ckpt-000002-0000005.npz").exists()
                  and worker_pid(out, 2), timeout=180)  # at step 5 of epoch 3
     os.kill(worker_pid(out, 2), signal.SIGKILL)
@@ -45,6 +47,7 @@ def test_a_lost_worker_is_absorbed_and_the_group_grows_back_with_the_weights_of_
            "at step" in output, output[-3000:]  # of epoch 3, a step between two checkpoints
     assert "0 step(s) lost (rank 0 saved the last one from memory)" in output
     assert "the group grew to 3 workers (workers are available again)" in output
+    assert "warning" not in output and (out / "report.png").exists()
     history = json.loads((out / "summary.json").read_text())["world_size_history"]
     assert [(h["kind"], h["size"]) for h in history] == [("start", 3), ("shrink", 2),
                                                          ("grow", 3)], history
