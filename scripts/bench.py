@@ -36,7 +36,7 @@ group that replaces it and steps lost, for an elastic group ({min: 2, max: 3}) a
 restart at the same size over TF collectives and over MPI; then the elastic group growing back.
 
     python scripts/bench.py --elastic configs/synthetic.yaml --set train.global_batch_size=48 \
-        --set data.kwargs.samples=480 --set train.epochs=3
+        --set data.kwargs.samples=480 --set train.epochs=5
 
 --streaming: on synthetic Parquet and TFRecord files (written once, to a temporary folder),
 ktrain's streaming input (data.files) next to a hand-written tf.data pipeline over the same
@@ -516,7 +516,7 @@ ELASTIC_RUNS = {
 
 
 def bench_elastic(config: str, overrides: list[str]) -> None:
-    """What a lost worker costs: 3 workers, rank 2 SIGKILLed half an epoch after the first
+    """What a lost worker costs: 3 workers, rank 2 SIGKILLed half an epoch after the second
     epoch's checkpoint; seconds from the launcher seeing the loss to the first step of
     the group that replaces it, and steps lost, as each run's world_size_history records them;
     then the elastic group's growth back to 3."""
@@ -527,9 +527,9 @@ def bench_elastic(config: str, overrides: list[str]) -> None:
             run = subprocess.Popen([sys.executable, "-m", "ktrain", "run", config, *overrides,
                                     f"strategy={strategy}", f"output_dir={out}",
                                     "checkpoint.resume=never", "-q"], cwd=REPO, env=_env())
-            while not (out / "checkpoints" / "ckpt-000001.npz").exists():
+            while not (out / "checkpoints" / "ckpt-000002.npz").exists():
                 time.sleep(0.05)
-            time.sleep(_first_epoch_seconds(out) / 2)  # half an epoch since the checkpoint
+            time.sleep(_epoch_seconds(out, 2) / 2)  # half an epoch since the checkpoint
             os.kill(_pid_of_rank(out, 2), 9)
             if run.wait() != 0:
                 raise SystemExit(f"{label}: ktrain exited with {run.returncode}")
@@ -542,13 +542,16 @@ def bench_elastic(config: str, overrides: list[str]) -> None:
               f"{h.get('steps_lost', '-')} |")
 
 
-def _first_epoch_seconds(out: Path) -> float:
+def _epoch_seconds(out: Path, epoch: int) -> float:
+    """How long epoch ``epoch`` took, from metrics.csv."""
     import csv
 
-    while not (out / "metrics.csv").exists():
+    while True:
+        with open(out / "metrics.csv") as f:
+            rows = list(csv.DictReader(f))
+        if len(rows) >= epoch:
+            return float(rows[epoch - 1]["epoch_seconds"])
         time.sleep(0.05)
-    with open(out / "metrics.csv") as f:
-        return float(next(csv.DictReader(f))["epoch_seconds"])
 
 
 def _pid_of_rank(out: Path, rank: int) -> int:
