@@ -307,14 +307,13 @@ class WorkerGroup:
         while any(p.poll() is None for p in self._processes) and time.monotonic() < deadline:
             time.sleep(0.1)
         # ranks that left because of the loss, or were still running: not lost themselves
-        left = {spec.ranks[0] for spec, p in zip(self.specs, self._processes)
-                if p.poll() in (None, PEER_LOST)}
+        codes = {spec.ranks[0]: p.poll() for spec, p in zip(self.specs, self._processes)}
         self.terminate()
-        failure.lost = sorted(set(range(self.world_size)) - left)
+        failure.lost = sorted(r for r, code in codes.items() if code not in (None, PEER_LOST))
         completed = {r: step for r, step in self.regroup.completed_steps().items() if step >= 0}
         failure.completed_step = max(completed.values(), default=None)
-        if running and min(running) in left and min(running) in completed:
-            failure.saved_by = min(running)
+        if running and codes[min(running)] == PEER_LOST and min(running) in completed:
+            failure.saved_by = min(running)  # it left as asked, its state saved
         return failure
 
     def _log(self, rank: int) -> str:

@@ -11,6 +11,7 @@ import os
 import re
 import resource
 import socket
+import sys
 import time
 
 import keras
@@ -44,6 +45,8 @@ tf = backends.optional_tensorflow()
 _MISFIT = (ValueError, TypeError) + ((tf.errors.InvalidArgumentError,
                                       tf.errors.UnimplementedError) if tf else ())
 _OP_ERROR = tf.errors.OpError if tf else ()
+# How a collective that lost a peer fails on JAX (XLA's Gloo collectives, as a ValueError).
+_TRANSPORT_FAILED = re.compile(r"Gloo \w+ failed|Connection reset by peer|UNAVAILABLE:")
 
 
 class TrainingFailed(UserError):
@@ -331,6 +334,8 @@ def _fit_phase(run, session, model, checkpoints, batches, first_epoch, end_epoch
                       callbacks=callbacks,
                       verbose=1 if console.verbosity() >= console.VERBOSE else 0)
     except _MISFIT as err:
+        if session.communicator is not None and _TRANSPORT_FAILED.search(str(err)):
+            raise _peer_lost(session, err, model, checkpoints) from err  # JAX's collectives
         raise TrainingFailed(
             f"training failed: {type(err).__name__}: {_without_graph_stack(err)}",
             where="model.fit",
@@ -377,14 +382,18 @@ def _leave_broken_group(session: Session, model: keras.Model, checkpoints: Check
                         lost: str) -> WorkersFailed:
     """Under a launcher that re-forms the group: tell it the last step this rank completed;
     the rank it names saves that step's state from memory, so the next group loses none."""
-    regroup.note_completed(session.rank, checkpoints.completed.global_step)
+    jax = backends.current() == "jax"
+    regroup.note_completed(session.rank, None if jax else checkpoints.completed.global_step)
     saved = None
-    if regroup.saver() == session.rank:
+    if not jax and regroup.saver() == session.rank:
         own_random_draws(model, -session.rank)  # rank 0's random streams, as checkpoints hold
         saved = checkpoints.save_in_memory_state()
     said = f"rank {session.rank} lost contact with {lost} during training" + (
         f"; it saved the state {saved} for the group that follows" if saved else "")
     console.info(said)
+    if jax:  # its variables hold the failed step's results, and jax.distributed's shutdown
+        sys.stdout.flush()  # at exit would wait for the lost peer: leave now
+        os._exit(regroup.PEER_LOST)
     error = WorkersFailed(said)
     error.exit_code, error.shown = regroup.PEER_LOST, True
     return error
