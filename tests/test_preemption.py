@@ -313,15 +313,19 @@ def test_a_preempted_sbatch_job_requeues_itself_and_completes(tmp_path, slurm, u
         scancel = run_command(slurm.command("scancel", "--signal=USR1", f"--name={name}"),
                               env=slurm.env)
         assert scancel.returncode == 0, scancel.stderr
-        # SLURM holds a requeued job for two minutes; the test lets it start at once.
-        while job.poll() is None and (state := run_command(slurm.command(
-                "squeue", "-h", f"--name={name}", "-o", "%i %T"), env=slurm.env).stdout.split()
-                ) and state[1] != "PENDING":
+        # SLURM holds a requeued job for two minutes; the test lets it start at once. Watched
+        # in squeue until it is gone: `sbatch --wait` may return when the job is requeued.
+        deadline, released = time.monotonic() + 400, False
+        while time.monotonic() < deadline:
+            state = run_command(slurm.command("squeue", "-h", f"--name={name}", "-o", "%i %T"),
+                                env=slurm.env).stdout.split()
+            if state and state[1] == "PENDING" and not released:
+                run_command(slurm.command("scontrol", "update", f"JobId={state[0]}",
+                                          "StartTime=now"), env=slurm.env)
+                released = True
+            if not state and (out / "summary.json").exists():
+                break
             time.sleep(0.2)
-        if job.poll() is None and state:
-            run_command(slurm.command("scontrol", "update", f"JobId={state[0]}",
-                                      "StartTime=now"), env=slurm.env)
-        job.communicate(timeout=400)
     finally:
         if job.poll() is None:
             job.kill()
