@@ -296,8 +296,13 @@ class WorkerGroup:
 
     def _after_loss(self, failure: Failure) -> Failure:
         """Where the group can re-form: ask the lowest rank still running to save the step it
-        holds in memory, give the ranks left time to do so and leave, and note who was lost."""
+        holds in memory, give the ranks left time to do so and leave, and note who was lost.
+        A mistake in the input (exit 2), or a group that never trained, has nothing to save:
+        the others are ended at once."""
         if not self.regroup:
+            return failure
+        if failure.user_error or len(self._markers("joined")) < self.world_size:
+            failure.lost = [failure.rank] if failure.rank is not None else []
             return failure
         running = [spec.ranks[0] for spec, p in zip(self.specs, self._processes)
                    if p.poll() is None]
