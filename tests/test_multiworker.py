@@ -196,12 +196,9 @@ def rank1_config(tmp_path, **strategy):
         data={"fn": f"{RANK_DEPENDENT}:digits_split"}))
 
 
-# collective: where ranks are processes of ktrain's own, which may save a step after a loss,
-# a mistake in the input ends the others at once all the same
-@pytest.mark.parametrize("communicator", ["auto", "collective"])
-def test_bad_import_on_rank_one_fails_fast_naming_rank_one(tmp_path, communicator):
+def test_bad_import_on_rank_one_fails_fast_naming_rank_one(tmp_path):
     started = time.monotonic()
-    result = run_cli("run", rank1_config(tmp_path, start_timeout=60, communicator=communicator),
+    result = run_cli("run", rank1_config(tmp_path, start_timeout=60),
                      env={"KTRAIN_TEST_RANK1": "crash"})
     assert result.returncode == 2
     assert time.monotonic() - started < 60
