@@ -3,8 +3,9 @@ the files its launcher and its ranks exchange in one folder (``$KTRAIN_REGROUP``
 URL), and the exit statuses that tell the launcher why a rank left.
 
 - A rank that loses a peer mid-training notes the last step it completed and waits a moment
-  for the launcher to name one survivor (``ask_to_save``), which commits the state it holds
-  in memory as a checkpoint at that step, so that the next group loses no step.
+  for the launcher to name the survivor holding the newest step (``ask_newest_to_save``),
+  which commits the state it holds in memory as a checkpoint at that step, so that the next
+  group loses no step.
 - A launcher with room for more ranks offers it (``offer_growth``); rank 0 raises a flag that
   every rank learns at the same step, and they all stop right after the next checkpoint.
 - The next group's rank 0 learns why it was formed from ``$KTRAIN_REFORMED`` (``Reformation``).
@@ -79,8 +80,22 @@ class RegroupFolder:
             self.fs.rm(self.path, recursive=True)
         self.fs.makedirs(self.path, exist_ok=True)
 
-    def ask_to_save(self, rank: int) -> None:
-        self.fs.pipe(f"{self.path}/saver", str(rank).encode())
+    def ask_newest_to_save(self, running: Callable[[], list[int]],
+                           wait: float = SAVER_WAIT / 2) -> int | None:
+        """Name the rank still running that completed the newest step (the lowest of a tie) to
+        save it: a peer that dies can cut a step's allreduce short on some ranks after others
+        completed it. Waits up to ``wait`` for every rank in ``running()`` to say its step."""
+        deadline = time.monotonic() + wait
+        while True:
+            noted, alive = self.completed_steps(), running()
+            if all(rank in noted for rank in alive) or time.monotonic() > deadline:
+                break
+            time.sleep(_POLL)
+        held = {rank: step for rank, step in noted.items() if rank in alive and step >= 0}
+        rank = max(held, key=lambda r: (held[r], -r)) if held else min(alive, default=None)
+        if rank is not None:
+            self.fs.pipe(f"{self.path}/saver", str(rank).encode())
+        return rank
 
     def offer_growth(self) -> None:
         self.fs.pipe(f"{self.path}/grow", b"1")

@@ -295,8 +295,9 @@ class WorkerGroup:
         return blame_chief_first(failure, self._log(0))
 
     def _after_loss(self, failure: Failure) -> Failure:
-        """Where the group can re-form: ask the lowest rank still running to save the step it
-        holds in memory, give the ranks left time to do so and leave, and note who was lost.
+        """Where the group can re-form: ask the rank still running with the newest step to save
+        the state it holds in memory, give the ranks left time to do so and leave, and note who
+        was lost.
         A mistake in the input (exit 2), or a group that never trained, has nothing to save:
         the others are ended at once."""
         if not self.regroup:
@@ -304,10 +305,8 @@ class WorkerGroup:
         if failure.user_error or len(self._markers("joined")) < self.world_size:
             failure.lost = [failure.rank] if failure.rank is not None else []
             return failure
-        running = [spec.ranks[0] for spec, p in zip(self.specs, self._processes)
-                   if p.poll() is None]
-        if running:
-            self.regroup.ask_to_save(min(running))
+        saver = self.regroup.ask_newest_to_save(lambda: [
+            spec.ranks[0] for spec, p in zip(self.specs, self._processes) if p.poll() is None])
         deadline = time.monotonic() + _SURVIVORS_LEAVE
         while any(p.poll() is None for p in self._processes) and time.monotonic() < deadline:
             time.sleep(0.1)
@@ -317,8 +316,8 @@ class WorkerGroup:
         failure.lost = sorted(r for r, code in codes.items() if code not in (None, PEER_LOST))
         completed = {r: step for r, step in self.regroup.completed_steps().items() if step >= 0}
         failure.completed_step = max(completed.values(), default=None)
-        if running and codes[min(running)] == PEER_LOST and min(running) in completed:
-            failure.saved_by = min(running)  # it left as asked, its state saved
+        if saver is not None and codes[saver] == PEER_LOST and saver in completed:
+            failure.saved_by = saver  # it left as asked, its state saved
         return failure
 
     def _log(self, rank: int) -> str:
