@@ -146,10 +146,12 @@ class GroupSizes(keras.callbacks.Callback):
         if change.kind == "grow":
             return (f"the group grew to {self.world_size} workers ({change.reason}): continuing "
                     f"{self.start}, {entry['seconds']:.1f}s after it stopped to grow")
-        lost = ("" if "steps_lost" not in entry else
-                f", {entry['steps_lost']} step(s) lost" + (
-                    f" (rank {change.saved_by} saved the last one from memory)"
-                    if change.saved_by is not None else " (from the newest checkpoint)"))
+        if "steps_lost" not in entry:  # no rank left could say how far it had come
+            lost = " from the newest checkpoint (steps lost since it: not known)"
+        else:
+            lost = f", {entry['steps_lost']} step(s) lost" + (
+                f" (rank {change.saved_by} saved the last one from memory)"
+                if change.saved_by is not None else " (from the newest checkpoint)")
         return (f"the group re-formed on {self.world_size} workers after {change.reason}: "
                 f"continuing {self.start}{lost}, {entry['seconds']:.1f}s after the loss")
 

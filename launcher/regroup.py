@@ -76,9 +76,12 @@ class RegroupFolder:
 
     def clear(self) -> None:
         """Ready for a new group: nothing a group before it said remains."""
+        self.remove()
+        self.fs.makedirs(self.path, exist_ok=True)
+
+    def remove(self) -> None:
         if self.fs.exists(self.path):
             self.fs.rm(self.path, recursive=True)
-        self.fs.makedirs(self.path, exist_ok=True)
 
     def ask_newest_to_save(self, running: Callable[[], list[int]],
                            wait: float = SAVER_WAIT / 2) -> int | None:

@@ -9,10 +9,16 @@ starts the ordinary ktrain worker (``ktrain.worker_entry``) in a child process, 
 starts fresh whatever Python worker Spark reuses. A failing worker fails its task, which fails
 the barrier stage; the driver reports the task's error and log tail, and restarts the stage
 from the newest checkpoint up to ``max_restarts`` times.
+
+An elastic run (``workers: {min, max}``) goes on with a smaller stage when a task or its
+executor is lost, and grows back to ``max`` once the cluster offers that many slots again.
+Spark kills the stage's other tasks (and so their workers) when one fails, so a new stage
+resumes from the newest checkpoint, never from a survivor's memory.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -24,27 +30,38 @@ from ktrain.config import SparkConfig
 from ktrain.environment import PARTITION_ENV, rank_environment
 from ktrain.errors import UserError
 from ktrain.launch import worker_command, worker_environment
+from ktrain.regroup import LEFT_TO_GROW, PEER_LOST, RegroupFolder
 from ktrain.rendezvous import free_ports
 from ktrain.session import Session
-from ktrain.stopping import STOP_REPORT, relaying_stops, reported_stop
+from ktrain.stopping import STOP_REPORT, polling, relaying_stops, reported_stop
 from ktrain.strategies.base import MultiProcessStrategy, group_log_dir
 from ktrain.strategies.multiworker import collective_session
-from ktrain.supervisor import (Failure, blame_chief_first, captured_output_env, describe_exit,
-                               die_with_parent, echo_log, echoed_report, log_tail)
+from ktrain.supervisor import (LEFT_TO_GROW_OUTCOME, Failure, blame_chief_first,
+                               captured_output_env, describe_exit, die_with_parent, echo_log,
+                               echoed_report, log_tail)
 
-_FAILURE = re.compile(r"KTRAIN_FAILURE (\d+) (user|crash) (.*?) KTRAIN_END", re.S)
+_FAILURE = re.compile(r"KTRAIN_FAILURE (\d+) (user|crash|peer) (.*?) KTRAIN_END", re.S)
+_EXECUTOR_LOST = re.compile(r"(?:barrier task \w+\(\d+, |Lost task )(\d+)\D.*?"
+                            r"ExecutorLostFailure \(executor (\S+) .*?\) Reason: ([^\n]*)", re.S)
 _MISSING_MODULE = re.compile(r"ModuleNotFoundError: No module named '([\w.]+)'")
-
+_SLOTS_EVERY = 2.0
+"""Seconds between two looks at the cluster's task slots, for room to grow."""
 
 
 class SparkStrategy(MultiProcessStrategy):
     name = "spark"
     config: SparkConfig
 
-    fixed_size = "ktrain's spark strategy runs one barrier stage of one size"
-
     def prepare(self, run) -> None:
         super().prepare(run)
+        if self.config.elastic and run.data.read_by_spark:
+            raise UserError(
+                f"strategy.workers is a range, and data.{'parquet' if run.data.parquet else 'table'}"
+                f" gives each Spark task a partition of its own, which changes with the number of "
+                f"tasks: a group that re-formed at another size would train on other batches",
+                where="strategy.workers",
+                hint="read the same Parquet files with data.files (the same examples at any "
+                     f"size), or set workers: {self.config.size_range[1]}")
         try:
             import pyspark  # noqa: F401
         except ImportError:
@@ -62,15 +79,26 @@ class SparkStrategy(MultiProcessStrategy):
     def open_session(self, run) -> Session:
         return collective_session(self.config.start_timeout, run.output_dir)
 
+    _session = None
+    """The Spark session of the run's stages and whether ktrain created it: a group that
+    re-forms keeps the application and the executors it has left."""
+
+    def launch(self, run, train):
+        try:
+            return super().launch(run, train)
+        finally:
+            spark, created = self._session or (None, False)
+            if created:
+                spark.stop()
+            self._session = None
+
     def run_group(self, run, train, size, environment):
-        """The whole group as one barrier stage; a Failure, or None if every task finished."""
+        """The whole group as one barrier stage; a Failure, LEFT_TO_GROW_OUTCOME, or None if
+        every task finished."""
         with group_log_dir(run.output_dir) as (logs, _):
-            spark, created = self._spark_session(run, logs)
-            try:
-                return self._barrier_stage(spark, run, train, size, environment)
-            finally:
-                if created:
-                    spark.stop()
+            if self._session is None:
+                self._session = self._spark_session(run, logs)
+            return self._barrier_stage(self._session[0], run, train, size, environment)
 
     def _spark_session(self, run, logs):
         """The session to run on, and whether ktrain created it. Spark's own log goes to
@@ -154,13 +182,16 @@ class SparkStrategy(MultiProcessStrategy):
         console.info(f"training on {n} Spark barrier tasks ({master}); "
                      f"each rank logs to {run.output_dir}/logs/rank-<r>.log")
         chief_log = f"{run.output_dir}/logs/rank-0.log"
+        regroup = RegroupFolder(f"{run.output_dir.rstrip('/')}/logs/regroup")
+        regroup.clear()
         try:
             with relaying_stops(run.checkpoint.stop_signals, run.output_dir) as (stop, env):
                 task = _barrier_task(worker_environment(run, train), run.output_dir,
-                                     {**console.environment(), **env, **environment},
-                                     columns)
-                with echo_log(chief_log):
-                    partitions.mapInArrow(task, "rank long", barrier=True).collect()
+                                     {**console.environment(), **env, **environment,
+                                      **regroup.environment()}, columns)
+                with echo_log(chief_log), self._offering_growth(spark, n, regroup, connect):
+                    ended = partitions.mapInArrow(task, "rank long, status long",
+                                                  barrier=True).collect()
         except Exception as err:  # Py4J's (classic) or gRPC's (Connect) report of the stage
             text = str(err)
             if "BarrierJobSlotsNumberCheckFailed" in text:
@@ -175,19 +206,60 @@ class SparkStrategy(MultiProcessStrategy):
                                 hint="install ktrain-launcher[spark] (with TensorFlow) in the "
                                      "Python the executors run, or point them at one that has "
                                      "it (PYSPARK_PYTHON, spark.pyspark.python)") from None
-            if not found:
+            lost = _EXECUTOR_LOST.search(text)
+            if lost:  # the task died with its executor: no report of its own
+                rank = int(lost.group(1))
+                log = f"{run.output_dir}/logs/rank-{rank}.log"
+                failure = Failure(rank, f"rank {rank}'s Spark executor {lost.group(2)} was lost "
+                                        f"({lost.group(3).strip()})", log_tail(log), log=log,
+                                  lost=[rank])
+            elif found:
+                rank, kind, report = int(found.group(1)), found.group(2), found.group(3)
+                summary, _, tail = report.partition("\n")
+                lines = tail.splitlines()
+                failure = blame_chief_first(
+                    Failure(rank, summary, lines, user_error=kind == "user",
+                            log=f"{run.output_dir}/logs/rank-{rank}.log",
+                            shown=echoed_report(rank, lines),
+                            lost=[rank] if kind == "crash" else []), chief_log)
+            else:
                 raise
-            rank, kind, report = int(found.group(1)), found.group(2), found.group(3)
-            summary, _, tail = report.partition("\n")
-            lines = tail.splitlines()
-            return blame_chief_first(
-                Failure(rank, summary, lines, user_error=kind == "user",
-                        log=f"{run.output_dir}/logs/rank-{rank}.log",
-                        shown=echoed_report(rank, lines)), chief_log)
+            noted = [step for step in regroup.completed_steps().values() if step >= 0]
+            failure.completed_step = max(noted, default=None)
+            return failure
+        finally:
+            regroup.remove()
+        if ended and all(row.status == LEFT_TO_GROW for row in ended):
+            return LEFT_TO_GROW_OUTCOME
         said = [line for line in log_tail(chief_log) if line.startswith(STOP_REPORT)]
         if stop.received and said:  # the ranks stopped as asked (so their tasks succeeded)
             raise reported_stop(said[-1], shown=console.verbosity() >= console.NORMAL)
         return None
+
+    @contextlib.contextmanager
+    def _offering_growth(self, spark, size: int, regroup: RegroupFolder, connect: bool):
+        """While a stage smaller than ``workers.max`` runs, offer its ranks to grow once the
+        cluster has that many slots again (an executor restarted, a worker joined). Spark
+        Connect does not show its scheduler, so a group there does not grow back."""
+        most = self.config.size_range[1]
+        if connect or not self.config.grow or size >= most:
+            yield
+            return
+
+        def room() -> bool:
+            if _slots(spark.sparkContext) < most:
+                return False
+            regroup.offer_growth()
+            return True
+
+        with polling(room, "ktrain-spark-slots", every=_SLOTS_EVERY):
+            yield
+
+
+def _slots(context) -> int:
+    """How many tasks the cluster can run at once (a barrier stage needs one slot a task)."""
+    scala = context._jsc.sc()
+    return scala.maxNumConcurrentTasks(scala.resourceProfileManager().defaultResourceProfile())
 
 
 def _check_slots(context, needed: int, wait: float) -> None:
@@ -196,10 +268,8 @@ def _check_slots(context, needed: int, wait: float) -> None:
     seconds."""
     import time
 
-    scala = context._jsc.sc()
-    profile = scala.resourceProfileManager().defaultResourceProfile()
     deadline = time.monotonic() + wait
-    while (slots := scala.maxNumConcurrentTasks(profile)) < needed:
+    while (slots := _slots(context)) < needed:
         if time.monotonic() > deadline:
             raise UserError(f"a barrier stage of {needed} tasks needs {needed} task slots; the "
                             f"cluster ({context.master}) offers {slots}",
@@ -306,11 +376,11 @@ def _barrier_task(plan_env: dict, output_dir: str, driver_env: dict, columns=Non
                 tail.append(line.rstrip("\n"))
             code = process.wait()
         shutil.rmtree(scratch, ignore_errors=True)
-        if code != 0:
-            kind = "user" if code == 2 else "crash"
+        if code not in (0, LEFT_TO_GROW):  # that one: the group stopped to re-form larger
+            kind = "user" if code == 2 else "peer" if code == PEER_LOST else "crash"
             raise RuntimeError(f"KTRAIN_FAILURE {rank} {kind} rank {rank} {describe_exit(code)}\n"
                                + "\n".join(tail) + " KTRAIN_END")
-        yield pyarrow.RecordBatch.from_pydict({"rank": [rank]})
+        yield pyarrow.RecordBatch.from_pydict({"rank": [rank], "status": [code]})
 
     return run
 

@@ -126,9 +126,9 @@ def spark_connect():
 
 @pytest.fixture(scope="module")
 def spark_cluster():
-    """A real Spark standalone master and worker (2 cores) on 127.0.0.1."""
+    """A real Spark standalone master and worker (3 cores) on 127.0.0.1."""
     pytest.importorskip("pyspark", reason="pyspark is not installed: bash scripts/setup.sh")
-    with running(clusters.SparkStandalone(cores=2)) as cluster:
+    with running(clusters.SparkStandalone(cores=3)) as cluster:
         yield cluster
 
 

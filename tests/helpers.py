@@ -51,6 +51,30 @@ def base_config(output_dir: Path, **sections) -> dict:
     return config
 
 
+def elastic_config(out: Path, report: bool = False, **strategy) -> dict:
+    """Digits on {min: 2, max: 3} multiworker workers (10 steps an epoch), a checkpoint every
+    5 steps, steps slow enough to kill a worker between two; a global batch of 48 splits evenly
+    over 2 and 3 workers."""
+    config = base_config(out, train={
+        "epochs": 6, "global_batch_size": 48,
+        "callbacks": {"fn": f"{FIXTURES}:slow_steps", "kwargs": {"seconds": 0.1}}})
+    config["strategy"] = {"name": "multiworker", "workers": {"min": 2, "max": 3}, **strategy}
+    config["checkpoint"] = {**config["checkpoint"], "every_steps": 5, "keep": 10}
+    config["report"] = report
+    return config
+
+
+def elastic_reference(folder: Path) -> Path:
+    """The output folder of ``elastic_config``'s run in one process, whose weights an elastic
+    run ends with whatever sizes it went through."""
+    config = elastic_config(folder / "one")
+    config["strategy"] = {"name": "mirrored", "devices": 1}
+    del config["train"]["callbacks"]
+    result = run_cli("run", write_config(folder / "one.yaml", config), "-q")
+    assert result.returncode == 0, result.stderr
+    return folder / "one"
+
+
 def write_config(path: Path, config: dict) -> Path:
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path

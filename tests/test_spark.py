@@ -2,6 +2,9 @@
 started by ktrain run and by spark-submit."""
 
 import json
+import os
+import re
+import signal
 import sys
 import time
 from pathlib import Path
@@ -9,8 +12,9 @@ from pathlib import Path
 import pytest
 
 from helpers import (FIXTURES, KTRAIN, REPO, assert_quiet_console, assert_same_weights,
-                     base_config, cli_env, hosts_of_ranks, kill_rank_one_mid_training, run_cli,
-                     run_command, with_strategy, write_config)
+                     base_config, cli_env, elastic_config, elastic_reference, hosts_of_ranks,
+                     kill_rank_one_mid_training, run_cli, run_command, with_strategy, worker_pid,
+                     write_config)
 
 pytest.importorskip("pyspark", reason="pyspark is not installed: bash scripts/setup.sh installs it")
 
@@ -73,14 +77,51 @@ def test_barrier_tasks_on_two_hosts_match_one_process(tmp_path, spark_on_two_hos
 
 
 def test_too_many_workers_for_a_standalone_cluster_fail_fast(tmp_path, spark_cluster):
-    config = spark(tmp_path / "out", {"workers": 3, "master": spark_cluster.url,
+    config = spark(tmp_path / "out", {"workers": 4, "master": spark_cluster.url,
                                       "start_timeout": 10},  # how long to wait for slots
-                   train={"global_batch_size": 66})
+                   train={"global_batch_size": 64})
     started = time.monotonic()
     result = run_cli("run", write_config(tmp_path / "c.yaml", config), timeout=120)
     assert result.returncode == 2, result.stdout + result.stderr
     assert time.monotonic() - started < 60
-    assert "needs 3 task slots; the cluster" in result.stderr and "offers 2" in result.stderr
+    assert "needs 4 task slots; the cluster" in result.stderr and "offers 3" in result.stderr
+
+
+def test_a_stage_that_loses_an_executor_goes_on_smaller_and_grows_back_exactly(
+        tmp_path, spark_cluster, background):
+    """Three 1-core executors, workers {min: 2, max: 3}: rank 2's executor is SIGKILLed between
+    two step checkpoints; the stage re-forms on the 2 slots left, from the newest checkpoint,
+    grows back to 3 once the standalone master has started another executor, and the run ends
+    with the weights of one process."""
+    out = tmp_path / "elastic"
+    config = elastic_config(out)
+    config["strategy"] = {"name": "spark", "workers": {"min": 2, "max": 3},
+                          "master": spark_cluster.url, "spark_conf": {"spark.executor.cores": 1}}
+    run = background("run", write_config(tmp_path / "elastic.yaml", config),
+                     env={"SPARK_LOCAL_IP": "127.0.0.1", "PYSPARK_PYTHON": sys.executable})
+    run.wait_for(lambda: (out / "checkpoints" / "ckpt-000002-0000005.npz").exists()
+                 and worker_pid(out, 2), timeout=240)  # at step 5 of epoch 3
+    os.kill(_executor_of(worker_pid(out, 2)), signal.SIGKILL)
+    run.process.wait(timeout=300)
+    output = run.process.stdout.read()
+    assert run.process.returncode == 0, output[-3000:]
+    assert re.search(r"the group re-formed on 2 workers after rank 2's Spark executor \S+ was "
+                     r"lost \(Command exited with code 137\): continuing at step 5 of epoch 3 "
+                     r"from the newest checkpoint", output), output[-3000:]
+    assert "the group grew to 3 workers (workers are available again)" in output
+    history = json.loads((out / "summary.json").read_text())["world_size_history"]
+    assert [(h["kind"], h["size"]) for h in history] == [("start", 3), ("shrink", 2),
+                                                         ("grow", 3)], history
+    assert history[1]["step"] == 25  # the checkpoint the kill came after
+    assert_same_weights(out, elastic_reference(tmp_path), atol=1e-6)
+
+
+def _executor_of(pid: int) -> int:
+    """The Spark executor (JVM) whose task started process ``pid``."""
+    while b"CoarseGrainedExecutorBackend" not in Path(f"/proc/{pid}/cmdline").read_bytes():
+        pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        assert pid > 1, "the process does not descend from a Spark executor"
+    return pid
 
 
 def test_too_few_slots_for_the_barrier_stage(tmp_path):
@@ -152,6 +193,17 @@ def test_parquet_column_that_does_not_exist(tmp_path, digits_parquet):
     assert result.returncode == 2
     assert "data.label: column(s) ['digit'] are not in" in result.stderr
     assert "p63, label" in result.stderr
+
+
+def test_an_elastic_stage_refuses_data_that_spark_partitions_by_task(tmp_path, digits_parquet):
+    config = spark(tmp_path / "out", {"workers": {"min": 1, "max": 2}})
+    config["data"] = {"parquet": str(digits_parquet), "label": "label", "features": ["p0"]}
+    result = run_cli("run", write_config(tmp_path / "c.yaml", config))
+    assert result.returncode == 2, result.stderr
+    assert "strategy.workers: strategy.workers is a range, and data.parquet gives each Spark " \
+           "task a partition of its own" in result.stderr, result.stderr
+    assert "read the same Parquet files with data.files" in result.stderr
+    assert not (tmp_path / "out").exists()
 
 
 def test_parquet_input_needs_the_spark_strategy(tmp_path, digits_parquet):
