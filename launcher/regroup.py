@@ -36,6 +36,9 @@ PEER_LOST = 76
 
 SAVER_WAIT = 10.0
 """Seconds a rank that lost a peer waits for its launcher to name the rank that saves."""
+SURVIVORS_LEAVE = 60.0
+"""Seconds a launcher gives the ranks left after a loss to save and leave before it ends
+them."""
 _POLL = 0.1
 
 

@@ -32,7 +32,7 @@ import fsspec
 
 from ktrain import console
 from ktrain.errors import Stopped
-from ktrain.regroup import LEFT_TO_GROW, PEER_LOST, RegroupFolder
+from ktrain.regroup import LEFT_TO_GROW, PEER_LOST, SURVIVORS_LEAVE, RegroupFolder
 from ktrain.stopping import STOP_REPORT, StopRequest, reported_stop
 
 _RENDEZVOUS_ENV = "KTRAIN_RENDEZVOUS_DIR"
@@ -122,8 +122,6 @@ def describe_exit(returncode: int) -> str:
 LEFT_TO_GROW_OUTCOME = "left to grow"
 """What ``WorkerGroup.run`` returns when every rank stopped after a checkpoint to re-form
 larger."""
-_SURVIVORS_LEAVE = 60.0
-"""Seconds the ranks left after a loss have to save and exit before they are ended."""
 
 
 class WorkerGroup:
@@ -307,7 +305,7 @@ class WorkerGroup:
             return failure
         saver = self.regroup.ask_newest_to_save(lambda: [
             spec.ranks[0] for spec, p in zip(self.specs, self._processes) if p.poll() is None])
-        deadline = time.monotonic() + _SURVIVORS_LEAVE
+        deadline = time.monotonic() + SURVIVORS_LEAVE
         while any(p.poll() is None for p in self._processes) and time.monotonic() < deadline:
             time.sleep(0.1)
         # ranks that left because of the loss, or were still running: not lost themselves

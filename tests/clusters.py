@@ -344,6 +344,9 @@ class RayHead:
         self.env = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
         """What a client (ray job submit) needs in its environment."""
         self.processes: list[subprocess.Popen] = []
+        self.node: subprocess.Popen | None = None
+        """The worker node's ``ray start``."""
+        self.node_folder = tempfile.mkdtemp(prefix="ktrain-ray-node-")
 
     def command(self, *args) -> list[str]:
         """A client command, run where the head is reachable."""
@@ -360,10 +363,30 @@ class RayHead:
         while subprocess.run(self.command(ray, "job", "list", "--address", self.jobs_url),
                              env={**os.environ, **self.env}, capture_output=True).returncode:
             self._check(deadline, "the Ray head did not start")
-        self._start(1, ray, "start", f"--address={self.address}", "--num-cpus=2")
+        self.add_node(timeout=max(1.0, deadline - time.monotonic()))
+        return self
+
+    def add_node(self, timeout: float = 120) -> None:
+        """Start the worker node on host 1 (2 CPUs), once more after ``kill_node``."""
+        ray = Path(sys.executable).parent / "ray"
+        # A temporary folder of its own, as on another machine: Ray's files for the job (its
+        # working directory among them) would be the head's, and go when this node dies.
+        self._start(1, ray, "start", f"--address={self.address}", "--num-cpus=2",
+                    f"--temp-dir={self.node_folder}")
+        self.node = self.processes[-1]
+        deadline = time.monotonic() + timeout
         while "2 node(s)" not in self._status(ray):
             self._check(deadline, "the Ray worker node did not join")
-        return self
+
+    def kill_node(self) -> None:
+        """SIGKILL every process on the worker node's host (its raylet, and the actors Ray
+        started in sessions of their own), at once, as a machine lost."""
+        pids = subprocess.run(["ip", "netns", "pids", self.hosts.namespaces[1]],
+                              capture_output=True, text=True, check=True).stdout.split()
+        for pid in map(int, pids):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        self.node.wait()
 
     def _start(self, host: int, ray: Path, *args: str) -> None:
         """``ray start ... --block`` on ``host``, with that host's name and address."""
@@ -384,7 +407,8 @@ class RayHead:
                               capture_output=True, text=True).stdout
 
     def _check(self, deadline: float, problem: str) -> None:
-        if any(p.poll() is not None for p in self.processes) or time.monotonic() > deadline:
+        if any(p.poll() is not None for p in (self.processes[0], self.processes[-1])) or \
+                time.monotonic() > deadline:  # the head, or the node starting
             raise RuntimeError(problem)
         time.sleep(1)
 
@@ -395,6 +419,7 @@ class RayHead:
             process.wait()
         if self.MARKER.exists() and self.MARKER.read_text().strip() == self.address:
             self.MARKER.unlink()  # what the killed head left behind
+        shutil.rmtree(self.node_folder, ignore_errors=True)
 
 
 class MlflowServer:

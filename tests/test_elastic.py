@@ -136,7 +136,6 @@ def refusal(tmp_path, strategy: dict, **train) -> str:
     ({"lr_scaling": "linear"}, {"global_batch_size": 48}, "strategy.lr_scaling: linear would "
                                                          "change the learning rate"),
     ({"name": "horovod"}, {"global_batch_size": 48}, "horovodrun starts a group of one size"),
-    ({"name": "ray"}, {"global_batch_size": 48}, "one group of actors of one size"),
     ({"workers": {"min": 3, "max": 2}}, {}, "min (3) is more than max (2)"),
 ])
 def test_what_an_elastic_run_cannot_keep_exact_is_refused(tmp_path, strategy, train, said):

@@ -3,13 +3,14 @@ Ray cluster (in a network namespace the test made)."""
 
 import json
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
-from helpers import (FIXTURES, assert_quiet_console, assert_same_weights, hosts_of_ranks,
-                     kill_rank_one_mid_training, run_cli, run_command, with_strategy,
-                     write_config)
+from helpers import (FIXTURES, assert_quiet_console, assert_same_weights, elastic_config,
+                     elastic_reference, hosts_of_ranks, kill_rank_one_mid_training, run_cli,
+                     run_command, with_strategy, write_config)
 
 pytest.importorskip("ray", reason="ray is not installed: bash scripts/setup.sh installs it")
 
@@ -89,11 +90,11 @@ def test_without_an_address_ktrain_starts_its_own_ray_beside_a_running_cluster(
     assert_same_weights(single_process_run("mlp"), out)
 
 
-def ray_job_submit(head, project: Path, *ktrain_args):
+def ray_job_submit(head, project: Path, *ktrain_args, timeout: float = 300):
     """The README's command, run from the project folder."""
     return run_command(head.command("ray", "job", "submit", "--address", head.jobs_url,
                                     "--working-dir", ".", "--", "ktrain", "run", *ktrain_args),
-                       cwd=project, env=head.env, timeout=300)
+                       cwd=project, env=head.env, timeout=timeout)
 
 
 def test_ray_job_submit_trains_on_the_cluster_like_one_process(tmp_path, ray_head,
@@ -131,3 +132,46 @@ def test_ray_job_submit_refuses_outputs_that_vanish_with_the_job(tmp_path, ray_h
     assert result.returncode != 0
     assert "inside Ray's temporary copy of --working-dir" in result.stdout, result.stdout
     assert "Traceback" not in result.stdout
+
+
+def test_an_elastic_group_goes_on_without_a_lost_node_and_grows_back_when_one_joins(
+        tmp_path, ray_head):
+    """The module's last test: it kills the cluster's worker node, then starts another. Three
+    actors of 2 CPUs each, two on the head (4 CPUs) and one on the worker node (2): the node is
+    SIGKILLed between two step checkpoints; the two actors left go on from the step they hold,
+    the group grows back to 3 when a node joins again, and ends with one process' weights."""
+    out, project = tmp_path / "elastic", tmp_path / "project"
+    project.mkdir()
+    config = elastic_config(out)
+    config["strategy"] = {"name": "ray", "address": "auto", "workers": {"min": 2, "max": 3},
+                          "resources_per_worker": {"CPU": 2}}
+    config["train"]["callbacks"]["kwargs"]["seconds"] = 0.4  # time for a node to join
+    write_config(project / "config.yaml", config)
+    with ThreadPoolExecutor(1) as pool:
+        job = pool.submit(ray_job_submit, ray_head, project, "config.yaml", timeout=500)
+        wait_until(lambda: (out / "checkpoints" / "ckpt-000002-0000005.npz").exists(), job)
+        on_node = hosts_of_ranks(out, 3).index(ray_head.hosts.addresses[1])
+        ray_head.kill_node()
+        chief = out / "logs" / "rank-0.log"
+        wait_until(lambda: "rank 0 of 2 joined" in chief.read_text(), job)
+        ray_head.add_node()
+        result = job.result()
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-3000:]
+    assert f"the group re-formed on 2 workers after rank {on_node}'s actor died" in output, \
+        output[-3000:]
+    assert "the group grew to 3 workers (workers are available again)" in output
+    history = json.loads((out / "summary.json").read_text())["world_size_history"]
+    assert [(h["kind"], h["size"]) for h in history] == [("start", 3), ("shrink", 2),
+                                                         ("grow", 3)], history
+    if history[1]["step"] < 30:  # mid-epoch (not while epoch 3's end was under way)
+        assert history[1]["steps_lost"] == 0, output[-3000:]
+    assert_same_weights(out, elastic_reference(tmp_path), atol=1e-6)
+
+
+def wait_until(condition, job, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert not job.done(), job.result().stdout[-3000:]
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
