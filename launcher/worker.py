@@ -190,7 +190,7 @@ def _fit(run: RunConfig, session: Session, model: keras.Model, splits: Splits,
                     if flags is not None and not communicator.reduces_gradients:
                         batches = flags.counting(batches)
                     checkpoints.first_step = checkpoints.completed.first_step = first_step
-                    _fit_phase(run, session, model, checkpoints, batches, first_epoch,
+                    _fit_phase(run, session, model, checkpoints, output, batches, first_epoch,
                                end_epoch, steps - first_step, validation, callbacks)
                     if model.stop_training:  # early stopping
                         break
@@ -261,6 +261,7 @@ def _left_to_grow(session: Session, output: RunOutput, position) -> KtrainError:
     if session.is_chief:
         output.say(f"the group stops {position} to re-form with more workers; the checkpoint "
                    f"there is committed")
+        output.flush_log()
     error = KtrainError("left the group to let it re-form larger")
     error.exit_code, error.shown = regroup.LEFT_TO_GROW, True
     return error
@@ -322,8 +323,8 @@ def _early_stopping_report(model: keras.Model, callbacks: list, output: RunOutpu
             "best_value": float(stopper.best), "weights_of_epoch": best if restored else stopped}
 
 
-def _fit_phase(run, session, model, checkpoints, batches, first_epoch, end_epoch, steps,
-               validation, callbacks) -> None:
+def _fit_phase(run, session, model, checkpoints, output, batches, first_epoch, end_epoch,
+               steps, validation, callbacks) -> None:
     """``model.fit`` over epochs [first_epoch, end_epoch) of ``steps`` steps each, with
     ktrain's failure messages."""
     try:
@@ -335,7 +336,7 @@ def _fit_phase(run, session, model, checkpoints, batches, first_epoch, end_epoch
                       verbose=1 if console.verbosity() >= console.VERBOSE else 0)
     except _MISFIT as err:
         if session.communicator is not None and _TRANSPORT_FAILED.search(str(err)):
-            raise _peer_lost(session, err, model, checkpoints) from err  # JAX's collectives
+            raise _peer_lost(session, err, model, checkpoints, output) from err  # JAX's collectives
         raise TrainingFailed(
             f"training failed: {type(err).__name__}: {_without_graph_stack(err)}",
             where="model.fit",
@@ -345,7 +346,7 @@ def _fit_phase(run, session, model, checkpoints, batches, first_epoch, end_epoch
     except _OP_ERROR as err:
         if session.communicator is None:
             raise
-        raise _peer_lost(session, err, model, checkpoints) from err
+        raise _peer_lost(session, err, model, checkpoints, output) from err
 
 
 def _without_graph_stack(err: Exception) -> str:
@@ -360,7 +361,7 @@ def _without_graph_stack(err: Exception) -> str:
 
 
 def _peer_lost(session: Session, err: Exception, model: keras.Model,
-               checkpoints: Checkpoints) -> WorkersFailed:
+               checkpoints: Checkpoints, output: RunOutput) -> WorkersFailed:
     """A collective failed mid-training: almost always another rank died. Say so, once."""
     store = checkpoints.store
     store.wait()
@@ -368,7 +369,7 @@ def _peer_lost(session: Session, err: Exception, model: keras.Model,
     peer = re.search(r"/task:(\d+)", str(err))
     lost = f"rank {peer.group(1)}" if peer and int(peer.group(1)) != session.rank else "a peer"
     if regroup.can_regroup():
-        return _leave_broken_group(session, model, checkpoints, lost)
+        return _leave_broken_group(session, model, checkpoints, output, lost)
     saved = store.positions()
     resume = f" ({saved[-1]})" if saved else ""
     return WorkersFailed(
@@ -379,7 +380,7 @@ def _peer_lost(session: Session, err: Exception, model: keras.Model,
 
 
 def _leave_broken_group(session: Session, model: keras.Model, checkpoints: Checkpoints,
-                        lost: str) -> WorkersFailed:
+                        output: RunOutput, lost: str) -> WorkersFailed:
     """Under a launcher that re-forms the group: tell it the last step this rank completed;
     the rank it names saves that step's state from memory, so the next group loses none."""
     jax = backends.current() == "jax"
@@ -390,7 +391,8 @@ def _leave_broken_group(session: Session, model: keras.Model, checkpoints: Check
         saved = checkpoints.save_in_memory_state()
     said = f"rank {session.rank} lost contact with {lost} during training" + (
         f"; it saved the state {saved} for the group that follows" if saved else "")
-    console.info(said)
+    output.say(said)
+    output.flush_log()
     if jax:  # its variables hold the failed step's results, and jax.distributed's shutdown
         sys.stdout.flush()  # at exit would wait for the lost peer: leave now
         os._exit(regroup.PEER_LOST)
