@@ -268,16 +268,23 @@ def _after_loss(run, pending: dict, outcomes: dict, regroup: RegroupFolder,
 
     def wait(refs: list, seconds: float) -> None:
         deadline = time.monotonic() + seconds
-        while refs and time.monotonic() < deadline:
-            done, refs = ray.wait(refs, num_returns=1, timeout=deadline - time.monotonic())
+        while refs:
+            done, refs = ray.wait(refs, num_returns=1,
+                                  timeout=max(0.0, deadline - time.monotonic()))
             for ref in done:
                 outcomes[pending.pop(ref)] = _outcome(ref)
+            if not done:
+                return
+
+    def running() -> list[int]:
+        wait(list(pending), 0)  # those that ended meanwhile (the others end with a stalled
+        return sorted(pending.values())  # rank 0) have nothing to say
 
     users = sorted(rank for rank, (kind, _) in outcomes.items() if kind == "user")
     if users:
         return Failure(users[0], f"rank {users[0]}: {outcomes[users[0]][1]}", user_error=True,
                        since=seen)
-    saver = regroup.ask_newest_to_save(lambda: sorted(pending.values()))
+    saver = regroup.ask_newest_to_save(running)
     noted = regroup.completed_steps()
     wait([ref for ref, rank in pending.items() if rank in noted], SURVIVORS_LEAVE)
     if not any(kind in ("died", "crash") for kind, _ in outcomes.values()):
