@@ -33,7 +33,8 @@ checkpoints only and all of those off.
 
 --elastic: 3 workers, one SIGKILLed mid-epoch: seconds from the loss to the first step of the
 group that replaces it and steps lost, for an elastic group ({min: 2, max: 3}) and for a
-restart at the same size over TF collectives and over MPI; then the elastic group growing back.
+restart at the same size over TF collectives and over MPI, then elastic Ray actors and Spark
+tasks; each elastic group then grows back.
 
     python scripts/bench.py --elastic configs/synthetic.yaml --set train.global_batch_size=48 \
         --set data.kwargs.samples=480 --set train.epochs=5
@@ -512,7 +513,11 @@ ELASTIC_RUNS = {
     "3 workers, max_restarts 1 (TF collectives)":
         "{name: multiworker, workers: 3, max_restarts: 1, communicator: collective}",
     "3 workers, max_restarts 1 (MPI: mpirun ends every rank)":
-        "{name: multiworker, workers: 3, max_restarts: 1, communicator: mpi}"}
+        "{name: multiworker, workers: 3, max_restarts: 1, communicator: mpi}",
+    "ray {min: 2, max: 3} (a local Ray; an actor's process killed)":
+        "{name: ray, workers: {min: 2, max: 3}}",
+    "spark {min: 2, max: 3} (local[3]; Spark ends the stage: from the checkpoint)":
+        "{name: spark, workers: {min: 2, max: 3}}"}
 
 
 def bench_elastic(config: str, overrides: list[str]) -> None:
