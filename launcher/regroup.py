@@ -74,6 +74,12 @@ class RegroupFolder:
         self.url = url.rstrip("/")
         self.fs, self.path = fsspec.core.url_to_fs(self.url)
 
+    @classmethod
+    def of_run(cls, output_dir: str) -> RegroupFolder:
+        """The folder of a driver whose ranks run out of its reach (Spark tasks, Ray actors):
+        beside their logs, which every rank reaches."""
+        return cls(f"{output_dir.rstrip('/')}/logs/regroup")
+
     def environment(self) -> dict[str, str]:
         return {REGROUP_ENV: self.url}
 
@@ -106,10 +112,27 @@ class RegroupFolder:
     def offer_growth(self) -> None:
         self.fs.pipe(f"{self.path}/grow", b"1")
 
+    @contextlib.contextmanager
+    def offering_growth(self, has_room: Callable[[], bool], every: float):
+        """While the block runs, ask ``has_room()`` every ``every`` seconds; offer growth once
+        it says yes."""
+        def offered() -> bool:
+            if not has_room():
+                return False
+            self.offer_growth()
+            return True
+
+        with polling(offered, "ktrain-room-to-grow", every=every):
+            yield
+
     def completed_steps(self) -> dict[int, int]:
         """The last global step each rank that lost a peer had completed."""
         return {int(path.rsplit("-", 1)[1]): int(self.fs.cat_file(path))
                 for path in self.fs.glob(f"{self.path}/completed-*")}
+
+    def held_steps(self) -> dict[int, int]:
+        """``completed_steps`` of the ranks that hold a step they could save."""
+        return {rank: step for rank, step in self.completed_steps().items() if step >= 0}
 
 
 def _folder() -> tuple[fsspec.AbstractFileSystem, str] | None:

@@ -312,7 +312,7 @@ class WorkerGroup:
         codes = {spec.ranks[0]: p.poll() for spec, p in zip(self.specs, self._processes)}
         self.terminate()
         failure.lost = sorted(r for r, code in codes.items() if code not in (None, PEER_LOST))
-        completed = {r: step for r, step in self.regroup.completed_steps().items() if step >= 0}
+        completed = self.regroup.held_steps()
         failure.completed_step = max(completed.values(), default=None)
         if saver is not None and codes[saver] == PEER_LOST and saver in completed:
             failure.saved_by = saver  # it left as asked, its state saved

@@ -157,8 +157,11 @@ class MultiProcessStrategy(Strategy):
                                console_ranks=self.config.console_ranks,
                                stop_signals=tuple(run.checkpoint.stop_signals),
                                logs_kept_at=kept_at, environment=environment,
-                               offer_growth=self.config.grow and len(specs) <
-                               self.config.size_range[1]).run()
+                               offer_growth=self.may_grow(len(specs))).run()
+
+    def may_grow(self, size: int) -> bool:
+        """Whether a group of ``size`` is offered to grow back to ``workers.max``."""
+        return self.config.grow and size < self.config.size_range[1]
 
     def run_with_restarts(self, run: RunConfig, attempt) -> RunResult:
         """Call ``attempt(run, size, environment)`` until the workers finish; then return the

@@ -31,7 +31,7 @@ from ktrain.ray_data import RayShard, ray_data_shards
 from ktrain.regroup import LEFT_TO_GROW, PEER_LOST, SURVIVORS_LEAVE, RegroupFolder
 from ktrain.rendezvous import free_ports
 from ktrain.session import Session
-from ktrain.stopping import polling, relaying_stops, reported_stop
+from ktrain.stopping import relaying_stops, reported_stop
 from ktrain.strategies.base import MultiProcessStrategy
 from ktrain.strategies.multiworker import collective_session
 from ktrain.supervisor import (LEFT_TO_GROW_OUTCOME, Failure, blame_chief_first, echo_log,
@@ -169,7 +169,7 @@ class RayStrategy(MultiProcessStrategy):
             **options, resources=custom, max_restarts=0,
             scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=r)
         ).remote(r) for r in range(n)]
-        regroup = RegroupFolder(f"{run.output_dir.rstrip('/')}/logs/regroup")
+        regroup = RegroupFolder.of_run(run.output_dir)
         regroup.clear()
         try:
             shards = ray_data_shards(run, n)
@@ -185,7 +185,8 @@ class RayStrategy(MultiProcessStrategy):
             plan = worker_environment(run, train)
             with relaying_stops(run.checkpoint.stop_signals, run.output_dir) as (_, env), \
                     echo_log(f"{run.output_dir}/logs/rank-0.log"), \
-                    self._offering_growth(n, regroup):
+                    (regroup.offering_growth(lambda: self._has_room(n), every=_ROOM_EVERY)
+                     if self.may_grow(n) else contextlib.nullcontext()):
                 driver_env = {**console.environment(), **env, **environment,
                               **regroup.environment()}
                 pending = {actor.train.remote(plan, peers, driver_env, shards and shards[r]): r
@@ -197,29 +198,16 @@ class RayStrategy(MultiProcessStrategy):
             remove_placement_group(group)
             regroup.remove()
 
-    @contextlib.contextmanager
-    def _offering_growth(self, size: int, regroup: RegroupFolder):
-        """While a group smaller than ``workers.max`` trains, offer its ranks to grow once the
-        cluster has free resources for the workers it lacks (and, for strict_spread, nodes)."""
+    def _has_room(self, size: int) -> bool:
+        """Whether the cluster's free resources hold the workers a group of ``size`` lacks
+        (and, for strict_spread, it has a live node for each)."""
         import ray
 
-        most = self.config.size_range[1]
-        if not self.config.grow or size >= most:
-            yield
-            return
-
-        def room() -> bool:
-            free = ray.available_resources()
-            if any(v > free.get(k, 0) for k, v in self._needed(most - size).items()):
-                return False
-            if self.config.placement == "strict_spread" and \
-                    sum(node["Alive"] for node in ray.nodes()) < most:
-                return False
-            regroup.offer_growth()
-            return True
-
-        with polling(room, "ktrain-ray-room", every=_ROOM_EVERY):
-            yield
+        most, free = self.config.size_range[1], ray.available_resources()
+        if any(v > free.get(k, 0) for k, v in self._needed(most - size).items()):
+            return False
+        return self.config.placement != "strict_spread" or \
+            sum(node["Alive"] for node in ray.nodes()) >= most
 
 
 def _watch(run, pending: dict, regroup: RegroupFolder):
@@ -285,7 +273,7 @@ def _after_loss(run, pending: dict, outcomes: dict, regroup: RegroupFolder,
         return Failure(users[0], f"rank {users[0]}: {outcomes[users[0]][1]}", user_error=True,
                        since=seen)
     saver = regroup.ask_newest_to_save(running)
-    noted = regroup.completed_steps()
+    noted = regroup.completed_steps()  # every survivor, those with no step to save too
     wait([ref for ref, rank in pending.items() if rank in noted], SURVIVORS_LEAVE)
     if not any(kind in ("died", "crash") for kind, _ in outcomes.values()):
         wait(list(pending), _DEATH_WAIT)  # only the survivors spoke: the loss is Ray's to say
@@ -308,7 +296,7 @@ def _after_loss(run, pending: dict, outcomes: dict, regroup: RegroupFolder,
                                 f"{run.output_dir}/logs/rank-0.log")
     if failure.rank == rank:  # not a failure of rank 0 that the others followed
         failure.lost = lost
-        completed = {r: step for r, step in noted.items() if step >= 0}
+        completed = regroup.held_steps()
         failure.completed_step = max(completed.values(), default=None)
         if saver in completed and outcomes.get(saver, ("",))[0] == "left":
             failure.saved_by = saver  # it left as asked, its state saved

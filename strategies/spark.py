@@ -33,7 +33,7 @@ from ktrain.launch import worker_command, worker_environment
 from ktrain.regroup import LEFT_TO_GROW, PEER_LOST, RegroupFolder
 from ktrain.rendezvous import free_ports
 from ktrain.session import Session
-from ktrain.stopping import STOP_REPORT, polling, relaying_stops, reported_stop
+from ktrain.stopping import STOP_REPORT, relaying_stops, reported_stop
 from ktrain.strategies.base import MultiProcessStrategy, group_log_dir
 from ktrain.strategies.multiworker import collective_session
 from ktrain.supervisor import (LEFT_TO_GROW_OUTCOME, Failure, blame_chief_first,
@@ -182,14 +182,19 @@ class SparkStrategy(MultiProcessStrategy):
         console.info(f"training on {n} Spark barrier tasks ({master}); "
                      f"each rank logs to {run.output_dir}/logs/rank-<r>.log")
         chief_log = f"{run.output_dir}/logs/rank-0.log"
-        regroup = RegroupFolder(f"{run.output_dir.rstrip('/')}/logs/regroup")
+        regroup = RegroupFolder.of_run(run.output_dir)
         regroup.clear()
         try:
             with relaying_stops(run.checkpoint.stop_signals, run.output_dir) as (stop, env):
                 task = _barrier_task(worker_environment(run, train), run.output_dir,
                                      {**console.environment(), **env, **environment,
                                       **regroup.environment()}, columns)
-                with echo_log(chief_log), self._offering_growth(spark, n, regroup, connect):
+                # Spark Connect does not show its scheduler: a group there does not grow back
+                growing = regroup.offering_growth(
+                    lambda: _slots(spark.sparkContext) >= self.config.size_range[1],
+                    every=_SLOTS_EVERY) if self.may_grow(n) and not connect else \
+                    contextlib.nullcontext()
+                with echo_log(chief_log), growing:
                     ended = partitions.mapInArrow(task, "rank long, status long",
                                                   barrier=True).collect()
         except Exception as err:  # Py4J's (classic) or gRPC's (Connect) report of the stage
@@ -224,8 +229,7 @@ class SparkStrategy(MultiProcessStrategy):
                             lost=[rank] if kind == "crash" else []), chief_log)
             else:
                 raise
-            noted = [step for step in regroup.completed_steps().values() if step >= 0]
-            failure.completed_step = max(noted, default=None)
+            failure.completed_step = max(regroup.held_steps().values(), default=None)
             return failure
         finally:
             regroup.remove()
@@ -235,25 +239,6 @@ class SparkStrategy(MultiProcessStrategy):
         if stop.received and said:  # the ranks stopped as asked (so their tasks succeeded)
             raise reported_stop(said[-1], shown=console.verbosity() >= console.NORMAL)
         return None
-
-    @contextlib.contextmanager
-    def _offering_growth(self, spark, size: int, regroup: RegroupFolder, connect: bool):
-        """While a stage smaller than ``workers.max`` runs, offer its ranks to grow once the
-        cluster has that many slots again (an executor restarted, a worker joined). Spark
-        Connect does not show its scheduler, so a group there does not grow back."""
-        most = self.config.size_range[1]
-        if connect or not self.config.grow or size >= most:
-            yield
-            return
-
-        def room() -> bool:
-            if _slots(spark.sparkContext) < most:
-                return False
-            regroup.offer_growth()
-            return True
-
-        with polling(room, "ktrain-spark-slots", every=_SLOTS_EVERY):
-            yield
 
 
 def _slots(context) -> int:
