@@ -315,14 +315,16 @@ def test_a_preempted_sbatch_job_requeues_itself_and_completes(tmp_path, slurm, u
         assert scancel.returncode == 0, scancel.stderr
         # SLURM holds a requeued job for two minutes; the test lets it start at once. Watched
         # in squeue until it is gone: `sbatch --wait` may return when the job is requeued.
-        deadline, released = time.monotonic() + 400, False
+        # Released each time it is seen pending: a release that lands while the requeue is
+        # still under way is undone by the requeue's own hold.
+        deadline, released = time.monotonic() + 400, 0.0
         while time.monotonic() < deadline:
             state = run_command(slurm.command("squeue", "-h", f"--name={name}", "-o", "%i %T"),
                                 env=slurm.env).stdout.split()
-            if state and state[1] == "PENDING" and not released:
+            if state and state[1] == "PENDING" and time.monotonic() - released > 2:
                 run_command(slurm.command("scontrol", "update", f"JobId={state[0]}",
                                           "StartTime=now"), env=slurm.env)
-                released = True
+                released = time.monotonic()
             if not state and (out / "summary.json").exists():
                 break
             time.sleep(0.2)
