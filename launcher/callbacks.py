@@ -152,7 +152,8 @@ class GroupSizes(keras.callbacks.Callback):
             lost = f", {entry['steps_lost']} step(s) lost" + (
                 f" (rank {change.saved_by} saved the last one from memory)"
                 if change.saved_by is not None else " (from the newest checkpoint)")
-        return (f"the group re-formed on {self.world_size} workers after {change.reason}: "
+        workers = "1 worker" if self.world_size == 1 else f"{self.world_size} workers"
+        return (f"the group re-formed on {workers} after {change.reason}: "
                 f"continuing {self.start}{lost}, {entry['seconds']:.1f}s after the loss")
 
 
@@ -270,25 +271,28 @@ class LeaveToGrow(StopNow):
 
 
 class CompletedSteps(keras.callbacks.Callback):
-    """Where the state the model holds stands: the first callback after each step, before
-    any that reaches the peers (and may find one lost). None between an epoch's last step and
-    the end of its callbacks (validation, metrics, audits), whose state is not a position a
-    run can resume from."""
+    """The count of steps: the first callback after each step, before any that reaches the
+    peers (and may find one lost). ``position`` is where the state the model holds stands:
+    None between an epoch's last step and the end of its callbacks (validation, metrics,
+    audits), whose state is not a position a run can resume from."""
 
     def __init__(self, steps_per_epoch: int):
         super().__init__()
         self.steps_per_epoch = steps_per_epoch
         self.first_step = 0
-        """Global batches of the current epoch done before this fit call."""
+        """Global batches of the current epoch done before this fit call (a resumed epoch)."""
+        self.epoch = 0
+        self.step = 0
+        """Global batches of the current epoch done."""
         self.position: Position | None = None
-        self._epoch = 0
 
     def on_epoch_begin(self, epoch, logs=None):
-        self._epoch = epoch
+        self.epoch = epoch
 
     def on_train_batch_end(self, batch, logs=None):
-        step = self.first_step + batch + 1
-        self.position = Position(self._epoch, step) if step < self.steps_per_epoch else None
+        self.step = self.first_step + batch + 1
+        self.position = (Position(self.epoch, self.step) if self.step < self.steps_per_epoch
+                         else None)
 
     def ended_epoch(self, done: int) -> None:
         """Called by the last callback of an epoch's end."""
@@ -317,12 +321,10 @@ class Checkpoints(keras.callbacks.Callback):
         self.callback_state = dict(saved_callbacks)
         self.record = record
         """What every checkpoint carries besides the state: fingerprint and written_by."""
-        self.first_step = 0
-        """Global batches of the current epoch done before this fit call (a resumed epoch)."""
         self.completed = completed
+        """The count of steps, which runs before every other callback."""
         self.grow_flag = grow_flag
         """The flag rank 0 raises when its launcher offers room to grow (None: none can)."""
-        self._epoch = 0
         self._last_saved = time.monotonic()
         self._stop_at_epoch_end = False
         self._agreed: list[int] = []
@@ -334,26 +336,23 @@ class Checkpoints(keras.callbacks.Callback):
             for name, value in self.callback_state.get(type(callback).__name__, {}).items():
                 setattr(callback, name, value)
 
-    def on_epoch_begin(self, epoch, logs=None):
-        self._epoch = epoch
-
     def on_train_batch_end(self, batch, logs=None):
-        step = self.first_step + batch + 1
+        epoch, step = self.completed.epoch, self.completed.step
         if self.flags is not None:  # every rank learns them after the same step
             self._agreed = self.flags.agreed()
         if self._stop_requested():
             if step < self.steps_per_epoch:
-                self._save(Position(self._epoch, step), background=False)
-                raise StopNow(Position(self._epoch, step))
+                self._save(Position(epoch, step), background=False)
+                raise StopNow(Position(epoch, step))
             self._stop_at_epoch_end = True  # the last step: finish the epoch, then stop
         if step >= self.steps_per_epoch:
             return  # the epoch's end checkpoints this position
         every = self.run.checkpoint
-        if (every.every_steps and (self._epoch * self.steps_per_epoch + step) % every.every_steps
+        if (every.every_steps and (epoch * self.steps_per_epoch + step) % every.every_steps
                 == 0) or (every.every_minutes and
                           time.monotonic() - self._last_saved >= every.every_minutes * 60):
-            self._save(Position(self._epoch, step))
-            self._leave_if_growing(Position(self._epoch, step))
+            self._save(Position(epoch, step))
+            self._leave_if_growing(Position(epoch, step))
 
     def on_epoch_end(self, epoch, logs=None):
         done = epoch + 1

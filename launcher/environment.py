@@ -56,9 +56,10 @@ _LAUNCHERS = {"slurm": "srun", "openmpi": "mpirun", "mpich": "mpiexec", "tf_conf
 
 def detect(env: dict[str, str] | None = None) -> ClusterEnvironment:
     env = os.environ if env is None else env
-    for name in ("ktrain", "horovodrun"):
-        if _SCHEDULERS[name][0] in env:
-            return _from_table(name, env)
+    if _SCHEDULERS["ktrain"][0] in env:
+        return _from_ktrain(env)
+    if _SCHEDULERS["horovodrun"][0] in env:
+        return _from_table("horovodrun", env)
     if "TF_CONFIG" in env:
         return _from_tf_config(json.loads(env["TF_CONFIG"]))
     if "SLURM_PROCID" in env and "SLURM_STEP_ID" in env:
@@ -105,6 +106,9 @@ def _from_tf_config(spec: dict) -> ClusterEnvironment:
 
 PEERS_ENV = "KTRAIN_PEERS"
 """host:port of every rank, comma-separated, when ktrain itself started the workers."""
+MASTER_ENV = "KTRAIN_MASTER"
+"""host:port where rank 0 gathers the others' addresses (``ktrain.rendezvous``), when ktrain
+started the workers on other hosts (one ``srun`` step each) and cannot know their free ports."""
 PORT_ENV = "KTRAIN_PORT"
 """Overrides the port rank 0 listens on for the others."""
 PARTITION_ENV = "KTRAIN_DATA_PARTITION"
@@ -112,14 +116,26 @@ PARTITION_ENV = "KTRAIN_DATA_PARTITION"
 
 
 def rank_environment(rank: int, world_size: int, local_rank: int = 0,
-                     peers: list[str] | None = None) -> dict[str, str]:
+                     peers: list[str] | None = None, master: str | None = None) -> dict[str, str]:
     """The variables by which ktrain gives a process it starts its place (``detect`` reads them
-    back as the "ktrain" scheduler); ``peers``: every rank's host:port."""
+    back as the "ktrain" scheduler); ``peers``: every rank's host:port, or ``master``: where
+    rank 0 gathers them."""
     rank_var, local_var, size_var, _ = _SCHEDULERS["ktrain"]
     env = {rank_var: str(rank), local_var: str(local_rank), size_var: str(world_size)}
     if peers is not None:
         env[PEERS_ENV] = ",".join(peers)
+    if master is not None:
+        env[MASTER_ENV] = master
     return env
+
+
+def _from_ktrain(env) -> ClusterEnvironment:
+    found = _from_table("ktrain", env)
+    if MASTER_ENV not in env:
+        return found
+    host, _, port = env[MASTER_ENV].rpartition(":")
+    return ClusterEnvironment("ktrain", found.rank, found.local_rank, found.world_size, (host,),
+                              int(port))
 
 
 def _from_slurm(env) -> ClusterEnvironment:

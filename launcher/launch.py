@@ -43,12 +43,14 @@ def train_here(run: RunConfig, open_session: Callable[[RunConfig], Session],
 
 def worker_environment(run: RunConfig, train: Train, *, rank: int | None = None,
                        world_size: int | None = None, local_rank: int = 0,
-                       peers: list[str] | None = None) -> dict[str, str]:
+                       peers: list[str] | None = None,
+                       master: str | None = None) -> dict[str, str]:
     """The variables a rank process reads: the plan and the training function; with ``rank``,
-    its place in a group that ktrain itself forms (read back by ``ktrain.environment.detect``)."""
+    its place in a group that ktrain itself forms (read back by ``ktrain.environment.detect``;
+    ``peers`` or ``master``, see ``rank_environment``)."""
     env = {PLAN_ENV: run.model_dump_json(), TRAIN_ENV: f"{train.__module__}:{train.__qualname__}"}
     if rank is not None:
-        env.update(rank_environment(rank, world_size, local_rank, peers))
+        env.update(rank_environment(rank, world_size, local_rank, peers, master))
     return env
 
 

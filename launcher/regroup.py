@@ -6,7 +6,7 @@ URL), and the exit statuses that tell the launcher why a rank left.
   for the launcher to name the survivor holding the newest step (``ask_newest_to_save``),
   which commits the state it holds in memory as a checkpoint at that step, so that the next
   group loses no step.
-- A launcher with room for more ranks offers it (``offer_growth``); rank 0 raises a flag that
+- A launcher with room for more ranks offers it (``offering_growth``); rank 0 raises a flag that
   every rank learns at the same step, and they all stop right after the next checkpoint.
 - The next group's rank 0 learns why it was formed from ``$KTRAIN_REFORMED`` (``Reformation``).
 """
@@ -109,9 +109,6 @@ class RegroupFolder:
             self.fs.pipe(f"{self.path}/saver", str(rank).encode())
         return rank
 
-    def offer_growth(self) -> None:
-        self.fs.pipe(f"{self.path}/grow", b"1")
-
     @contextlib.contextmanager
     def offering_growth(self, has_room: Callable[[], bool], every: float):
         """While the block runs, ask ``has_room()`` every ``every`` seconds; offer growth once
@@ -119,7 +116,7 @@ class RegroupFolder:
         def offered() -> bool:
             if not has_room():
                 return False
-            self.offer_growth()
+            self.fs.pipe(f"{self.path}/grow", b"1")
             return True
 
         with polling(offered, "ktrain-room-to-grow", every=every):

@@ -8,6 +8,8 @@ rank 0's host, and a port it picked. The list, in rank order, reaches every rank
   step ids. Rank 0 listens there, every rank reports, rank 0 answers with the list. So the task
   layout (block or cyclic distribution, a step on some of the nodes) does not matter, and
   concurrent steps of one job do not collide. This is torchrun's store, cut down to one exchange.
+  Ranks that ktrain itself starts as ``srun`` steps (an elastic group in a SLURM allocation,
+  ``ktrain.allocation``) are told where rank 0 listens (``KTRAIN_MASTER``) and do the same.
   Each connection proves the run's secret both ways (``ktrain.handshake``; the secret is in the
   run folder, ``ktrain.lease``): a stranger's is dropped, and cannot take a rank's place.
 - under ``mpirun`` (``gather_addresses_over_mpi``): MPI itself carries the exchange.
@@ -42,7 +44,7 @@ def peer_addresses(found, timeout: float, output_dir: str,
     routes to rank 0's host."""
     if known := _given_peers(found):
         return known
-    if found.name == "slurm":
+    if found.name in ("slurm", "ktrain"):  # ktrain: ranks it started as srun steps
         return gather_addresses(found.rank, found.world_size, found.master_addr,
                                 found.master_port, timeout, lambda: lease.secret(output_dir),
                                 interface)
@@ -71,7 +73,8 @@ def chief_address(found, interface: str | None = None) -> str:
         return _resolve(known[0].rsplit(":", 1)[0])
     if found.one_host:
         return "127.0.0.1"
-    return _resolve(found.master_addr if found.name == "slurm" else socket.gethostname())
+    return _resolve(found.master_addr if found.name in ("slurm", "ktrain") else
+                    socket.gethostname())
 
 
 def gather_addresses(rank: int, world_size: int, root_host: str, root_port: int,

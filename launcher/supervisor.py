@@ -27,6 +27,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import fsspec
 
@@ -42,6 +43,11 @@ _TAIL = 20
 # what a rank's log says when it ends because rank 0 ended the group (watchdog.py, worker.py)
 _FOLLOWED_CHIEF = re.compile(r"rank 0 ends the group|lost contact with rank 0 ")
 _PR_SET_PDEATHSIG = 1
+# srun's report of a rank of an elastic group leaving as planned: kept in the log, not shown
+_LEFT_AS_PLANNED = re.compile(rf"^srun: error: \S+: task \d+: Exited with exit code "
+                              rf"({LEFT_TO_GROW}|{PEER_LOST})$")
+_ROOM_EVERY = 2.0
+"""Seconds between two asks whether there is room to grow."""
 
 
 OUTPUT_CAPTURED_ENV = console.OUTPUT_CAPTURED_ENV
@@ -77,6 +83,9 @@ class WorkerSpec:
     env: dict[str, str]
     ranks: tuple[int, ...]
     """The ranks this process runs: one, or all of them for an mpirun-style launcher."""
+    relays_signals: bool = False
+    """The process is a client (``srun``) of a rank on another host, which passes the signals
+    it gets on to it: a stop is sent to the client, not to the pid the rank marked."""
 
 
 @dataclass
@@ -127,7 +136,7 @@ larger."""
 class WorkerGroup:
     def __init__(self, specs: list[WorkerSpec], log_dir: Path, *, start_timeout: float,
                  console_ranks: str = "chief", stop_signals: tuple[str, ...] = (),
-                 logs_kept_at: str | None = None, offer_growth: bool = False,
+                 logs_kept_at: str | None = None, has_room: Callable[[], bool] | None = None,
                  environment: dict[str, str] | None = None):
         self.specs = specs
         self.stop = StopRequest(list(stop_signals))
@@ -154,7 +163,9 @@ class WorkerGroup:
             len(spec.ranks) == 1 for spec in specs) else None
         """Where the ranks learn who saves after a loss, and of room to grow: where each rank
         is a process of its own (mpirun ends them all when one dies)."""
-        self.offer_growth = offer_growth
+        self.has_room = has_room
+        """Asked every few seconds while the group runs: growth is offered once it says there
+        is room for more ranks (None: never)."""
         self.environment = environment or {}
         """Variables every rank gets besides its spec's."""
 
@@ -166,10 +177,10 @@ class WorkerGroup:
         self.rendezvous_dir.mkdir(parents=True)
         if self.regroup:
             self.regroup.clear()
-            if self.offer_growth:
-                self.regroup.offer_growth()
+        offering = (self.regroup.offering_growth(self.has_room, every=_ROOM_EVERY)
+                    if self.regroup and self.has_room else contextlib.nullcontext())
         try:
-            with self.stop.listening(on_signal=self._pass_on):
+            with self.stop.listening(on_signal=self._pass_on), offering:
                 self._start()
                 return self._watch()
         finally:
@@ -189,7 +200,9 @@ class WorkerGroup:
             raise Stopped(f"stopped by {sig.name} before every rank had started training; "
                           f"no checkpoint was taken", signal_number=sig.value,
                           hint="run the same command again to start over")
-        _signal_pids(pids.values(), sig)
+        relayed = {spec.ranks[0]: process.pid for spec, process in
+                   zip(self.specs, self._processes) if spec.relays_signals}
+        _signal_pids([relayed.get(rank, pid) for rank, pid in pids.items()], sig)
 
     def _start(self) -> None:
         for spec in self.specs:
@@ -226,7 +239,7 @@ class WorkerGroup:
                 self._tails[rank].append(line)
                 if line.startswith(STOP_REPORT):  # see _stopped
                     self._stop_said = line
-                if self._quiet:
+                if self._quiet or _LEFT_AS_PLANNED.match(line):
                     continue
                 if rank == 0 or self.console_ranks == "all":
                     if line.startswith(console.ERROR_PREFIX):

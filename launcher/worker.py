@@ -189,7 +189,7 @@ def _fit(run: RunConfig, session: Session, model: keras.Model, splits: Splits,
                         partition_steps=splits.partition_steps, audit=audit)
                     if flags is not None and not communicator.reduces_gradients:
                         batches = flags.counting(batches)
-                    checkpoints.first_step = checkpoints.completed.first_step = first_step
+                    checkpoints.completed.first_step = first_step
                     _fit_phase(run, session, model, checkpoints, output, batches, first_epoch,
                                end_epoch, steps - first_step, validation, callbacks)
                     if model.stop_training:  # early stopping

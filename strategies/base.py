@@ -138,7 +138,7 @@ class MultiProcessStrategy(Strategy):
         if self.trains_here():
             return train_here(run, self.open_session, train)
         found = detect()
-        if found.hint:
+        if found.hint and not self.config.elastic:  # an elastic group uses the allocation
             console.info(f"HINT: {found.hint}")
         return self.run_with_restarts(
             run, lambda run, size, environment: self.run_group(run, train, size, environment))
@@ -149,15 +149,18 @@ class MultiProcessStrategy(Strategy):
         ``environment`` besides its own: a ``ktrain.supervisor.Failure``,
         ``LEFT_TO_GROW_OUTCOME``, or None when they all finished."""
 
-    def run_local_group(self, run: RunConfig, specs: list, environment: dict[str, str]):
-        """Start ``specs`` (``ktrain.supervisor.WorkerSpec``) on this machine and watch them.
-        This machine has room for the most workers allowed: a smaller group is offered it."""
+    def run_local_group(self, run: RunConfig, specs: list, environment: dict[str, str],
+                        has_room=lambda: True):
+        """Start ``specs`` (``ktrain.supervisor.WorkerSpec``) from this machine and watch them.
+        A group smaller than the most workers allowed is offered to grow once ``has_room()``
+        (by default at once: the workers run on this machine, which had room for them all)."""
         with group_log_dir(run.output_dir) as (logs, kept_at):
+            grows = self.may_grow(sum(len(spec.ranks) for spec in specs))
             return WorkerGroup(specs, logs, start_timeout=self.config.start_timeout,
                                console_ranks=self.config.console_ranks,
                                stop_signals=tuple(run.checkpoint.stop_signals),
                                logs_kept_at=kept_at, environment=environment,
-                               offer_growth=self.may_grow(len(specs))).run()
+                               has_room=has_room if grows else None).run()
 
     def may_grow(self, size: int) -> bool:
         """Whether a group of ``size`` is offered to grow back to ``workers.max``."""

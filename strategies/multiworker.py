@@ -2,15 +2,22 @@
 
 ``ktrain run`` with ``workers: N`` on one machine starts N processes itself (under ``mpirun``,
 or on 127.0.0.1 for TF collectives, like ``torchrun --nproc-per-node``); under ``srun`` or
-``mpirun`` it joins what the environment describes instead.
+``mpirun`` it joins what the environment describes instead. An elastic group (``workers: {min,
+max}``) that ``ktrain run`` starts in a SLURM batch script runs each rank as an ``srun`` step of
+its own, over the allocation's nodes (``ktrain.allocation``).
 """
 
 from __future__ import annotations
 
 import importlib.util
 import os
+import random
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
 
 from ktrain import backends, console
+from ktrain.allocation import Allocation
 from ktrain.config import MultiWorkerConfig
 from ktrain.environment import ClusterEnvironment, detect, visible_gpus
 from ktrain.errors import UserError
@@ -20,7 +27,7 @@ from ktrain.rendezvous import free_ports, peer_addresses
 from ktrain.session import Session
 from ktrain.strategies.base import (MultiProcessStrategy, find_mpirun, mpirun_command,
                                     pin_local_device, use_network_interface, worker_session)
-from ktrain.supervisor import WorkerSpec
+from ktrain.supervisor import Failure, WorkerSpec
 
 
 def choose_communicator(found: ClusterEnvironment, env: dict[str, str] | None = None,
@@ -79,6 +86,8 @@ class MultiWorkerStrategy(MultiProcessStrategy):
                             "is a range): an MPI world cannot change size",
                             where="strategy.communicator",
                             hint="use communicator: collective (or auto, which picks it)")
+        if self.config.elastic and (allocation := Allocation.of_this_process()):
+            _check_allocation(allocation, self.config.size_range[0], run.output_dir)
         if self.config.communicator == "mpi":
             backends.tensorflow_only("communicator: mpi", "strategy.communicator",
                                      "on JAX, XLA's collectives join the workers: use "
@@ -94,11 +103,35 @@ class MultiWorkerStrategy(MultiProcessStrategy):
             return self.run_local_group(
                 run, [WorkerSpec(command, worker_environment(run, train), tuple(range(n)))],
                 environment)
+        if self.config.elastic and (allocation := Allocation.of_this_process()):
+            return self._run_steps(run, train, size, environment, allocation)
         peers = [f"127.0.0.1:{port}" for port in free_ports(n)]
         return self.run_local_group(run, [
             WorkerSpec(worker_command(), worker_environment(
                 run, train, rank=r, world_size=n, local_rank=r, peers=peers), (r,))
             for r in range(n)], environment)
+
+    def _run_steps(self, run, train, size: int, environment, allocation: Allocation):
+        """An elastic group in a SLURM allocation: each rank an ``srun`` step of its own, on
+        the allocation's nodes that are up, so that losing one ends no other."""
+        fewest, most = self.config.size_range
+        places = allocation.places(size, allocation.up())
+        if len(places) < fewest:
+            return Failure(None, f"the nodes of SLURM job {allocation.job_id} that are up take "
+                                 f"{len(places)} worker(s), fewer than strategy.workers.min "
+                                 f"({fewest})")
+        master = f"{places[0][0]}:{_gathering_port(allocation, places[0][0])}"
+        specs = [WorkerSpec(allocation.step(node, worker_command()), worker_environment(
+            run, train, rank=r, world_size=len(places), local_rank=local, master=master), (r,),
+            relays_signals=True) for r, (node, local) in enumerate(places)]
+
+        def has_room() -> bool:  # nodes up that run a step, this group's and others
+            used = {node for node, _ in places}
+            nodes = tuple(node for node in allocation.up()
+                          if node in used or allocation.runs_steps(node))
+            return len(allocation.places(most, nodes)) > len(places)
+
+        return self.run_local_group(run, specs, environment, has_room)
 
     def open_session(self, run) -> Session:
         use_network_interface(self.config.network_interface)
@@ -127,6 +160,31 @@ def collective_session(start_timeout: float, output_dir: str,
     peers = peer_addresses(found, start_timeout, output_dir, interface)
     return worker_session(TensorFlowCollectives(found.rank, peers, timeout_seconds=start_timeout),
                           device, found)
+
+
+def _check_allocation(allocation: Allocation, fewest: int, output_dir: str) -> None:
+    """An elastic group's ranks run on the allocation's nodes: they must fit, and reach the
+    run's folder (where they say where they are, and the launcher who saves)."""
+    if allocation.tasks < fewest:
+        raise UserError(f"SLURM job {allocation.job_id} has {allocation.tasks} task(s) "
+                        f"({len(allocation.nodes)} node(s)), fewer than strategy.workers.min "
+                        f"({fewest})", where="strategy.workers",
+                        hint=f"submit with at least {fewest} tasks (sbatch --ntasks or "
+                             f"--ntasks-per-node), or lower workers.min")
+    if not isinstance(fsspec.core.url_to_fs(output_dir)[0], LocalFileSystem):
+        raise UserError(f"an elastic group across a SLURM allocation needs output_dir on a "
+                        f"file system every node mounts, and {output_dir} is a URL",
+                        where="output_dir",
+                        hint="use a path on a shared file system, or give workers one size")
+
+
+def _gathering_port(allocation: Allocation, host: str) -> int:
+    """A port for rank 0 on ``host`` to gather the others' addresses at: one free now where
+    this launcher runs there (a batch script), else a random one (``salloc`` on a login node;
+    rank 0 says so if it is taken)."""
+    if host == allocation.launcher_host:
+        return free_ports(1, "0.0.0.0")[0]
+    return 20000 + random.randrange(10000)
 
 
 def _require_mpi() -> None:

@@ -6,12 +6,14 @@ import json
 import os
 import re
 import signal
+import subprocess
 import textwrap
+import time
 
 import pytest
 
-from helpers import (FIXTURES, assert_same_weights, elastic_config, elastic_reference,
-                     worker_pid, write_config)
+from helpers import (FIXTURES, KTRAIN, assert_same_weights, elastic_config, elastic_reference,
+                     run_command, worker_pid, write_config)
 from ktrain import strategies
 from ktrain.config import load_config
 from ktrain.errors import UserError, WorkersFailed
@@ -46,6 +48,50 @@ def test_a_lost_worker_is_absorbed_and_the_group_grows_back_with_the_weights_of_
     assert history[2]["step"] > history[1]["step"] and history[2]["step"] % 5 == 0
 
     assert_same_weights(out, elastic_reference(tmp_path), atol=1e-6)
+
+
+def test_an_elastic_group_in_a_two_node_slurm_job_goes_on_without_a_killed_rank_and_grows_back(
+        tmp_path, slurm_on_two_hosts):
+    """`ktrain run` in a batch script of `sbatch -N2`: each rank an srun step on its node; the
+    rank on the second node is killed, rank 0 goes on alone on the first, then the group grows
+    back onto the second node, and ends with the weights of one process."""
+    slurm, out = slurm_on_two_hosts, tmp_path / "elastic"
+    config = write_config(tmp_path / "elastic.yaml",
+                          elastic_config(out, workers={"min": 1, "max": 2}))
+    script = tmp_path / "job.sh"
+    script.write_text(f"#!/bin/bash\n{KTRAIN} run {config}\n")
+    job = subprocess.Popen(slurm.command("sbatch", "--wait", "--parsable", "-N2",
+                                         f"--output={tmp_path}/job.out", script),
+                           env={**os.environ, **slurm.env}, stdout=subprocess.PIPE, text=True)
+    job_id = job.stdout.readline().strip()
+    try:
+        deadline = time.monotonic() + 180
+        while not ((out / "checkpoints" / "ckpt-000002-0000005.npz").exists()
+                   and worker_pid(out, 1)):  # at step 5 of epoch 3
+            assert job.poll() is None and time.monotonic() < deadline, _said(tmp_path)
+            time.sleep(0.05)
+        os.kill(worker_pid(out, 1), signal.SIGKILL)  # on 10.77.0.2, in this pid namespace
+        job.wait(timeout=300)
+    finally:
+        if job.poll() is None:
+            job.kill()
+            job.wait()
+        run_command(slurm.command("scancel", job_id), env=slurm.env)
+    said = _said(tmp_path)
+    assert job.returncode == 0, said
+    assert "the group re-formed on 1 worker after rank 1 was killed by SIGKILL" in said, said
+    history = json.loads((out / "summary.json").read_text())["world_size_history"]
+    assert [(h["kind"], h["size"]) for h in history] == [("start", 2), ("shrink", 1),
+                                                         ("grow", 2)], said
+    hosts = [re.search(r"joined \(.*?host ([^,]+),", (out / "logs" / f"rank-{r}.log").read_text())
+             for r in (0, 1)]
+    assert [host and host.group(1) for host in hosts] == ["10.77.0.1", "10.77.0.2"], said
+    assert_same_weights(out, elastic_reference(tmp_path), atol=1e-6)
+
+
+def _said(folder) -> str:
+    job = folder / "job.out"
+    return job.read_text()[-4000:] if job.exists() else "(no job output yet)"
 
 
 # ------------------------------------------------------------ the launcher's decisions
@@ -144,6 +190,17 @@ def test_what_an_elastic_run_cannot_keep_exact_is_refused(tmp_path, strategy, tr
     message = refusal(tmp_path, strategy, **train)
     assert said in message, message
     assert "strategy" in message or "train.global_batch_size" in message
+
+
+@pytest.mark.fast
+def test_an_elastic_run_in_a_slurm_allocation_too_small_for_min_is_refused(tmp_path,
+                                                                         monkeypatch):
+    for name, value in {"SLURM_JOB_ID": "7", "SLURM_JOB_NODELIST": "n1",
+                        "SLURM_TASKS_PER_NODE": "1"}.items():
+        monkeypatch.setenv(name, value)
+    said = refusal(tmp_path, {})
+    assert "SLURM job 7 has 1 task(s) (1 node(s)), fewer than strategy.workers.min (2)" in said
+    assert "sbatch --ntasks" in said and "strategy.workers" in said
 
 
 @pytest.mark.fast

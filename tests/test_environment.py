@@ -4,7 +4,8 @@ import importlib.util
 
 import pytest
 
-from ktrain.environment import detect, parse_slurm_nodelist, visible_gpus
+from ktrain.allocation import Allocation
+from ktrain.environment import detect, parse_slurm_nodelist, rank_environment, visible_gpus
 from ktrain.errors import UserError
 from ktrain.strategies import multiworker
 
@@ -41,6 +42,21 @@ def test_sbatch_without_srun_is_local_with_a_hint():
     found = detect(env)
     assert found.name == "local" and found.world_size == 1
     assert "without srun" in found.hint and "4 tasks" in found.hint
+
+
+def test_a_batch_scripts_allocation_places_ranks_from_its_own_node_on():
+    """Where an elastic group's srun steps go (ktrain.allocation); rank 0 beside the launcher."""
+    env = {"SLURM_JOB_ID": "7", "SLURM_JOB_NODELIST": "gpu[01-03]",
+           "SLURM_TASKS_PER_NODE": "2(x2),1", "SLURMD_NODENAME": "gpu02"}
+    allocation = Allocation.of_this_process(env)
+    assert (allocation.nodes, allocation.slots, allocation.tasks) == (
+        ("gpu02", "gpu01", "gpu03"), (2, 2, 1), 5)
+    assert allocation.places(4, ("gpu02", "gpu03")) == [("gpu02", 0), ("gpu02", 1), ("gpu03", 0)]
+    assert Allocation.of_this_process({**env, "SLURM_STEP_ID": "0"}) is None  # inside srun
+    # the ranks it starts: ktrain's own, gathering their addresses at rank 0
+    found = detect({**SLURM_STEP, **rank_environment(1, 3, master="gpu02:23456")})
+    assert (found.name, found.rank, found.world_size, found.master_addr, found.master_port) == (
+        "ktrain", 1, 3, "gpu02", 23456)
 
 
 def test_order_of_precedence():
