@@ -10,16 +10,20 @@ backend; what differs is how replicas share the work:
 - jax: ``keras.distribution.DataParallel`` over the devices of every process (joined by
   ``jax.distributed``); XLA's collectives reduce the gradients (gloo on CPU, NCCL on GPU).
   See ``ktrain.jax_runtime``.
+- torch: one device per process; across processes ktrain averages the gradients over
+  ``torch.distributed`` (Gloo on CPU, NCCL on GPU). See ``ktrain.torch_runtime``.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
 
 from ktrain.errors import UserError
 
-BACKENDS = ("tensorflow", "jax")
+BACKENDS = ("tensorflow", "jax", "torch")
+_PACKAGES = {"jax": "JAX", "torch": "PyTorch"}
 DEFAULT = "tensorflow"
 ENV = "KERAS_BACKEND"
 
@@ -35,9 +39,13 @@ def resolve(configured: str | None, env=None) -> str:
                              "the config), or make them agree")
     chosen = configured or from_env or DEFAULT
     if chosen not in BACKENDS:
-        raise UserError(f"KERAS_BACKEND is '{chosen}'; ktrain trains on {' or '.join(BACKENDS)}",
+        raise UserError(f"KERAS_BACKEND is '{chosen}'; ktrain trains on {', '.join(BACKENDS)}",
                         where="KERAS_BACKEND",
                         hint=f"set KERAS_BACKEND to one of {', '.join(BACKENDS)}, or unset it")
+    if chosen != DEFAULT and importlib.util.find_spec(chosen) is None:
+        raise UserError(f"backend {chosen} needs {_PACKAGES[chosen]}, which is not installed",
+                        where="backend" if configured else "KERAS_BACKEND",
+                        hint=f'pip install "ktrain-launcher[{chosen}]"')
     return chosen
 
 

@@ -14,6 +14,7 @@ from ktrain import backends, console
 from ktrain.checkpoint import CheckpointStore, Position
 from ktrain.config import RunConfig
 from ktrain.errors import UserError, WorkersFailed
+from ktrain.global_metrics import GlobalMetrics
 from ktrain.optimizers import optimizer_variables, optimizers_of, steps_done
 from ktrain.output import RunOutput
 from ktrain.regroup import Reformation
@@ -516,7 +517,5 @@ def callbacks_in_order(session: Session, recorder: RunRecorder, tracker, history
     if audit:
         callbacks.insert(0, AuditShards(audit, session))
     if session.communicator is not None and session.communicator.reduces_gradients:
-        from ktrain.collectives import GlobalMetrics
-
         callbacks.insert(0, GlobalMetrics(session.communicator, train_share, validation_share))
     return [checkpoints.completed, *callbacks]

@@ -323,6 +323,10 @@ def _environment_report() -> str:
         import jax
 
         gpus = [str(d) for d in jax.devices() if d.platform == "gpu"]
+    elif backend == "torch":
+        import torch
+
+        gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
     else:
         import tensorflow as tf
 

@@ -40,6 +40,9 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from ktrain.global_metrics import GlobalMetrics
+from ktrain.optimizers import averaging, optimizers_of, plain
+
 
 COMPRESSED = {"fp16": tf.float16, "bf16": tf.bfloat16}
 """The dtypes ``compression`` may send float32 and float64 gradients in."""
@@ -126,6 +129,26 @@ class Communicator(abc.ABC):
 
     def flags(self, count: int) -> SharedFlags:
         return SharedFlags(count)
+
+    def average_updates(self, model: keras.Model, flags: SharedFlags | None = None, *,
+                        compression: str = "none", bucket_bytes: int | None = None) -> None:
+        """Every optimizer ``model`` updates with (a GAN has one per sub-model) averages its
+        gradients, and ``flags``, over the workers; its synchronized BatchNormalization layers
+        take their statistics over them."""
+        for optimizer in optimizers_of(model).values():
+            distribute_optimizer(optimizer, self, flags=flags, compression=compression,
+                                 bucket_bytes=bucket_bytes)
+        synchronize_batch_norm(model, self)
+
+    def plain_updates(self, model: keras.Model) -> None:
+        """``average_updates`` undone (before the model is saved)."""
+        for optimizer in optimizers_of(model).values():
+            undistribute(optimizer)
+        desynchronize_batch_norm(model)
+
+    def copy_from_chief(self, variables: Sequence) -> None:
+        """Every worker's ``variables`` take rank 0's values."""
+        broadcast_variables(variables, self)
 
 
 def buckets(tensors: Sequence[tf.Tensor], bucket_bytes: int | None) -> list[list[int]]:
@@ -357,9 +380,9 @@ def distribute_optimizer(optimizer: keras.optimizers.Optimizer, communicator: Co
                          flags: SharedFlags | None = None) -> keras.optimizers.Optimizer:
     """Make ``optimizer`` average gradients over ``communicator`` before every update.
 
-    The instance is changed in place (its class becomes a subclass of its own class), so the
-    model keeps the same optimizer object, its variables and its config. ``undistribute``
-    reverts it, e.g. before saving.
+    The instance is changed in place (``ktrain.optimizers.averaging``), so the model keeps the
+    same optimizer object, its variables and its config. ``undistribute`` reverts it, e.g.
+    before saving.
 
     Args:
         optimizer: any Keras 3 optimizer (a ``LossScaleOptimizer``'s inner one is wrapped).
@@ -373,39 +396,27 @@ def distribute_optimizer(optimizer: keras.optimizers.Optimizer, communicator: Co
     Returns:
         ``optimizer`` itself.
     """
-    target = getattr(optimizer, "inner_optimizer", optimizer)  # LossScaleOptimizer wraps one
-    base = type(target)
-    if getattr(base, "_ktrain_communicator", None) is not None:
-        return optimizer
-
     options = {"compression": compression, "bucket_bytes": bucket_bytes}
 
-    class Averaging(base):
-        _ktrain_communicator = communicator
+    def average(grads):
+        sparse = [i for i, g in enumerate(grads) if isinstance(g, tf.IndexedSlices)]
+        dense = [g for i, g in enumerate(grads) if i not in sparse]
+        if flags is None:
+            dense = communicator.allreduce_mean(dense, **options)
+        else:
+            # Counted once this rank's gradients exist: its data and compute are done.
+            computed = [g.values if isinstance(g, tf.IndexedSlices) else g for g in grads]
+            with tf.control_dependencies(computed):
+                arrived = flags.arrivals.assign_add(1)
+            with tf.control_dependencies([arrived]):
+                raised = flags.raised.read_value()
+            *dense, agreed = communicator.allreduce_mean([*dense, raised], **options)
+            flags.agreed_values.assign(agreed)
+        averaged = iter(dense)
+        gathered = iter(_gathered_slices([grads[i] for i in sparse], communicator))
+        return [next(gathered) if i in sparse else next(averaged) for i in range(len(grads))]
 
-        def _backend_update_step(self, grads, trainable_variables, learning_rate):
-            sparse = [i for i, g in enumerate(grads) if isinstance(g, tf.IndexedSlices)]
-            dense = [g for i, g in enumerate(grads) if i not in sparse]
-            if flags is None:
-                dense = communicator.allreduce_mean(dense, **options)
-            else:
-                # Counted once this rank's gradients exist: its data and compute are done.
-                computed = [g.values if isinstance(g, tf.IndexedSlices) else g for g in grads]
-                with tf.control_dependencies(computed):
-                    arrived = flags.arrivals.assign_add(1)
-                with tf.control_dependencies([arrived]):
-                    raised = flags.raised.read_value()
-                *dense, agreed = communicator.allreduce_mean([*dense, raised], **options)
-                flags.agreed_values.assign(agreed)
-            averaged = iter(dense)
-            gathered = iter(_gathered_slices([grads[i] for i in sparse], communicator))
-            grads = [next(gathered) if i in sparse else next(averaged) for i in range(len(grads))]
-            return super()._backend_update_step(grads, trainable_variables, learning_rate)
-
-    Averaging.__name__ = Averaging.__qualname__ = base.__name__
-    Averaging.__module__ = base.__module__
-    target.__class__ = Averaging
-    return optimizer
+    return averaging(optimizer, average)
 
 
 def _gathered_slices(slices: list[tf.IndexedSlices],
@@ -423,14 +434,8 @@ def _gathered_slices(slices: list[tf.IndexedSlices],
 
 
 def undistribute(optimizer: keras.optimizers.Optimizer) -> None:
-    _unwrap(getattr(optimizer, "inner_optimizer", optimizer))
-
-
-def _unwrap(target) -> None:
-    """Give ``target`` back its own class, if ktrain swapped it for a subclass of it (one that
-    carries ``_ktrain_communicator``)."""
-    if getattr(type(target), "_ktrain_communicator", None) is not None:
-        target.__class__ = type(target).__mro__[1]
+    """Give ``optimizer`` back its own class (``distribute_optimizer`` undone)."""
+    plain(optimizer)
 
 
 def synchronize_batch_norm(model: keras.Model, communicator: Communicator) -> None:
@@ -448,7 +453,8 @@ def synchronize_batch_norm(model: keras.Model, communicator: Communicator) -> No
 
 def desynchronize_batch_norm(model: keras.Model) -> None:
     for layer in model._flatten_layers(include_self=False):
-        _unwrap(layer)
+        if hasattr(type(layer), "_ktrain_communicator"):
+            layer.__class__ = type(layer).__mro__[1]
 
 
 def _moments_over_workers(self, inputs, mask):
@@ -493,32 +499,3 @@ def broadcast_variables(variables: Sequence[tf.Variable], communicator: Communic
     for variable, value in zip(variables, communicator.broadcast([v.value for v in variables],
                                                                  root)):
         variable.assign(value)
-
-
-class GlobalMetrics(keras.callbacks.Callback):
-    """Replace each worker's epoch metrics with the example-weighted mean over all workers.
-
-    Put it first in the callback list: later callbacks (history, early stopping, checkpoints)
-    then all see the same, global numbers on every worker.
-
-    Args:
-        communicator: the transport.
-        train_examples: the training examples this worker sees per epoch (its weight).
-        validation_examples: the validation examples it evaluates per epoch.
-    """
-
-    def __init__(self, communicator: Communicator, train_examples: int, validation_examples: int):
-        super().__init__()
-        self.communicator = communicator
-        self.weights = {"train": float(train_examples), "val": float(validation_examples)}
-
-    def on_epoch_end(self, epoch, logs=None):
-        if not logs:
-            return
-        keys = sorted(logs)
-        weight = [self.weights["val" if k.startswith("val_") else "train"] for k in keys]
-        local = [float(logs[k]) * w for k, w in zip(keys, weight)] + list(self.weights.values())
-        total = self.communicator.sum_host(local)
-        train_total, val_total = total[-2:]
-        for i, key in enumerate(keys):
-            logs[key] = float(total[i] / (val_total if key.startswith("val_") else train_total))

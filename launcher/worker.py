@@ -27,7 +27,7 @@ from ktrain.data import Splits, evaluation_batches, steps_per_epoch, training_ba
 from ktrain.errors import KtrainError, UserError, WorkersFailed, first_line
 from ktrain.exports import export_after_run
 from ktrain.jax_runtime import even_share
-from ktrain.optimizers import optimizer_variables, optimizers_of
+from ktrain.optimizers import optimizer_variables
 from ktrain.output import RunOutput, RunResult
 from ktrain.report import write_report
 from ktrain.resume import (check_resumable, fit_phases, restore, run_fingerprint,
@@ -45,8 +45,10 @@ tf = backends.optional_tensorflow()
 _MISFIT = (ValueError, TypeError) + ((tf.errors.InvalidArgumentError,
                                       tf.errors.UnimplementedError) if tf else ())
 _OP_ERROR = tf.errors.OpError if tf else ()
-# How a collective that lost a peer fails on JAX (XLA's Gloo collectives, as a ValueError).
-_TRANSPORT_FAILED = re.compile(r"Gloo \w+ failed|Connection reset by peer|UNAVAILABLE:")
+# How a collective that lost a peer fails on JAX (XLA's Gloo collectives, as a ValueError) and
+# on torch (torch.distributed's Gloo or NCCL, as a RuntimeError).
+_TRANSPORT_FAILED = re.compile(r"Gloo \w+ failed|Connection (reset|closed) by peer|"
+                               r"UNAVAILABLE:|NCCL (error|communicator was aborted)")
 
 
 class TrainingFailed(UserError):
@@ -83,18 +85,12 @@ def _join_group(run: RunConfig, session: Session, model: keras.Model, flags) -> 
     gradients, and every worker built the same state from the same seed (or checkpoint)."""
     communicator = session.communicator
     if communicator.reduces_gradients:
-        from ktrain.collectives import (broadcast_variables, distribute_optimizer,
-                                        synchronize_batch_norm)
-
-        for optimizer in optimizers_of(model).values():  # a GAN has one per sub-model
-            distribute_optimizer(optimizer, communicator, flags=flags,
-                                 compression=run.strategy.compression,
-                                 bucket_bytes=run.strategy.bucket_bytes)
-        synchronize_batch_norm(model, communicator)
+        communicator.average_updates(model, flags, compression=run.strategy.compression,
+                                     bucket_bytes=run.strategy.bucket_bytes)
         model.jit_compile = False  # numpy_function, Horovod and collective ops are not XLA ops
     mark(session.rank, "arrived")
     if communicator.reduces_gradients:
-        broadcast_variables(model.variables + optimizer_variables(model), communicator)
+        communicator.copy_from_chief(model.variables + optimizer_variables(model))
         own_random_draws(model, session.rank)
     else:
         communicator.barrier()
@@ -202,11 +198,7 @@ def _fit(run: RunConfig, session: Session, model: keras.Model, splits: Splits,
     store.wait()
     early_stopping = _early_stopping_report(model, optional, output)
     if communicator is not None and communicator.reduces_gradients:
-        from ktrain.collectives import desynchronize_batch_norm, undistribute
-
-        for optimizer in optimizers_of(model).values():
-            undistribute(optimizer)
-        desynchronize_batch_norm(model)
+        communicator.plain_updates(model)
     summary = {**_summary(run, session, recorder, history, start.epoch, fit_started, fit_ended,
                           output.save_model(model)),
                "world_size_history": sizes,
@@ -345,6 +337,10 @@ def _fit_phase(run, session, model, checkpoints, output, batches, first_epoch, e
         ) from err
     except _OP_ERROR as err:
         if session.communicator is None:
+            raise
+        raise _peer_lost(session, err, model, checkpoints, output) from err
+    except RuntimeError as err:  # torch.distributed's (Gloo, NCCL)
+        if session.communicator is None or not _TRANSPORT_FAILED.search(str(err)):
             raise
         raise _peer_lost(session, err, model, checkpoints, output) from err
 

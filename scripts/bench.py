@@ -279,9 +279,10 @@ def bench_scaling(config: str, overrides: list[str], workers: int, repeats: int)
                 f"train.global_batch_size={batch * n}",
                 *([f"data.kwargs.samples={samples * n}"] if samples else [])]
 
-    runs = [("1 process (mirrored, 1 device)", "{name: mirrored, devices: 1}", 1),
+    transports = SCALING_RUNS if run.backend == "tensorflow" else SCALING_RUNS[:1]  # the rest
+    runs = [("1 process (mirrored, 1 device)", "{name: mirrored, devices: 1}", 1),  # are TF's
             *((f"{workers} workers, {label}", strategy, workers)
-              for label, strategy in SCALING_RUNS)]
+              for label, strategy in transports)]
     best: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for round_ in range(repeats):
@@ -302,7 +303,8 @@ def bench_scaling(config: str, overrides: list[str], workers: int, repeats: int)
         ratio = speed / single if single else float("nan")
         efficiency = "-" if label == runs[0][0] else f"{ratio / workers:.0%}"
         print(f"| {label} | {speed:.1f} | {ratio:.2f} | {efficiency} |")
-    bench_step_breakdown(config, grown(2, "{name: multiworker}"))
+    if run.backend == "tensorflow":  # the breakdown times TensorFlow's communicators
+        bench_step_breakdown(config, grown(2, "{name: multiworker}"))
 
 
 def _steady_speed(output_dir: str) -> float:

@@ -87,9 +87,9 @@ class MultiProcessStrategy(Strategy):
         if self.config.compression != "none":
             backends.tensorflow_only(f"compression: {self.config.compression}",
                                      "strategy.compression",
-                                     "on JAX the gradients travel in the model's own dtype "
-                                     "(train.precision: mixed_bfloat16 halves them): remove "
-                                     "strategy.compression")
+                                     f"on {backends.current()} the gradients travel in the "
+                                     f"model's own dtype (train.precision: mixed_bfloat16 halves "
+                                     f"them): remove strategy.compression")
         if self.config.elastic:
             self.check_elastic(run)
         run.train.check_split(self.world_size(), "workers")

@@ -39,9 +39,10 @@ class HorovodStrategy(MultiProcessStrategy):
 
     def prepare(self, run) -> None:
         backends.tensorflow_only("the horovod strategy", "strategy.name",
-                                 "use strategy.name: multiworker, which on JAX joins the "
-                                 "workers with jax.distributed and averages gradients with "
-                                 "XLA's collectives (under horovodrun, mpirun or srun too)")
+                                 f"use strategy.name: multiworker, which on "
+                                 f"{backends.current()} joins the workers with "
+                                 f"{backends.current()}.distributed and averages their gradients "
+                                 f"(under horovodrun, mpirun or srun too)")
         super().prepare(run)
         if importlib.util.find_spec("horovod") is None:  # its TensorFlow part: in the workers
             raise _not_installed("No module named 'horovod'")

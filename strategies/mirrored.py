@@ -1,5 +1,6 @@
 """In-process data parallelism over the devices of one machine: ``tf.distribute.MirroredStrategy``
-on TensorFlow, ``keras.distribution.DataParallel`` on JAX (``ktrain.jax_runtime``)."""
+on TensorFlow, ``keras.distribution.DataParallel`` on JAX (``ktrain.jax_runtime``); on torch,
+one device (several are ``multiworker``'s processes, ``ktrain.torch_runtime``)."""
 
 from __future__ import annotations
 
@@ -7,11 +8,12 @@ import os
 
 from ktrain import backends
 from ktrain.config import MirroredConfig
-from ktrain.environment import detect
+from ktrain.environment import detect, visible_gpus
 from ktrain.errors import UserError
 from ktrain.jax_runtime import local_session
 from ktrain.launch import train_here
 from ktrain.session import Session
+from ktrain.torch_runtime import local_device
 from ktrain.strategies.base import Strategy
 
 
@@ -35,6 +37,14 @@ class MirroredStrategy(Strategy):
         if backends.current() == "tensorflow":
             self._devices = self._configure_devices()
             run.train.check_split(len(self._devices), "devices")
+        if backends.current() == "torch":
+            wanted = visible_gpus() if self.config.devices == "auto" else self.config.devices
+            if wanted > 1:
+                raise UserError(
+                    f"on torch, strategy mirrored trains on one device, and {wanted} are asked "
+                    f"for", where="strategy.devices",
+                    hint=f"use strategy.name: multiworker with workers: {wanted} (one process "
+                         f"per device, as torchrun starts them), or devices: 1")
 
     def launch(self, run, train):
         return train_here(run, self.open_session, train)
@@ -44,6 +54,8 @@ class MirroredStrategy(Strategy):
             session = local_session(self.config.devices)
             run.train.check_split(session.num_replicas, "devices")
             return session
+        if backends.current() == "torch":
+            return Session(rank=0, world_size=1, num_replicas=1, devices=(local_device(),))
         import tensorflow as tf
 
         devices = self._devices

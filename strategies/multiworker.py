@@ -25,6 +25,7 @@ from ktrain.jax_runtime import process_session
 from ktrain.launch import worker_command, worker_environment
 from ktrain.rendezvous import free_ports, peer_addresses
 from ktrain.session import Session
+from ktrain.torch_runtime import process_session as torch_session
 from ktrain.strategies.base import (MultiProcessStrategy, find_mpirun, mpirun_command,
                                     pin_local_device, use_network_interface, worker_session)
 from ktrain.supervisor import Failure, WorkerSpec
@@ -39,8 +40,9 @@ def choose_communicator(found: ClusterEnvironment, env: dict[str, str] | None = 
     Performance). TF collectives everywhere else, on GPUs (NCCL, where MPI would copy through
     the host), with compression (MPI has no half-precision type), and on JAX.
     """
-    if backends.current() == "jax":
-        return "collective", "on JAX, jax.distributed joins the workers"
+    if backends.current() in ("jax", "torch"):
+        return "collective", f"on {backends.current()}, {backends.current()}.distributed " \
+                             f"joins the workers"
     if elastic:
         return "collective", "an elastic group re-forms at other sizes, and an MPI world cannot"
     if visible_gpus(env):
@@ -90,8 +92,9 @@ class MultiWorkerStrategy(MultiProcessStrategy):
             _check_allocation(allocation, self.config.size_range[0], run.output_dir)
         if self.config.communicator == "mpi":
             backends.tensorflow_only("communicator: mpi", "strategy.communicator",
-                                     "on JAX, XLA's collectives join the workers: use "
-                                     "communicator: collective (under mpirun too)")
+                                     f"on {backends.current()}, "
+                                     f"{backends.current()}.distributed joins the workers: use "
+                                     f"communicator: collective (under mpirun too)")
             _require_mpi()
         self.check_compression(transport, f"communicator {transport}",
                                "or communicator: collective (fp16, bf16)")
@@ -150,10 +153,10 @@ def collective_session(start_timeout: float, output_dir: str,
     """A worker's session over TF collectives (or, on JAX, jax.distributed), with peers from
     the environment (or, under srun, ``ktrain.rendezvous`` in the run writing ``output_dir``)."""
     found = detect()
-    if backends.current() == "jax":
-        return process_session(found.rank, found.local_rank,
-                               peer_addresses(found, start_timeout, output_dir, interface),
-                               start_timeout)
+    if backends.current() in ("jax", "torch"):
+        join = process_session if backends.current() == "jax" else torch_session
+        return join(found.rank, found.local_rank,
+                    peer_addresses(found, start_timeout, output_dir, interface), start_timeout)
     from ktrain.collectives import TensorFlowCollectives  # imports TensorFlow: ranks only
 
     device = pin_local_device(found.local_rank)  # before TensorFlow's runtime starts

@@ -1,7 +1,8 @@
-"""The same configs on Keras' JAX backend: equal weights on 1 and N replicas under every
-strategy that runs on JAX, the same accuracy as on TensorFlow, and checkpoints and saved
+"""The same configs on Keras' JAX and torch backends: equal weights on 1 and N replicas under
+every strategy that runs there, the same accuracy as on TensorFlow, and checkpoints and saved
 models that move between the backends."""
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -16,6 +17,15 @@ from helpers import (KTRAIN, REPO, assert_quiet_console, assert_same_weights, ba
 pytest.importorskip("jax", reason="JAX is not installed: bash scripts/setup.sh")
 
 JAX = {"backend": "jax"}
+NEEDS_TORCH = pytest.mark.skipif(importlib.util.find_spec("torch") is None,
+                                 reason="PyTorch is not installed: bash scripts/setup.sh")
+
+
+def on(backend: str, *values):
+    """Parameters of a test on ``backend`` (skipped where it is not installed)."""
+    return pytest.param(backend, *values, marks=[NEEDS_TORCH] if backend == "torch" else [],
+                        id="-".join([backend, *(v["name"] if isinstance(v, dict) else str(v)
+                                                for v in values)]))
 
 
 def config_file(tmp_path, name: str, **sections):
@@ -36,28 +46,42 @@ def train(tmp_path, name: str, *overrides: str, **sections) -> dict:
 
 
 @pytest.fixture(scope="module")
-def one_jax_device(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("jax-reference")
-    summary = train(folder, "out", **JAX)
-    assert (summary["backend"], summary["num_replicas"]) == ("jax", 1)
-    return folder / "out"
+def one_device(tmp_path_factory):
+    """The reference of a backend: one process on one device (run once per module)."""
+    done = {}
+
+    def get(backend: str):
+        if backend not in done:
+            folder = tmp_path_factory.mktemp(f"{backend}-reference")
+            summary = train(folder, "out", backend=backend)
+            assert (summary["backend"], summary["num_replicas"]) == (backend, 1)
+            done[backend] = folder / "out"
+        return done[backend]
+
+    return get
 
 
-@pytest.mark.parametrize("strategy", [
-    {"name": "mirrored", "devices": 2},
-    {"name": "multiworker", "workers": 2},
-    pytest.param({"name": "spark", "workers": 2, "master": "local[2]"}, id="spark"),
-    pytest.param({"name": "ray", "workers": 2}, id="ray"),
-], ids=lambda s: s["name"])
-def test_two_jax_replicas_match_one_jax_device(tmp_path, one_jax_device, strategy):
+@pytest.fixture(scope="module")
+def one_jax_device(one_device):
+    return one_device("jax")
+
+
+@pytest.mark.parametrize("backend, strategy", [
+    on("jax", {"name": "mirrored", "devices": 2}),
+    *[on(backend, strategy) for backend in ("jax", "torch") for strategy in (
+        {"name": "multiworker", "workers": 2}, {"name": "spark", "workers": 2, "master": "local[2]"},
+        {"name": "ray", "workers": 2})],
+])
+def test_two_replicas_match_one_device_on_jax_and_torch(tmp_path, one_device, backend,
+                                                        strategy):
     if strategy["name"] in ("spark", "ray"):
         pytest.importorskip("pyspark" if strategy["name"] == "spark" else "ray",
                             reason=f"{strategy['name']} is not installed: bash scripts/setup.sh")
-    result = run_cli("run", config_file(tmp_path, "out", strategy=strategy, **JAX))
+    result = run_cli("run", config_file(tmp_path, "out", strategy=strategy, backend=backend))
     assert_quiet_console(result, tmp_path / "out", 1 if strategy["name"] == "mirrored" else 2)
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
-    assert (summary["backend"], summary["num_replicas"]) == ("jax", 2)
-    assert_same_weights(one_jax_device, tmp_path / "out")
+    assert (summary["backend"], summary["num_replicas"]) == (backend, 2)
+    assert_same_weights(one_device(backend), tmp_path / "out")
 
 
 def quickstart(tmp_path, *overrides: str) -> dict:
@@ -72,46 +96,61 @@ def quickstart(tmp_path, *overrides: str) -> dict:
     return json.loads((out / "summary.json").read_text())
 
 
-def test_tensorflow_and_jax_reach_the_same_accuracy_on_the_quickstart(tmp_path):
-    on_tf = quickstart(tmp_path, "output_dir=tf")
-    on_jax = quickstart(tmp_path, "output_dir=jax", "backend=jax")
-    assert (on_tf["backend"], on_jax["backend"]) == ("tensorflow", "jax")
+@pytest.fixture(scope="module")
+def tensorflow_quickstart(tmp_path_factory) -> dict:
+    return quickstart(tmp_path_factory.mktemp("quickstart"), "output_dir=tf")
+
+
+@pytest.mark.parametrize("backend", [on("jax"), on("torch")])
+def test_jax_and_torch_reach_tensorflows_accuracy_on_the_quickstart(tmp_path, backend,
+                                                                    tensorflow_quickstart):
+    on_tf, other = tensorflow_quickstart, quickstart(tmp_path, f"output_dir={backend}",
+                                                     f"backend={backend}")
+    assert (on_tf["backend"], other["backend"]) == ("tensorflow", backend)
     assert on_tf["final_metrics"]["val_accuracy"] > 0.9
     assert abs(on_tf["final_metrics"]["val_accuracy"]
-               - on_jax["final_metrics"]["val_accuracy"]) <= 0.02
+               - other["final_metrics"]["val_accuracy"]) <= 0.02
 
 
-@pytest.mark.parametrize("first, then", [("tensorflow", "jax"), ("jax", "tensorflow")])
-def test_a_checkpoint_resumes_on_the_other_backend(tmp_path, single_process_run, one_jax_device,
-                                                   first, then):
-    """Epochs 1-2 on one backend, epoch 3 on the other: the same weights as 3 epochs on the
-    first (whose seed drew the initial weights; the backends round slightly differently)."""
-    config = base_config(tmp_path / "moved", backend=first, train={"epochs": 2})
+@pytest.mark.parametrize("chain", [
+    ("tensorflow", "jax"), ("jax", "tensorflow"),
+    pytest.param(("tensorflow", "torch", "jax"), marks=NEEDS_TORCH)], ids="-".join)
+def test_a_checkpoint_resumes_on_another_backend(tmp_path, single_process_run, one_jax_device,
+                                                 chain):
+    """The run's last epoch on the chain's last backend, each before it on the one before:
+    the same weights as the 3 epochs on the first (whose seed drew the initial weights; the
+    backends round slightly differently)."""
+    config = base_config(tmp_path / "moved", backend=chain[0])
     path = write_config(tmp_path / "moved.yaml", config)
-    assert run_cli("run", path, "-q").returncode == 0
-    resumed = run_cli("run", path, f"backend={then}", "train.epochs=3")
-    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
-    assert "resuming from the checkpoint after epoch 2" in resumed.stdout
+    for epochs, backend in enumerate(chain, start=4 - len(chain)):
+        done = run_cli("run", path, f"backend={backend}", f"train.epochs={epochs}")
+        assert done.returncode == 0, done.stdout + done.stderr
+        if backend != chain[0]:
+            assert f"resuming from the checkpoint after epoch {epochs - 1}" in done.stdout
     summary = json.loads((tmp_path / "moved" / "summary.json").read_text())
-    assert (summary["backend"], summary["epochs_completed"]) == (then, 3)
-    unbroken = single_process_run("mlp") if first == "tensorflow" else one_jax_device
+    assert (summary["backend"], summary["epochs_completed"]) == (chain[-1], 3)
+    unbroken = single_process_run("mlp") if chain[0] == "tensorflow" else one_jax_device
     assert_same_weights(unbroken, tmp_path / "moved", atol=1e-4)
 
 
-def test_a_model_saved_on_jax_predicts_the_same_under_tensorflow(tmp_path, one_jax_device):
-    model = one_jax_device / "model.keras"
+@pytest.mark.parametrize("backend", [on("jax"), on("torch")])
+def test_a_model_saved_on_jax_or_torch_predicts_the_same_under_every_backend(tmp_path,
+                                                                             one_device, backend):
+    model = one_device(backend) / "model.keras"
     inputs = np.random.default_rng(0).random((16, 64), dtype=np.float32)
     np.save(tmp_path / "inputs.npy", inputs)
     predict = ("import sys, numpy as np, keras; "
                "m = keras.saving.load_model(sys.argv[1]); "
                "np.save(sys.argv[3], m.predict(np.load(sys.argv[2]), verbose=0))")
-    for backend in ("jax", "tensorflow"):
+    loaded_on = ["tensorflow", "jax"] + (["torch"] if backend == "torch" else [])
+    for loader in loaded_on:
         done = subprocess.run([sys.executable, "-c", predict, model, tmp_path / "inputs.npy",
-                               tmp_path / f"{backend}.npy"], cwd=REPO, capture_output=True,
-                              text=True, env=dict(os.environ, KERAS_BACKEND=backend))
+                               tmp_path / f"{loader}.npy"], cwd=REPO, capture_output=True,
+                              text=True, env=dict(os.environ, KERAS_BACKEND=loader))
         assert done.returncode == 0, done.stderr
-    np.testing.assert_allclose(np.load(tmp_path / "tensorflow.npy"),
-                               np.load(tmp_path / "jax.npy"), atol=1e-6)
+    for loader in loaded_on[1:]:
+        np.testing.assert_allclose(np.load(tmp_path / "tensorflow.npy"),
+                                   np.load(tmp_path / f"{loader}.npy"), atol=1e-6)
 
 
 @pytest.mark.parametrize("config, env, expected", [
@@ -122,11 +161,19 @@ def test_a_model_saved_on_jax_predicts_the_same_under_tensorflow(tmp_path, one_j
      ["strategy.communicator: communicator: mpi runs on the TensorFlow backend only"]),
     ({"strategy": {"name": "multiworker", "compression": "fp16"}, **JAX}, {},
      ["strategy.compression: compression: fp16 runs on the TensorFlow backend only"]),
+    pytest.param({"strategy": {"name": "horovod", "workers": 2}, "backend": "torch"}, {},
+                 ["strategy.name: the horovod strategy runs on the TensorFlow backend only",
+                  "which on torch joins the workers with torch.distributed"],
+                 marks=NEEDS_TORCH, id="torch-horovod"),
+    pytest.param({"strategy": {"name": "mirrored", "devices": 2}, "backend": "torch"}, {},
+                 ["strategy.devices: on torch, strategy mirrored trains on one device, and 2 "
+                  "are asked", "HINT: use strategy.name: multiworker with workers: 2"],
+                 marks=NEEDS_TORCH, id="torch-mirrored"),
     ({"backend": "tensorflow"}, {"KERAS_BACKEND": "jax"},
      ["backend: the config says backend: tensorflow, but KERAS_BACKEND is 'jax'",
       "HINT: remove one of them"]),
-    ({}, {"KERAS_BACKEND": "torch"},
-     ["KERAS_BACKEND: KERAS_BACKEND is 'torch'; ktrain trains on tensorflow or jax"]),
+    ({}, {"KERAS_BACKEND": "mxnet"},
+     ["KERAS_BACKEND: KERAS_BACKEND is 'mxnet'; ktrain trains on tensorflow, jax, torch"]),
 ])
 def test_what_a_backend_cannot_do_is_a_user_error(tmp_path, config, env, expected):
     result = run_cli("run", config_file(tmp_path, "out", **config), env=env)
@@ -143,22 +190,25 @@ def test_ktrain_env_reports_the_backend():
     assert "backend         jax (from KERAS_BACKEND" in shown.stdout
 
 
-def test_sigterm_stops_jax_workers_at_one_step_and_the_rerun_resumes(tmp_path, background):
-    """The stop flags travel between JAX processes too: every rank stops after the same step,
-    with a checkpoint there, and the re-run ends the next epoch with the unbroken run's
-    weights."""
+@pytest.mark.parametrize("backend", [on("jax"), on("torch")])
+def test_sigterm_stops_jax_or_torch_workers_at_one_step_and_the_rerun_resumes(
+        tmp_path, background, backend):
+    """The stop flags travel between JAX and torch processes too: every rank stops after the
+    same step, with a checkpoint there, and the re-run ends the next epoch with the unbroken
+    run's weights."""
     from test_preemption import long_run, stop_with_sigterm
 
     out = tmp_path / "out"
     config = write_config(tmp_path / "c.yaml", {**long_run(out, "tf-collectives", epochs=20),
-                                                **JAX})
+                                                "backend": backend})
     newest = stop_with_sigterm(background("run", config), out)
     epochs = newest.epoch + 1
     result = run_cli("run", config, f"train.epochs={epochs}")
     assert result.returncode == 0, result.stdout + result.stderr
     assert f"resuming from the checkpoint {newest}" in result.stdout
     unbroken = long_run(tmp_path / "unbroken", "mirrored", epochs=epochs)
-    result = run_cli("run", write_config(tmp_path / "u.yaml", {**unbroken, **JAX}), "-q")
+    result = run_cli("run", write_config(tmp_path / "u.yaml", {**unbroken, "backend": backend}),
+                     "-q")
     assert result.returncode == 0, result.stderr
     assert_same_weights(tmp_path / "unbroken", out, atol=1e-6)
 
@@ -169,24 +219,32 @@ WITHOUT_TENSORFLOW = {"PYTHONPATH": str(REPO / "tests" / "fixtures" / "without_t
 
 @pytest.fixture(scope="module")
 def one_device_without_tensorflow(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("jax-without-tf")
-    config = config_file(folder, "out", train={"shuffle": True}, **JAX)
-    result = run_cli("run", config, "-q", env=WITHOUT_TENSORFLOW)
-    assert result.returncode == 0, result.stderr
-    return folder / "out"
+    done = {}
+
+    def get(backend: str):
+        if backend not in done:
+            folder = tmp_path_factory.mktemp(f"{backend}-without-tf")
+            config = config_file(folder, "out", train={"shuffle": True}, backend=backend)
+            result = run_cli("run", config, "-q", env=WITHOUT_TENSORFLOW)
+            assert result.returncode == 0, result.stderr
+            done[backend] = folder / "out"
+        return done[backend]
+
+    return get
 
 
-@pytest.mark.parametrize("strategy", [{"name": "mirrored", "devices": 2},
-                                      {"name": "multiworker", "workers": 2}],
-                         ids=lambda s: s["name"])
-def test_without_tensorflow_numpy_feeds_jax_the_same_global_batches(
-        tmp_path, one_device_without_tensorflow, strategy):
+@pytest.mark.parametrize("backend, strategy", [
+    on("jax", {"name": "mirrored", "devices": 2}), on("jax", {"name": "multiworker", "workers": 2}),
+    on("torch", {"name": "multiworker", "workers": 2})])
+def test_without_tensorflow_numpy_feeds_jax_and_torch_the_same_global_batches(
+        tmp_path, one_device_without_tensorflow, backend, strategy):
     """Arrays in memory need no tf.data: shuffled by NumPy, 2 replicas still see 1 device's
     global batches."""
-    config = config_file(tmp_path, "out", train={"shuffle": True}, strategy=strategy, **JAX)
+    config = config_file(tmp_path, "out", train={"shuffle": True}, strategy=strategy,
+                         backend=backend)
     result = run_cli("run", config, "-q", env=WITHOUT_TENSORFLOW)
     assert result.returncode == 0, result.stderr
-    assert_same_weights(one_device_without_tensorflow, tmp_path / "out")
+    assert_same_weights(one_device_without_tensorflow(backend), tmp_path / "out")
 
 
 def test_without_tensorflow_files_say_what_to_install(tmp_path):
@@ -200,16 +258,19 @@ def test_without_tensorflow_files_say_what_to_install(tmp_path):
     assert "HINT: pip install tensorflow-cpu" in result.stderr and "Traceback" not in result.stderr
 
 
-def test_the_gpu_check_runs_where_only_jax_is_installed(tmp_path):
+@pytest.mark.parametrize("backend", [on("jax"), on("torch")])
+def test_the_gpu_check_runs_where_tensorflow_is_not_installed(tmp_path, backend):
     """scripts/gpu_check.sh --smoke: the GPU check's steps, tiny, on the CPU, without
     TensorFlow; it writes ktrain env and both runs' images/s, ratio and first-step times."""
-    done = subprocess.run(["bash", "scripts/gpu_check.sh", "--smoke"], cwd=REPO,
+    done = subprocess.run(["bash", "scripts/gpu_check.sh", "--smoke", "--backend", backend],
+                          cwd=REPO,
                           capture_output=True, text=True, timeout=600,
                           env=dict(os.environ, OUT=str(tmp_path), PYTHON=sys.executable,
                                    **WITHOUT_TENSORFLOW))
     assert done.returncode == 0, done.stdout + done.stderr
     report = json.loads((tmp_path / "gpu_check.json").read_text())
-    assert any(line.startswith("backend         jax") for line in report["ktrain_env"])
+    assert any(line.startswith(f"backend         {backend}") for line in report["ktrain_env"])
+    assert report["backend"] == backend
     [row] = report["throughput"]
     assert row["plain_samples_per_second"] > 0 and row["ktrain_samples_per_second"] > 0
     assert row["ratio"] == pytest.approx(row["ktrain_samples_per_second"]
@@ -217,9 +278,10 @@ def test_the_gpu_check_runs_where_only_jax_is_installed(tmp_path):
     assert row["plain_first_step_s"] > 0 and row["ktrain_first_step_s"] > 0
 
 
-def test_a_stalled_jax_rank_is_named_with_its_stack(tmp_path, background):
-    """The stall watchdog counts the steps whose stop flags a JAX rank offered."""
+@pytest.mark.parametrize("backend", [on("jax"), on("torch")])
+def test_a_stalled_jax_or_torch_rank_is_named_with_its_stack(tmp_path, background, backend):
+    """The stall watchdog counts the steps whose stop flags a JAX or torch rank offered."""
     from test_preemption import assert_stall_reported, hanging_rank_one
 
     config, marker = hanging_rank_one(tmp_path, {"name": "multiworker", "workers": 2})
-    assert_stall_reported(background("run", config, "backend=jax"), marker)
+    assert_stall_reported(background("run", config, f"backend={backend}"), marker)

@@ -19,12 +19,13 @@ PACKAGES = {"launcher": "ktrain", "strategies": "ktrain.strategies", "configs": 
 FLOORS = [
     # what everything may use: no ktrain imports beyond this floor
     {"ktrain", "errors", "schema", "session", "environment", "collectives", "handshake",
-     "optimizers"},
+     "optimizers", "global_metrics"},
     {"backends", "console", "userfn", "checkpoint", "tracking", "output", "stopping", "regroup",
      "report", "lease"},
     {"config"},  # the whole schema, every strategy's options included
     # cluster and runtime: where ranks are, how they start, meet, are watched
-    {"rendezvous", "supervisor", "watchdog", "launch", "jax_runtime", "allocation"},
+    {"rendezvous", "supervisor", "watchdog", "launch", "jax_runtime", "torch_runtime",
+     "allocation"},
     {"readers", "sources", "data", "ray_data"},  # data
     # how ranks are started: handed the training function, never importing it
     {"strategies.base", "strategies.mirrored", "strategies.multiworker", "strategies.horovod",

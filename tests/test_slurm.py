@@ -34,20 +34,22 @@ def test_two_srun_tasks_match_one_process(tmp_path, slurm, single_process_run, s
     assert "help file" not in result.stdout + result.stderr  # Open MPI/PMIx "Sorry!" boxes
 
 
-def test_two_srun_tasks_on_jax_match_one_jax_device(tmp_path, slurm):
-    """On JAX the tasks find their coordinator (rank 0) through ktrain's rendezvous too."""
-    pytest.importorskip("jax", reason="JAX is not installed: bash scripts/setup.sh")
+@pytest.mark.parametrize("backend, package", [("jax", "JAX"), ("torch", "PyTorch")])
+def test_two_srun_tasks_on_jax_or_torch_match_one_device(tmp_path, slurm, backend, package):
+    """On JAX and torch the tasks find their coordinator (rank 0) through ktrain's rendezvous
+    too."""
+    pytest.importorskip(backend, reason=f"{package} is not installed: bash scripts/setup.sh")
     one = tmp_path / "one"
-    done = run_cli("run", write_config(tmp_path / "one.yaml", base_config(one, backend="jax")),
+    done = run_cli("run", write_config(tmp_path / "one.yaml", base_config(one, backend=backend)),
                    "-q")
     assert done.returncode == 0, done.stderr
     out = tmp_path / "out"
     config = write_config(tmp_path / "c.yaml",
-                          {**with_strategy(out, "multiworker"), "backend": "jax"})
+                          {**with_strategy(out, "multiworker"), "backend": backend})
     result = srun(slurm, "-n2", "--mpi=none", KTRAIN, "run", config)
     assert result.returncode == 0, result.stdout + result.stderr
     summary = json.loads((out / "summary.json").read_text())
-    assert (summary["backend"], summary["world_size"]) == ("jax", 2)
+    assert (summary["backend"], summary["world_size"]) == (backend, 2)
     assert_same_weights(one, out)
 
 
