@@ -276,7 +276,7 @@ def _to_split(value: Any, key: str) -> AnySplit:
             raise UserError(f"the data fn returned arrays with different numbers of rows "
                             f"({counts})", where=key,
                             hint="features and labels need one row per example")
-        if tf is None:
+        if tf is None or backends.current() == "torch":
             x, y = keras.tree.map_structure(np.asarray, (x, y))
             return ArraySplit(x, y, next(iter(rows.values())))
         try:

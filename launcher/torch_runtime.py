@@ -10,6 +10,7 @@ layers make dense gradients (an Embedding's too), so an average is what one proc
 
 from __future__ import annotations
 
+import atexit
 import datetime
 
 import numpy as np
@@ -46,6 +47,9 @@ def process_session(rank: int, local_rank: int, peers: list[str],
                             f"process(es) at {peers[0]}: {str(err).splitlines()[0]}",
                             hint="see the other ranks' logs; strategy.start_timeout allows "
                                  "slower starts") from None
+    # Gloo's threads must be joined before the interpreter tears down, or the process aborts
+    # at exit ("terminate called without an active exception") after a finished run.
+    atexit.register(dist.destroy_process_group)
     processes = TorchProcesses(rank, len(peers), torch.device(device))
     return Session(rank=rank, world_size=len(peers), num_replicas=len(peers), devices=(device,),
                    communicator=processes, log_to_file=not is_supervised())

@@ -1,13 +1,13 @@
 """In-process data parallelism over the devices of one machine: ``tf.distribute.MirroredStrategy``
 on TensorFlow, ``keras.distribution.DataParallel`` on JAX (``ktrain.jax_runtime``); on torch,
-one device (several are ``multiworker``'s processes, ``ktrain.torch_runtime``)."""
+one device per process, so several are ``multiworker``'s processes (``ktrain.torch_runtime``)."""
 
 from __future__ import annotations
 
 import os
 
-from ktrain import backends
-from ktrain.config import MirroredConfig
+from ktrain import backends, console
+from ktrain.config import MirroredConfig, MultiWorkerConfig
 from ktrain.environment import detect, visible_gpus
 from ktrain.errors import UserError
 from ktrain.jax_runtime import local_session
@@ -15,6 +15,7 @@ from ktrain.launch import train_here
 from ktrain.session import Session
 from ktrain.torch_runtime import local_device
 from ktrain.strategies.base import Strategy
+from ktrain.strategies.multiworker import MultiWorkerStrategy
 
 
 _ONE_PROCESS = {"slurm": " (`srun -n 1 ...`)", "openmpi": " (`mpirun -n 1 ...`)",
@@ -38,16 +39,16 @@ class MirroredStrategy(Strategy):
             self._devices = self._configure_devices()
             run.train.check_split(len(self._devices), "devices")
         if backends.current() == "torch":
-            wanted = visible_gpus() if self.config.devices == "auto" else self.config.devices
-            if wanted > 1:
-                raise UserError(
-                    f"on torch, strategy mirrored trains on one device, and {wanted} are asked "
-                    f"for", where="strategy.devices",
-                    hint=f"use strategy.name: multiworker with workers: {wanted} (one process "
-                         f"per device, as torchrun starts them), or devices: 1")
+            run.train.check_split(self._torch_devices(), "devices")
 
     def launch(self, run, train):
+        if backends.current() == "torch" and (devices := self._torch_devices()) > 1:
+            return _process_per_device(run, devices, train)
         return train_here(run, self.open_session, train)
+
+    def _torch_devices(self) -> int:
+        """The devices a torch run trains on: every GPU, else one CPU ("auto"), or N."""
+        return (visible_gpus() or 1) if self.config.devices == "auto" else self.config.devices
 
     def open_session(self, run) -> Session:
         if backends.current() == "jax":
@@ -103,3 +104,15 @@ def _split_cpu(tf, count: int) -> None:
             raise RuntimeError(
                 f"TensorFlow was initialised with {existing} CPU device(s) before ktrain could "
                 f"split the CPU into {count}; run in a fresh process") from None
+
+
+def _process_per_device(run, devices: int, train):
+    """Keras' torch backend trains on one device per process: several are ``multiworker``'s
+    processes on this machine, one per device, as torchrun starts them."""
+    console.info(f"on torch, strategy mirrored runs one process per device: {devices} "
+                 f"processes (strategy multiworker, workers: {devices})")
+    as_workers = run.model_copy(update={"strategy": MultiWorkerConfig(
+        workers=devices, communicator="collective")})
+    workers = MultiWorkerStrategy(as_workers.strategy)
+    workers.prepare(as_workers)
+    return workers.launch(as_workers, train)
