@@ -64,10 +64,11 @@ def elastic_config(out: Path, report: bool = False, **strategy) -> dict:
     return config
 
 
-def elastic_reference(folder: Path) -> Path:
-    """The output folder of ``elastic_config``'s run in one process, whose weights an elastic
-    run ends with whatever sizes it went through."""
+def elastic_reference(folder: Path, **train) -> Path:
+    """The output folder of ``elastic_config``'s run (``train`` settings changed) in one
+    process, whose weights an elastic run ends with whatever sizes it went through."""
     config = elastic_config(folder / "one")
+    config["train"].update(train)
     config["strategy"] = {"name": "mirrored", "devices": 1}
     del config["train"]["callbacks"]
     result = run_cli("run", write_config(folder / "one.yaml", config), "-q")

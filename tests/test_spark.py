@@ -105,9 +105,12 @@ def test_a_stage_that_loses_an_executor_goes_on_smaller_and_grows_back_exactly(
     run.process.wait(timeout=300)
     output = run.process.stdout.read()
     assert run.process.returncode == 0, output[-3000:]
+    # from the newest checkpoint; the steps lost are counted when the survivors managed to
+    # say how far they had come before Spark ended them
     assert re.search(r"the group re-formed on 2 workers after rank 2's Spark executor \S+ was "
-                     r"lost \(Command exited with code 137\): continuing at step 5 of epoch 3 "
-                     r"from the newest checkpoint", output), output[-3000:]
+                     r"lost \(Command exited with code 137\): continuing at step 5 of epoch 3"
+                     r"( from the newest checkpoint \(steps lost since it: not known\)|, \d+ "
+                     r"step\(s\) lost \(from the newest checkpoint\))", output), output[-3000:]
     assert "the group grew to 3 workers (workers are available again)" in output
     history = json.loads((out / "summary.json").read_text())["world_size_history"]
     assert [(h["kind"], h["size"]) for h in history] == [("start", 3), ("shrink", 2),
