@@ -1,7 +1,8 @@
 """Where is ktrain running? The one place that reads schedulers' environment variables.
 
-Probed in this order, first match wins: ktrain's own launcher (KTRAIN_*) > horovodrun (Gloo) >
-TF_CONFIG > SLURM (inside an ``srun`` step) > Open MPI > MPICH/PMI > local. Schedulers that differ only in
+Probed in this order, first match wins: ktrain's own launcher (KTRAIN_*) > torchrun >
+horovodrun (Gloo) > TF_CONFIG > SLURM (inside an ``srun`` step) > Open MPI > MPICH/PMI > local
+(the innermost launcher first: torchrun inside an ``srun`` step sees SLURM's variables too). Schedulers that differ only in
 variable names are rows of a table, not code.
 """
 
@@ -42,6 +43,7 @@ class ClusterEnvironment:
 # scheduler -> (rank, local rank, world size, ranks on this host) variable names
 _SCHEDULERS = {
     "ktrain": ("KTRAIN_RANK", "KTRAIN_LOCAL_RANK", "KTRAIN_WORLD_SIZE", None),
+    "torchrun": ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE"),
     "horovodrun": ("HOROVOD_RANK", "HOROVOD_LOCAL_RANK", "HOROVOD_SIZE", "HOROVOD_LOCAL_SIZE"),
     "slurm": ("SLURM_PROCID", "SLURM_LOCALID", "SLURM_NTASKS", None),
     "openmpi": ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_LOCAL_RANK", "OMPI_COMM_WORLD_SIZE",
@@ -51,13 +53,15 @@ _SCHEDULERS = {
 
 
 _LAUNCHERS = {"slurm": "srun", "openmpi": "mpirun", "mpich": "mpiexec", "tf_config": "TF_CONFIG",
-              "ktrain": "ktrain"}
+              "ktrain": "ktrain", "torchrun": "torchrun"}
 
 
 def detect(env: dict[str, str] | None = None) -> ClusterEnvironment:
     env = os.environ if env is None else env
     if _SCHEDULERS["ktrain"][0] in env:
         return _from_ktrain(env)
+    if TORCHRUN_ENV in env:
+        return _from_torchrun(env)
     if _SCHEDULERS["horovodrun"][0] in env:
         return _from_table("horovodrun", env)
     if "TF_CONFIG" in env:
@@ -136,6 +140,20 @@ def _from_ktrain(env) -> ClusterEnvironment:
     host, _, port = env[MASTER_ENV].rpartition(":")
     return ClusterEnvironment("ktrain", found.rank, found.local_rank, found.world_size, (host,),
                               int(port))
+
+
+TORCHRUN_ENV = "TORCHELASTIC_RUN_ID"
+"""Set by torchrun (``torch.distributed.run``) in every process it starts; RANK alone could be
+anyone's."""
+
+
+def _from_torchrun(env) -> ClusterEnvironment:
+    found = _from_table("torchrun", env)
+    # torchrun's own store listens at MASTER_PORT: rank 0 gathers the ranks one port above.
+    port = int(env.get(PORT_ENV) or int(env.get("MASTER_PORT", 29499)) + 1)
+    host = "127.0.0.1" if found.one_host else env.get("MASTER_ADDR", "127.0.0.1")
+    return ClusterEnvironment("torchrun", found.rank, found.local_rank, found.world_size,
+                              (host,), port, one_host=found.one_host)
 
 
 def _from_slurm(env) -> ClusterEnvironment:

@@ -50,6 +50,15 @@ def all_of(problems: list[UserError]) -> UserError:
 class WorkersFailed(KtrainError):
     """A worker process crashed or never joined; the message carries the root cause."""
 
+    @classmethod
+    def could_not_join(cls, rank: int, peers: list[str], group: str,
+                       err: BaseException) -> WorkersFailed:
+        """Rank ``rank`` could not join ``group`` (jax.distributed, torch.distributed) at
+        rank 0's address, the first of ``peers``."""
+        return cls(f"rank {rank} could not join the other {len(peers) - 1} process(es) of "
+                   f"{group} at {peers[0]}: {first_line(err)}",
+                   hint="see the other ranks' logs; strategy.start_timeout allows slower starts")
+
 
 class Stopped(KtrainError):
     """The run stopped on request (a signal) after committing a checkpoint: exit status

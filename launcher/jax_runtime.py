@@ -60,10 +60,7 @@ def process_session(rank: int, local_rank: int, peers: list[str],
                                    process_id=rank, coordinator_bind_address=peers[0],
                                    initialization_timeout=max(1, int(start_timeout)))
     except Exception as err:  # JAX reports a missing peer as a RuntimeError or XlaRuntimeError
-        raise WorkersFailed(f"rank {rank} could not join the other {len(peers) - 1} JAX "
-                            f"process(es) at {peers[0]}: {str(err).splitlines()[0]}",
-                            hint="see the other ranks' logs; strategy.start_timeout allows "
-                                 "slower starts") from None
+        raise WorkersFailed.could_not_join(rank, peers, "jax.distributed", err) from None
     processes = JaxProcesses(rank, len(peers))
     with console.native_output_without(_GLOO_CONNECTED, sys.stdout):
         processes.barrier()  # the first collective: gloo connects, and says so

@@ -8,6 +8,7 @@ rank 0's host, and a port it picked. The list, in rank order, reaches every rank
   step ids. Rank 0 listens there, every rank reports, rank 0 answers with the list. So the task
   layout (block or cyclic distribution, a step on some of the nodes) does not matter, and
   concurrent steps of one job do not collide. This is torchrun's store, cut down to one exchange.
+  Under ``torchrun`` the same, one port above its own store (MASTER_PORT + 1).
   Ranks that ktrain itself starts as ``srun`` steps (an elastic group in a SLURM allocation,
   ``ktrain.allocation``) are told where rank 0 listens (``KTRAIN_MASTER``) and do the same.
   Each connection proves the run's secret both ways (``ktrain.handshake``; the secret is in the
@@ -44,7 +45,7 @@ def peer_addresses(found, timeout: float, output_dir: str,
     routes to rank 0's host."""
     if known := _given_peers(found):
         return known
-    if found.name in ("slurm", "ktrain"):  # ktrain: ranks it started as srun steps
+    if found.name in _GATHERED_AT_MASTER:
         return gather_addresses(found.rank, found.world_size, found.master_addr,
                                 found.master_port, timeout, lambda: lease.secret(output_dir),
                                 interface)
@@ -52,7 +53,11 @@ def peer_addresses(found, timeout: float, output_dir: str,
         return gather_addresses_over_mpi(interface)
     raise UserError(f"ktrain cannot find the other ranks under {found.launcher}",
                     where="strategy",
-                    hint="start the workers with ktrain, srun or mpirun, or set TF_CONFIG")
+                    hint="start the workers with ktrain, srun, mpirun or torchrun, or set "
+                         "TF_CONFIG")
+
+
+_GATHERED_AT_MASTER = ("slurm", "torchrun", "ktrain")  # ktrain: ranks it started as srun steps
 
 
 def _given_peers(found) -> list[str] | None:
@@ -73,7 +78,7 @@ def chief_address(found, interface: str | None = None) -> str:
         return _resolve(known[0].rsplit(":", 1)[0])
     if found.one_host:
         return "127.0.0.1"
-    return _resolve(found.master_addr if found.name in ("slurm", "ktrain") else
+    return _resolve(found.master_addr if found.name in _GATHERED_AT_MASTER else
                     socket.gethostname())
 
 

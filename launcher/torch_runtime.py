@@ -1,6 +1,7 @@
 """Sessions on Keras' torch backend: one device per process (a GPU by local rank, else the
 CPU); across processes, ``torch.distributed`` (Gloo on CPUs, NCCL on GPUs), its process group
-started at rank 0's address from ktrain's own rendezvous, so no torchrun is needed.
+started at rank 0's address from ktrain's own rendezvous: no torchrun is needed, and under
+torchrun its variables place the ranks as any scheduler's do (``ktrain.environment``).
 
 Gradients are averaged where Keras applies an update (``ktrain.optimizers.averaging``, as on
 TensorFlow): each dtype's gradients travel fused in one allreduce, and the stop flags ride in
@@ -37,16 +38,17 @@ def process_session(rank: int, local_rank: int, peers: list[str],
     import torch.distributed as dist
 
     device = local_device(local_rank)
+    host, _, port = peers[0].rpartition(":")
+    timeout = datetime.timedelta(seconds=max(1.0, start_timeout))
     try:
-        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo",
-                                init_method=f"tcp://{peers[0]}", rank=rank,
-                                world_size=len(peers),
-                                timeout=datetime.timedelta(seconds=max(1.0, start_timeout)))
+        # A store of our own: under torchrun, init_method="tcp://" would join torchrun's
+        # store instead (TORCHELASTIC_USE_AGENT_STORE), where rank 0 is not listening.
+        store = dist.TCPStore(host, int(port), len(peers), is_master=rank == 0,
+                              timeout=timeout)
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo", store=store,
+                                rank=rank, world_size=len(peers), timeout=timeout)
     except (RuntimeError, ValueError) as err:  # torch reports a missing peer as either
-        raise WorkersFailed(f"rank {rank} could not join the other {len(peers) - 1} torch "
-                            f"process(es) at {peers[0]}: {str(err).splitlines()[0]}",
-                            hint="see the other ranks' logs; strategy.start_timeout allows "
-                                 "slower starts") from None
+        raise WorkersFailed.could_not_join(rank, peers, "torch.distributed", err) from None
     # Gloo's threads must be joined before the interpreter tears down, or the process aborts
     # at exit ("terminate called without an active exception") after a finished run.
     atexit.register(dist.destroy_process_group)
@@ -110,9 +112,9 @@ class TorchProcesses:
         import torch
 
         with torch.no_grad():
-            for variable in variables:
-                value = variable.value.detach().clone()
-                self._dist.broadcast(value, src=0)
+            values, _ = _fused([v.value.detach() for v in variables],
+                               lambda flat: self._dist.broadcast(flat, src=0))
+            for variable, value in zip(variables, values):
                 variable.assign(value)
 
     def _average(self, grads: list, flags: TorchFlags | None) -> list:
@@ -120,30 +122,44 @@ class TorchProcesses:
         travel with the first."""
         import torch
 
+        def mean(flat):
+            self._dist.all_reduce(flat)
+            flat /= self.world_size
+
         with torch.no_grad():
-            if flags is not None:
-                flags.arrivals += 1
-            by_dtype: dict = {}
-            for i, grad in enumerate(grads):
-                by_dtype.setdefault(grad.dtype, []).append(i)
-            averaged = list(grads)
-            riders = flags is not None
-            for dtype, indices in by_dtype.items():
-                parts = [grads[i].reshape(-1) for i in indices]
-                if riders:
-                    parts.append(flags.raised.to(device=grads[indices[0]].device, dtype=dtype))
-                flat = torch.cat(parts)
-                self._dist.all_reduce(flat)
-                flat /= self.world_size
-                if riders:
-                    flags.agreed_values = flat[-len(flags.raised):].cpu()
-                    riders = False
-                offset = 0
-                for i in indices:
-                    size = grads[i].numel()
-                    averaged[i] = flat[offset:offset + size].view_as(grads[i])
-                    offset += size
+            if flags is None:
+                return _fused(grads, mean)[0]
+            flags.arrivals += 1
+            averaged, agreed = _fused(grads, mean, rider=flags.raised)
+            if agreed is not None:
+                flags.agreed_values = agreed
             return averaged
+
+
+def _fused(tensors: list, collective, rider=None) -> tuple[list, object]:
+    """``tensors`` through ``collective`` (in place, on one flat tensor per dtype: one message
+    each); ``rider``, a 1-D tensor, travels at the end of the first. Returns the tensors and
+    the rider as they came out (None if nothing travelled)."""
+    import torch
+
+    by_dtype: dict = {}
+    for i, tensor in enumerate(tensors):
+        by_dtype.setdefault(tensor.dtype, []).append(i)
+    out, rider_out = list(tensors), None
+    for dtype, indices in by_dtype.items():
+        parts = [tensors[i].reshape(-1) for i in indices]
+        if rider is not None:
+            parts.append(rider.to(device=tensors[indices[0]].device, dtype=dtype))
+        flat = torch.cat(parts)
+        collective(flat)
+        if rider is not None:
+            rider_out, rider = flat[-len(rider):].cpu(), None
+        offset = 0
+        for i in indices:
+            size = tensors[i].numel()
+            out[i] = flat[offset:offset + size].view_as(tensors[i])
+            offset += size
+    return out, rider_out
 
 
 class TorchFlags:

@@ -7,12 +7,13 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from helpers import (KTRAIN, REPO, assert_quiet_console, assert_same_weights, base_config,
-                     run_cli, write_config)
+                     run_cli, run_command, write_config)
 
 pytest.importorskip("jax", reason="JAX is not installed: bash scripts/setup.sh")
 
@@ -81,6 +82,21 @@ def test_two_replicas_match_one_device_on_jax_and_torch(tmp_path, one_device, ba
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert (summary["backend"], summary["num_replicas"]) == (backend, 2)
     assert_same_weights(one_device(backend), tmp_path / "out")
+
+
+@NEEDS_TORCH
+def test_two_torchrun_ranks_match_one_device(tmp_path, one_device):
+    """Under torchrun ktrain reads its variables (RANK, WORLD_SIZE, MASTER_ADDR) as any
+    scheduler's: its process group is its own, beside torchrun's store."""
+    out = tmp_path / "out"
+    config = config_file(tmp_path, "out", strategy={"name": "multiworker"}, backend="torch")
+    torchrun = Path(sys.executable).parent / "torchrun"
+    result = run_command([torchrun, "--standalone", "--nproc-per-node", "2", "--no-python",
+                          KTRAIN, "run", config, "-q"])
+    assert result.returncode == 0, result.stdout + result.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["world_size"], summary["transport"]) == (2, "torch.distributed")
+    assert_same_weights(one_device("torch"), out)
 
 
 def quickstart(tmp_path, *overrides: str) -> dict:
@@ -242,14 +258,35 @@ def test_without_tensorflow_numpy_feeds_jax_and_torch_the_same_global_batches(
     assert_same_weights(one_device_without_tensorflow(backend), tmp_path / "out")
 
 
-def test_without_tensorflow_files_say_what_to_install(tmp_path):
-    (tmp_path / "train.parquet").write_bytes(b"")
-    config = config_file(tmp_path, "out", data={"files": str(tmp_path / "train.parquet"),
-                                                "features": ["x"], "label": "y"}, **JAX)
+@NEEDS_TORCH
+def test_without_tensorflow_parquet_streams_to_two_torch_workers_as_to_one(tmp_path):
+    """pyarrow reads Parquet where TensorFlow is not installed: shuffled, 2 workers train on
+    1 process' global batches, and the audit finds each epoch's examples read once; TFRecord
+    (which needs TensorFlow to parse) says what to install."""
+    sys.path.insert(0, str(REPO / "tests" / "fixtures"))
+    from file_datasets import PIXELS, write_digits
+
+    train_files, validation_files = write_digits(tmp_path / "files", "parquet", files=4)
+    data = {"files": train_files, "validation_files": validation_files, "features": PIXELS,
+            "label": "label", "audit": True}
+    for name, strategy in (("one", {"name": "mirrored", "devices": 1}),
+                           ("two", {"name": "multiworker", "workers": 2})):
+        config = config_file(tmp_path, name, data=data, train={"shuffle": True},
+                             strategy=strategy, backend="torch")
+        result = run_cli("run", config, "-q", env=WITHOUT_TENSORFLOW)
+        assert result.returncode == 0, result.stdout + result.stderr
+    two = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert two["data_audit"] == {"epochs_checked": 3} and two["world_size"] == 2
+    assert two["final_metrics"]["val_accuracy"] > 0.5
+    assert_same_weights(tmp_path / "one", tmp_path / "two")
+
+    (tmp_path / "train.tfrecord").write_bytes(b"")
+    config = config_file(tmp_path, "out", data={**data, "files": str(tmp_path / "train.tfrecord")},
+                         backend="torch")
     result = run_cli("run", config, env=WITHOUT_TENSORFLOW)
     assert result.returncode == 2, result.stdout + result.stderr
-    assert ("data: a dataset in files is read through TensorFlow's tf.data, and TensorFlow is "
-            "not installed") in result.stderr
+    assert ("data: a dataset in tfrecord files is read through TensorFlow's tf.data, and "
+            "TensorFlow is not installed") in result.stderr
     assert "HINT: pip install tensorflow-cpu" in result.stderr and "Traceback" not in result.stderr
 
 

@@ -73,6 +73,18 @@ def test_order_of_precedence():
     assert detect({}).name == "local"
 
 
+def test_torchrun_inside_srun_is_torchrun_and_gathers_beside_its_store():
+    torchrun = {"TORCHELASTIC_RUN_ID": "r1", "RANK": "3", "LOCAL_RANK": "1", "WORLD_SIZE": "4",
+                "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "gpu01", "MASTER_PORT": "29500"}
+    found = detect({**SLURM_STEP, **torchrun})
+    assert (found.name, found.rank, found.local_rank, found.world_size, found.master_addr,
+            found.master_port, found.launcher) == ("torchrun", 3, 1, 4, "gpu01", 29501,
+                                                   "torchrun")
+    one_host = detect({**torchrun, "LOCAL_WORLD_SIZE": "4", "KTRAIN_PORT": "23456"})
+    assert (one_host.master_addr, one_host.master_port) == ("127.0.0.1", 23456)
+    assert detect({"RANK": "1", "WORLD_SIZE": "2"}).name == "local"  # RANK alone: anyone's
+
+
 def test_auto_communicator_is_mpi_where_mpi_joins_the_ranks(monkeypatch):
     def choose(env):
         return multiworker.choose_communicator(detect(env), env)
