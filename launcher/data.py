@@ -21,7 +21,7 @@ import numpy as np
 
 from ktrain import backends, console
 from ktrain.errors import UserError
-from ktrain.sources import Files, FileSplit, ShardAudit
+from ktrain.sources import Files, FileSplit, PieceRows, ShardAudit
 
 tf = backends.optional_tensorflow()
 _EXPECTED = ("(x, y), ((x, y), (x_val, y_val)) as keras.datasets returns, {'train': (x, y), "
@@ -372,7 +372,7 @@ def steps_per_epoch(split: AnySplit, global_batch_size: int,
 
 def first_batch(split: AnySplit) -> tuple[Any, Any]:
     """The first example, as a batch of one: (features, label)."""
-    if isinstance(split, ArraySplit):
+    if isinstance(split, ArraySplit) or getattr(split, "feeds_numpy", False):
         return split.rows(slice(0, 1))
     return next(iter(split.dataset.batch(1)))
 
@@ -387,8 +387,8 @@ def training_batches(split: AnySplit, *, global_batch_size: int, rank: int, worl
                      first_epoch: int, epochs: int, first_step: int = 0,
                      partition_steps: int | None = None,
                      audit: ShardAudit | None = None) -> tuple[tf.data.Dataset, int]:
-    """Every remaining epoch of this worker's batches, in one dataset (or generator, for an
-    ``ArraySplit``); and steps per epoch.
+    """Every remaining epoch of this worker's batches, in one dataset (or a generator of NumPy
+    batches, for an ``ArraySplit`` or files read without TensorFlow); and steps per epoch.
 
     The split puts each epoch in an order that depends on (seed, epoch) only and gives worker
     r the global positions r, r+N, ...; so the union of the workers' k-th batches is the k-th
@@ -404,12 +404,13 @@ def training_batches(split: AnySplit, *, global_batch_size: int, rank: int, worl
                              steps=steps, rank=rank, world_size=world_size,
                              batch_size=local_batch, shuffle=shuffle, seed=seed), steps
     own = partition_steps is not None
-    batches_of = split.batches_by_epoch(
-        first_epoch=first_epoch, epochs=epochs, rank=0 if own else rank,
-        world_size=1 if own else world_size,
-        rows=steps * (local_batch if own else global_batch_size), batch_size=local_batch,
-        shuffle=shuffle, shuffle_buffer=shuffle_buffer, seed=seed,
-        **({"audit": audit} if audit else {}))
+    share = {"first_epoch": first_epoch, "epochs": epochs, "rank": 0 if own else rank,
+             "world_size": 1 if own else world_size, "batch_size": local_batch,
+             "rows": steps * (local_batch if own else global_batch_size), "shuffle": shuffle,
+             "shuffle_buffer": shuffle_buffer, "seed": seed, **({"audit": audit} if audit else {})}
+    if getattr(split, "feeds_numpy", False):
+        return split.numpy_batches(first_step=first_step, **share), steps
+    batches_of = split.batches_by_epoch(**share)
 
     def one_epoch(epoch):
         batches = batches_of(epoch).take(steps)
@@ -435,8 +436,8 @@ def evaluation_batches(split: AnySplit, *, global_batch_size: int, rank: int,
             console.note(f"validation: {common * world_size} of {split.size} examples are "
                          f"evaluated, {common} per worker (on JAX every batch splits evenly "
                          f"over the devices, and the workers' batches form one array)")
-        data, size = (data.part(0, common) if isinstance(data, ArraySplit) else
+        data, size = (data.part(0, common) if isinstance(data, (ArraySplit, PieceRows)) else
                       data.take(common)), common
-    if isinstance(data, ArraySplit):
+    if isinstance(data, (ArraySplit, PieceRows)):
         return _EvaluationBatches(data, global_batch_size // world_size), size
     return data.batch(global_batch_size // world_size).prefetch(tf.data.AUTOTUNE), size

@@ -128,9 +128,8 @@ def _assemble(columns: Sequence[tf.Tensor], names: Sequence[str], key: str):
                      axis=1)
 
 
-class ParquetReader:
-    """Rows of a row group, read with pyarrow (in chunks), as tuples of column tensors; for a
-    ``ktrain.sources.FileSplit``."""
+class _ParquetColumns:
+    """The columns a Parquet source reads, checked against the files' schema."""
 
     def __init__(self, split):
         import pyarrow.parquet as pq
@@ -142,26 +141,20 @@ class ParquetReader:
                             "fn that makes (features, label)", where=split.key,
                             hint="e.g. features: [x0, x1], label: y")
         with _open(split.blocks[0].path if split.blocks else split.paths[0]) as handle:
-            schema = pq.ParquetFile(handle).schema_arrow
-        missing = [c for c in self.columns if c not in schema.names]
+            self.schema = pq.ParquetFile(handle).schema_arrow
+        missing = [c for c in self.columns if c not in self.schema.names]
         if missing:
             raise UserError(f"column(s) {missing} are not in {split.paths[0]}",
                             where=f"{split.key}.features",
-                            hint=f"its columns are: {', '.join(schema.names)}")
-        self.specs = tuple(_column_spec(schema.field(c), split.key) for c in self.columns)
+                            hint=f"its columns are: {', '.join(self.schema.names)}")
         self.paths = [block.path for block in split.blocks]
         self.chunk_rows = split.chunk_rows
         self.groups = [block.group for block in split.blocks]
         self.features, self.key = len(source.features), split.key
         self.names = list(source.features)
 
-    def __call__(self, block, start, stop) -> tf.data.Dataset:
-        """The rows as batches of examples."""
-        return tf.data.Dataset.from_generator(
-            self._chunks, args=(block, start, stop), output_signature=self.specs
-        ).map(self._examples)
-
     def _chunks(self, block, start, stop):
+        """The rows ``start:stop`` of a block, a chunk at a time, as tuples of NumPy columns."""
         import pyarrow.parquet as pq
 
         block = int(block)
@@ -172,9 +165,57 @@ class ParquetReader:
         for batch in table.to_batches(max_chunksize=self.chunk_rows):
             yield tuple(_to_numpy(batch.column(i)) for i in range(len(self.columns)))
 
+
+class ParquetReader(_ParquetColumns):
+    """Rows of a row group, read with pyarrow (in chunks), as tuples of column tensors; for a
+    ``ktrain.sources.FileSplit``."""
+
+    def __init__(self, split):
+        super().__init__(split)
+        self.specs = tuple(_column_spec(self.schema.field(c), split.key) for c in self.columns)
+
+    def __call__(self, block, start, stop) -> tf.data.Dataset:
+        """The rows as batches of examples."""
+        return tf.data.Dataset.from_generator(
+            self._chunks, args=(block, start, stop), output_signature=self.specs
+        ).map(self._examples)
+
     def _examples(self, *columns):
         x = _assemble(columns[:self.features], self.names, self.key)
         return (x, columns[self.features]) if len(columns) > self.features else x
+
+
+class ParquetArrays(_ParquetColumns):
+    """Rows of a row group as NumPy (features, label) chunks, read with pyarrow alone: Parquet
+    where TensorFlow is not installed. Numeric features are joined into one float32 vector, as
+    ``ParquetReader`` joins them."""
+
+    def __init__(self, split):
+        import pyarrow as pa
+
+        super().__init__(split)
+        if split.source.map is not None:
+            raise UserError("a map fn runs in tf.data, and TensorFlow is not installed",
+                            where=f"{split.key}.map",
+                            hint="name the features and the label and leave map unset (do the "
+                                 "work in the model), or pip install tensorflow-cpu")
+        for name in self.columns:
+            kind = self.schema.field(name).type
+            element = kind.value_type if pa.types.is_fixed_size_list(kind) else kind
+            if not (pa.types.is_integer(element) or pa.types.is_floating(element)
+                    or pa.types.is_boolean(element)):
+                raise UserError(f"column '{name}' is of type {kind}, which ktrain reads without "
+                                f"TensorFlow only if it is numeric", where=f"{split.key}.features",
+                                hint="use numeric or fixed-size list columns, or pip install "
+                                     "tensorflow-cpu (string columns go through tf.data)")
+
+    def __call__(self, block, start, stop):
+        """The rows as (features, label) chunks."""
+        for columns in self._chunks(block, start, stop):
+            features = columns[:self.features]
+            x = np.concatenate([c.reshape(len(c), -1).astype(np.float32, copy=False)
+                                for c in features], axis=1)
+            yield x, columns[self.features]
 
 
 def _column_spec(field, key: str) -> tf.TensorSpec:

@@ -24,8 +24,8 @@ import numpy as np
 from ktrain import backends, console
 from ktrain.config import DEFAULT_LANES
 from ktrain.errors import UserError
-from ktrain.readers import (Block, ParquetReader, TFRecordReader, expand, format_of,
-                            parquet_blocks, tfrecord_blocks)
+from ktrain.readers import (Block, ParquetArrays, ParquetReader, TFRecordReader, expand,
+                            format_of, parquet_blocks, tfrecord_blocks)
 
 tf = backends.optional_tensorflow()
 CHUNK_BYTES = 2 << 20
@@ -92,12 +92,18 @@ class FileSplit:
     """A training or validation split in files (see the module's docstring)."""
 
     def __init__(self, source: Files, key: str):
-        backends.require_tensorflow("a dataset in files", key)
+        self.format = source.format or format_of(source.files, key)
+        if tf is None and self.format != "parquet":
+            backends.require_tensorflow(f"a dataset in {self.format} files", key)
+        self.feeds_numpy = tf is None or (self.format == "parquet" and source.map is None
+                                          and backends.current() == "torch")
+        """Parquet read with pyarrow into NumPy batches, where TensorFlow is not installed and
+        on torch (whose threads tf.data's would compete with, as for arrays): the same lanes
+        and plan, mixed by NumPy permutations, so in other orders than tf.data's."""
         if source.lanes < 1:
             raise UserError(f"lanes must be at least 1, not {source.lanes}", where=key,
                             hint=f"use the default, {DEFAULT_LANES}")
         self.source, self.key = source, key
-        self.format = source.format or format_of(source.files, key)
         self.paths = expand(source.files, key)
         self.blocks = parquet_blocks(self.paths) if self.format == "parquet" else \
             tfrecord_blocks(self.paths)
@@ -105,7 +111,8 @@ class FileSplit:
         self.offsets = np.cumsum([0] + [block.rows for block in self.blocks])
         self.chunk_rows = int(np.clip(CHUNK_BYTES * self.size // max(
             1, sum(block.bytes for block in self.blocks)), 16, 4096))
-        self._read = ParquetReader(self) if self.format == "parquet" else TFRecordReader(self)
+        reader = ParquetArrays if self.feeds_numpy else ParquetReader
+        self._read = reader(self) if self.format == "parquet" else TFRecordReader(self)
 
     @property
     def dataset(self) -> tf.data.Dataset:
@@ -140,10 +147,7 @@ class FileSplit:
         """For an epoch (a tensor in [first_epoch, epochs)): this worker's batches of its
         examples, in the order of its global positions; ``audit`` learns the ids read."""
         lanes = self.source.lanes
-        if rows < lanes:
-            raise UserError(f"an epoch trains on {rows} examples, too few to fill "
-                            f"{lanes} lanes", where="data.lanes",
-                            hint=f"set data.lanes to at most {rows} (a multiple of the workers)")
+        self._check_rows(rows)
         plans = [lane_plan(self.blocks, lanes, rows=rows, seed=seed, epoch=e, shuffle=shuffle)
                  for e in range(first_epoch, epochs)]
         if audit is not None:
@@ -191,14 +195,64 @@ class FileSplit:
 
         return batches
 
+    def numpy_batches(self, *, first_epoch: int, epochs: int, first_step: int, rank: int,
+                      world_size: int, rows: int, batch_size: int, shuffle: bool,
+                      shuffle_buffer: int, seed: int, audit: ShardAudit | None = None):
+        """``batches_by_epoch`` without TensorFlow: every remaining epoch's batches of this
+        worker, one generator of NumPy (features, label), from the same plan and lanes (each
+        mixed a window at a time by a NumPy permutation of (seed, epoch, lane, window))."""
+        lanes = self.source.lanes
+        self._check_rows(rows)
+        steps, group = rows // (world_size * batch_size), _group_size(rows // lanes,
+                                                                      self.chunk_rows)
+        window = max(1, shuffle_buffer // lanes) if shuffle else 0
+        for epoch in range(first_epoch, epochs):
+            plan = lane_plan(self.blocks, lanes, rows=rows, seed=seed, epoch=epoch,
+                             shuffle=shuffle)
+            if audit is not None:
+                audit.plans[epoch] = plan
+            streams = [_rebatch(_mixed(self._rows_of(plan[lane]), window,
+                                       (seed, (epoch * lanes + lane) * 1_000_003)), group)
+                       for lane in self.lanes_of(rank, world_size)]
+            interleaved = (_interleave(groups) for groups in zip(*streams))
+            for step, (x, y, ids) in enumerate(_rebatch(interleaved, batch_size)):
+                if step == steps:
+                    break
+                if audit is not None:
+                    audit.note(epoch, ids)
+                if epoch > first_epoch or step >= first_step:
+                    yield x, y
+
+    def rows(self, index: slice) -> tuple[np.ndarray, np.ndarray]:
+        """Examples in file order, read with pyarrow (``feeds_numpy``)."""
+        return PieceRows(self, [Piece(i, 0, b.rows) for i, b in enumerate(self.blocks)]).rows(
+            index)
+
+    def _rows_of(self, pieces: Sequence[Piece]):
+        """The pieces' rows, a chunk at a time: (features, label, example ids)."""
+        for piece in pieces:
+            first = int(self.offsets[piece.block]) + piece.start
+            for x, y in self._read(piece.block, piece.start, piece.stop):
+                yield x, y, np.arange(first, first + len(y))
+                first += len(y)
+
+    def _check_rows(self, rows: int) -> None:
+        if rows < self.source.lanes:
+            raise UserError(f"an epoch trains on {rows} examples, too few to fill "
+                            f"{self.source.lanes} lanes", where="data.lanes",
+                            hint=f"set data.lanes to at most {rows} (a multiple of the workers)")
+
     def lanes_of(self, rank: int, world_size: int) -> range:
         """The lanes worker ``rank`` reads: every N-th, from its rank."""
         return range(rank, self.source.lanes, world_size)
 
-    def evaluation_examples(self, rank: int, world_size: int) -> tuple[tf.data.Dataset, int]:
+    def evaluation_examples(self, rank: int, world_size: int
+                            ) -> tuple[tf.data.Dataset | PieceRows, int]:
         """This worker's part of the split (every example evaluated once), and its size."""
         plan = lane_plan(self.blocks, world_size, rows=self.size, seed=0, epoch=0, shuffle=False)
         size = sum(p.stop - p.start for p in plan[rank])
+        if self.feeds_numpy:
+            return PieceRows(self, plan[rank]), size
         examples = self._examples(self._pieces(plan[rank]).unbatch())
         return examples.apply(tf.data.experimental.assert_cardinality(size)), size
 
@@ -237,12 +291,98 @@ class FileSplit:
         return self._examples(groups.unbatch()).batch(batch_size, drop_remainder=True)
 
 
+class PieceRows:
+    """Some pieces' rows in order, read as they are asked for (in order), holding one piece at
+    a time: a worker's validation examples in files without TensorFlow (``ArraySplit``'s
+    ``rows``/``part``/``size``, for ``ktrain.data``'s evaluation batches)."""
+
+    def __init__(self, split: FileSplit, pieces: Sequence[Piece]):
+        self.split, self.pieces = split, list(pieces)
+        self.size = sum(p.stop - p.start for p in self.pieces)
+        self._held: tuple[int, tuple] | None = None
+
+    def part(self, start: int, stop: int) -> PieceRows:
+        """The first ``stop`` rows (``start`` is 0: evaluation keeps a common prefix)."""
+        assert start == 0, "only a prefix is taken"
+        kept, left = [], stop
+        for piece in self.pieces:
+            take = min(left, piece.stop - piece.start)
+            if take:
+                kept.append(Piece(piece.block, piece.start, piece.start + take))
+            left -= take
+        return PieceRows(self.split, kept)
+
+    def rows(self, index: slice) -> tuple[np.ndarray, np.ndarray]:
+        start, stop, _ = index.indices(self.size)
+        parts, position = [], 0
+        for i, piece in enumerate(self.pieces):
+            count = piece.stop - piece.start
+            if position < stop and position + count > start:
+                x, y = self._piece(i)
+                parts.append((x[max(start - position, 0):stop - position],
+                              y[max(start - position, 0):stop - position]))
+            position += count
+        return tuple(np.concatenate(columns) for columns in zip(*parts))
+
+    def _piece(self, i: int) -> tuple:
+        if self._held is None or self._held[0] != i:
+            chunks = list(self.split._rows_of([self.pieces[i]]))
+            self._held = i, tuple(np.concatenate(c) for c in list(zip(*chunks))[:2])
+        return self._held[1]
+
+
+def _mixed(chunks, window: int, stream: tuple[int, int]):
+    """Rows mixed a ``window`` at a time, by a permutation drawn from (seed, stream + window
+    index) only; as they are if ``window`` is 0."""
+    if not window:
+        yield from chunks
+        return
+    seed, first = stream
+    for index, rows in enumerate(_rebatch(chunks, window)):
+        order = np.random.default_rng([seed, first + index]).permutation(len(rows[0]))
+        yield tuple(column[order] for column in rows)
+
+
+def _rebatch(chunks, size: int):
+    """Tuples of columns, re-cut into ``size`` rows each (the last one what is left)."""
+    held, count = [], 0
+    for chunk in chunks:
+        held.append(chunk)
+        count += len(chunk[0])
+        while count >= size:
+            joined = held[0] if len(held) == 1 else tuple(map(np.concatenate, zip(*held)))
+            yield tuple(column[:size] for column in joined)
+            rest = tuple(column[size:] for column in joined)
+            held, count = ([rest] if count > size else []), count - size
+    if count:
+        yield held[0] if len(held) == 1 else tuple(map(np.concatenate, zip(*held)))
+
+
+def _interleave(groups: tuple) -> tuple:
+    """``_round_robin`` in NumPy: one row of each lane's group in turn (groups as long as the
+    next, or one row longer)."""
+    if len(groups) == 1:
+        return groups[0]
+    sizes = np.array([len(group[0]) for group in groups])
+    longest = int(sizes.max())
+    kept = (np.arange(longest)[:, None] < sizes[None, :]).reshape(-1)
+
+    def weave(*parts):
+        padded = [p if len(p) == longest else
+                  np.concatenate([p, np.zeros((longest - len(p), *p.shape[1:]), p.dtype)])
+                  for p in parts]
+        woven = np.stack(padded, axis=1).reshape(-1, *parts[0].shape[1:])
+        return woven if kept.all() else woven[kept]
+
+    return tuple(weave(*columns) for columns in zip(*groups))
+
+
 def _group_size(lane_rows: int, wanted: int) -> int:
     """Examples per lane per interleaving round: lanes hold ``lane_rows`` or one more examples,
-    so a size that does not divide ``lane_rows`` gives every lane the same number of groups
-    (the last ones one example apart)."""
+    so a size that does not divide ``lane_rows`` (or exceeds it) gives every lane the same
+    number of groups (the last ones one example apart)."""
     size = wanted
-    while lane_rows > size and lane_rows % size == 0:
+    while lane_rows >= size and lane_rows % size == 0:
         size += 1
     return size
 
@@ -289,8 +429,12 @@ class ShardAudit:
             return tf.nest.map_structure(tf.identity, examples)
 
     def _note(self, epoch, ids):
-        self._read.setdefault(int(epoch), []).extend(ids.tolist())
+        self.note(int(epoch), ids)
         return np.int64(len(ids))
+
+    def note(self, epoch: int, ids: np.ndarray) -> None:
+        """The ids of examples this rank read in ``epoch`` (an epoch counted from 0)."""
+        self._read.setdefault(epoch, []).extend(ids.tolist())
 
     def problem(self, epoch: int, allreduce_sum: Callable[[np.ndarray], np.ndarray]) -> str | None:
         """What is wrong with the shards of ``epoch`` (the same on every rank), or None."""

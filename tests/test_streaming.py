@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from helpers import (FIXTURES, assert_same_weights, base_config, run_cli, run_command,
@@ -83,18 +84,23 @@ def batches_of(split, *, rank=0, world_size=1, shuffle=False, first_epoch=0, fir
     data, steps = training_batches(split, global_batch_size=12, rank=rank, world_size=world_size,
                                    shuffle=shuffle, shuffle_buffer=60, seed=7,
                                    first_epoch=first_epoch, epochs=2, first_step=first_step)
-    return [batch[1].numpy().tolist() for batch in data], steps
+    return [np.asarray(batch[1]).tolist() for batch in data], steps
 
 
-@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("fmt", [*FORMATS, "parquet-numpy"])
 @pytest.mark.parametrize("shuffle", [False, True])
-def test_workers_lanes_rebuild_one_workers_global_batches(digits_files, fmt, shuffle):
-    """Labels stand in for examples: the label column of the files is the example's id."""
+def test_workers_lanes_rebuild_one_workers_global_batches(digits_files, fmt, shuffle,
+                                                          monkeypatch):
+    """Labels stand in for examples: the label column of the files is the example's id.
+    parquet-numpy: read by pyarrow into NumPy, as where TensorFlow is not installed."""
     from file_datasets import PIXELS
 
     from ktrain.data import to_splits
     from ktrain.sources import Files
 
+    if fmt == "parquet-numpy":
+        monkeypatch.setattr("ktrain.sources.tf", None)
+        fmt = "parquet"
     train_files, _ = digits_files[fmt]
     features = PIXELS if fmt == "parquet" else ["pixels"]
     split = to_splits(Files(train_files, features=features, label="id", lanes=6), 0).train
