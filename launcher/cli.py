@@ -13,7 +13,7 @@ import sys
 import traceback
 from pathlib import Path
 
-from ktrain import __version__, backends, console, lease, strategies
+from ktrain import __version__, backends, console, lease, sharding, strategies
 from ktrain.checkpoint import CheckpointStore, DamagedCheckpoint
 from ktrain.config import EXPORT_FORMATS, RunConfig, load_config
 from ktrain.environment import PORT_ENV, detect
@@ -179,6 +179,7 @@ def _run(args) -> int:
             console.import_keras(config.backend)
         else:  # a launcher: its workers load Keras
             backends.activate(config.backend)
+        sharding.check(config)
         strategy.prepare(config)
         summary = strategy.launch(config, training_loop).summary
     if summary.get("nothing_to_train"):

@@ -216,6 +216,10 @@ class StrategyConfig(Section):
     """The ``strategy:`` section; each strategy subclasses it with ``name: Literal[...]``."""
 
     name: str
+    shard: Literal["none", "optimizer", "gradients", "parameters"] = "none"
+    """On JAX, split training state over the data-parallel devices instead of a copy on each:
+    the optimizers' state; also the gradients; also the parameters (ZeRO's stages 1-3;
+    docs/sharding.md)."""
 
 
 class MirroredConfig(StrategyConfig):

@@ -17,7 +17,7 @@ import time
 import keras
 import numpy as np
 
-from ktrain import STARTED_AT, backends, console, regroup
+from ktrain import STARTED_AT, backends, console, regroup, sharding
 from ktrain.assembly import model_and_data
 from ktrain.callbacks import (Checkpoints, CompletedSteps, GroupSizes, LeaveToGrow, RunRecorder,
                               StopNow, callbacks_in_order, metrics_of, optional_callbacks)
@@ -60,7 +60,10 @@ def run_worker(run: RunConfig, session: Session) -> RunResult:
     if session.world_size > 1 and session.log_to_file:  # no supervisor sorts our output by rank
         console.share_terminal(session.rank, every_rank=getattr(
             run.strategy, "console_ranks", "chief") == "all")
+    shard = getattr(run.strategy, "shard", "none")
+    session = sharding.sharded(session, shard)
     model, splits = model_and_data(run, session)
+    sharding.split_state(model, session.distribution, shard)
     output = RunOutput(run.output_dir, is_chief=session.is_chief, rank=session.rank,
                        keep_log=session.log_to_file)
     store = CheckpointStore(output.checkpoints_url, keep=run.checkpoint.keep,
@@ -199,11 +202,14 @@ def _fit(run: RunConfig, session: Session, model: keras.Model, splits: Splits,
     early_stopping = _early_stopping_report(model, optional, output)
     if communicator is not None and communicator.reduces_gradients:
         communicator.plain_updates(model)
+    sharding.plain_updates(model)
     summary = {**_summary(run, session, recorder, history, start.epoch, fit_started, fit_ended,
                           output.save_model(model)),
                "world_size_history": sizes,
                "early_stopping": early_stopping,
                "peak_memory_mib": _peak_memory_by_rank(session),
+               "bytes_per_device": sharding.bytes_per_device(
+                   model, getattr(run.strategy, "shard", "none"), session.num_replicas),
                **_audit_report(audit, output)}
     output.write_summary(summary)
     if session.is_chief:

@@ -25,7 +25,7 @@ FLOORS = [
     {"config"},  # the whole schema, every strategy's options included
     # cluster and runtime: where ranks are, how they start, meet, are watched
     {"rendezvous", "supervisor", "watchdog", "launch", "jax_runtime", "torch_runtime",
-     "allocation"},
+     "allocation", "sharding"},
     {"readers", "sources", "data", "ray_data"},  # data
     # how ranks are started: handed the training function, never importing it
     {"strategies.base", "strategies.mirrored", "strategies.multiworker", "strategies.horovod",

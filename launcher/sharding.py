@@ -1,0 +1,146 @@
+"""Sharded data parallelism on JAX (``strategy.shard``): ZeRO's three stages in substance,
+through the sharding XLA compiles into the train step (GSPMD) rather than collectives of our
+own.
+
+A variable that is split gets a layout that cuts its largest axis the device count divides
+over the data-parallel mesh axis (the one ``DataParallel`` splits each batch over); variables
+of fewer than ``MIN_ELEMENTS`` values stay whole (splitting them saves little and costs a
+collective each). XLA then gathers a split value where the step needs it whole and reduces
+gradients into the parts that use them:
+
+- ``optimizer``: the optimizers' variables (Adam's moments, SGD's momentum) are split; the
+  parameters stay whole on every device; each device updates its part, and XLA gathers the
+  new parameters.
+- ``gradients``: also the gradients, constrained to their variable's layout where the
+  optimizer receives them, so their sum over the devices is a reduce-scatter.
+- ``parameters``: also the model's variables, split as they are created (``sharded``):
+  each device holds its part, and the step gathers a layer's weights where it uses them.
+
+The math is one device's (the same global batch; tests: 1e-5). Checkpoints hold whole values
+(gathered as they are captured), so they move between modes, device counts and backends.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from ktrain import backends
+from ktrain.errors import UserError
+
+MODES = ("none", "optimizer", "gradients", "parameters")
+MIN_ELEMENTS = 1024
+"""Variables smaller than this stay whole on every device."""
+
+
+def check(run) -> None:
+    """Refuse ``strategy.shard`` where ktrain cannot split the state: before anything starts."""
+    mode = run.strategy.shard
+    if mode == "none":
+        return
+    where = "strategy.shard"
+    if backends.current() != "jax":
+        raise UserError(f"shard: {mode} splits the training state over the devices with XLA's "
+                        f"sharding, on the JAX backend only; this run uses "
+                        f"{backends.current()}", where=where,
+                        hint="set backend: jax, or remove strategy.shard")
+    if getattr(run.strategy, "elastic", False):
+        raise UserError(f"shard: {mode} and an elastic group (strategy.workers is a range): a "
+                        f"lost worker takes its part of the state with it", where=where,
+                        hint="use a fixed number of workers, or remove strategy.shard")
+
+
+def split_layout(shape, mesh, axis: str):
+    """The layout that cuts the largest axis of ``shape`` the mesh's size divides over
+    ``axis``; None to keep it whole (too small, or no axis divides)."""
+    from keras.distribution import TensorLayout
+
+    devices = int(np.prod(mesh.shape))
+    if devices < 2 or int(np.prod(shape)) < MIN_ELEMENTS:
+        return None
+    fits = [i for i, size in enumerate(shape) if size % devices == 0 and size >= devices]
+    if not fits:
+        return None
+    cut = max(fits, key=lambda i: shape[i])
+    return TensorLayout([axis if i == cut else None for i in range(len(shape))], mesh)
+
+
+def sharded(session, mode: str):
+    """``session``, whose distribution, with ``parameters``, creates every large variable split
+    (``split_layout``), and so the optimizers' variables with them (Keras gives those their
+    model variable's layout)."""
+    if mode != "parameters" or session.distribution is None:
+        return session
+    import keras
+
+    class ShardedParameters(keras.distribution.DataParallel):
+        def get_variable_layout(self, variable):
+            if getattr(variable, "_layout", None) is None:
+                layout = split_layout(variable.shape, self.device_mesh, self.batch_dim_name)
+                if layout is not None:
+                    return layout
+            return super().get_variable_layout(variable)
+
+    plain = session.distribution
+    return dataclasses.replace(session, distribution=ShardedParameters(
+        device_mesh=plain.device_mesh, auto_shard_dataset=plain.auto_shard_dataset))
+
+
+def split_state(model, distribution, mode: str) -> None:
+    """Once the model and its optimizers are built: split what ``mode`` splits that was not
+    created split, and constrain the gradients the optimizers receive."""
+    if mode == "none" or distribution is None:
+        return
+    import jax
+
+    from ktrain.optimizers import averaging, optimizer_variables, optimizers_of
+
+    mesh, axis = distribution.device_mesh, distribution.batch_dim_name
+    for variable in optimizer_variables(model):
+        layout = split_layout(variable.shape, mesh, axis)
+        if layout is not None:
+            variable._layout = layout  # Keras' own slot: assign() places values by it
+            variable.assign(variable.value)
+    if mode in ("gradients", "parameters"):
+        def constrained(grads):
+            return [g if (layout := split_layout(g.shape, mesh, axis)) is None else
+                    jax.lax.with_sharding_constraint(g, layout.backend_layout) for g in grads]
+
+        for optimizer in optimizers_of(model).values():
+            averaging(optimizer, constrained)
+
+
+def bytes_per_device(model, mode: str, devices: int) -> dict[str, int]:
+    """Bytes of parameters, optimizer state and gradients that one device holds."""
+    from ktrain.optimizers import optimizer_variables
+
+    def held(variables) -> int:
+        return sum(_on_one_device(v) for v in variables)
+
+    def gradient(v) -> int:
+        whole = int(np.prod(v.shape)) * np.dtype(v.dtype).itemsize
+        split = mode in ("gradients", "parameters") and devices > 1 and \
+            int(np.prod(v.shape)) >= MIN_ELEMENTS and any(
+                s % devices == 0 and s >= devices for s in v.shape)
+        return whole // devices if split else whole
+
+    return {"parameters": held(model.variables),
+            "optimizer_state": held(optimizer_variables(model)),
+            "gradients": sum(gradient(v) for v in model.trainable_variables)}
+
+
+def _on_one_device(variable) -> int:
+    value = variable.value
+    shards = getattr(value, "addressable_shards", None)
+    if shards:
+        return int(shards[0].data.nbytes)
+    return int(np.prod(variable.shape)) * np.dtype(variable.dtype).itemsize
+
+
+def plain_updates(model) -> None:
+    """The gradient constraint undone (before the model is saved)."""
+    from ktrain.optimizers import optimizers_of, plain
+
+    for optimizer in optimizers_of(model).values():
+        plain(optimizer)
