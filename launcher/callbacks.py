@@ -21,6 +21,7 @@ from ktrain.regroup import Reformation
 from ktrain.report import TIMING
 from ktrain.resume import capture
 from ktrain.session import Session
+from ktrain.sharding import replicated
 from ktrain.sources import ShardAudit
 from ktrain.stopping import StopRequest
 from ktrain.userfn import call_user, load_function
@@ -224,7 +225,8 @@ class AuditWeights(keras.callbacks.Callback):
         return steps_done(optimizers_of(self.model).values())
 
     def _audit(self, step: int) -> None:
-        variables = [*self.model.trainable_variables, *optimizer_variables(self.model)]
+        variables = [v for v in [*self.model.trainable_variables,
+                                 *optimizer_variables(self.model)] if replicated(v)]
         mine = np.array([np.sum(v.numpy(), dtype=np.float64) for v in variables])
         every = np.zeros((self.session.world_size, len(variables)))
         every[self.session.rank] = mine

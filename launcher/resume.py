@@ -7,13 +7,13 @@ import hashlib
 import json
 
 import keras
-import numpy as np
 
 from ktrain.checkpoint import CheckpointStore, Position, TrainingState, load_checkpoint_url
 from ktrain.config import RunConfig, TrainSpec
 from ktrain.data import Splits
 from ktrain.errors import UserError
 from ktrain.optimizers import optimizer_variables
+from ktrain.sharding import host_value
 from ktrain.sources import FileSplit
 
 
@@ -98,8 +98,8 @@ def capture(model: keras.Model, position: Position, history: list[dict],
     (callbacks' state, global batch size, fingerprint, written_by: see TrainingState)."""
     return TrainingState(
         epoch=position.epoch, step=position.step,
-        model_variables=[np.asarray(v.numpy()) for v in model.variables],
-        optimizer_variables=[np.asarray(v.numpy()) for v in optimizer_variables(model)],
+        model_variables=[host_value(v) for v in model.variables],
+        optimizer_variables=[host_value(v) for v in optimizer_variables(model)],
         history=list(history), variable_paths=[v.path for v in model.variables], **record)
 
 

@@ -138,9 +138,36 @@ def _on_one_device(variable) -> int:
     return int(np.prod(variable.shape)) * np.dtype(variable.dtype).itemsize
 
 
-def plain_updates(model) -> None:
-    """The gradient constraint undone (before the model is saved)."""
-    from ktrain.optimizers import optimizers_of, plain
+def unsplit(model) -> None:
+    """The gradient constraint undone, and every split variable whole again on every device
+    (before the model is saved: the chief writes model.keras from its own memory). Every
+    process calls it."""
+    from keras.distribution import TensorLayout
+
+    from ktrain.optimizers import optimizer_variables, optimizers_of, plain
 
     for optimizer in optimizers_of(model).values():
         plain(optimizer)
+    for variable in [*model.variables, *optimizer_variables(model)]:
+        layout = getattr(variable, "_layout", None)
+        if isinstance(layout, TensorLayout) and any(layout.axes):
+            whole = host_value(variable)
+            variable._layout = TensorLayout([None] * len(variable.shape), layout.device_mesh)
+            variable.assign(whole)
+
+
+def host_value(variable) -> np.ndarray:
+    """A variable's whole value in this process' memory: gathered from every process where it
+    is split across them (every process calls this at the same point)."""
+    if replicated(variable):
+        return np.asarray(variable.numpy())
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(variable.value, tiled=True))
+
+
+def replicated(variable) -> bool:
+    """Whether this process holds the variable's whole value."""
+    value = variable.value
+    return getattr(value, "is_fully_addressable", True) or \
+        getattr(value, "is_fully_replicated", True)

@@ -202,14 +202,15 @@ def _fit(run: RunConfig, session: Session, model: keras.Model, splits: Splits,
     early_stopping = _early_stopping_report(model, optional, output)
     if communicator is not None and communicator.reduces_gradients:
         communicator.plain_updates(model)
-    sharding.plain_updates(model)
+    held = sharding.bytes_per_device(model, getattr(run.strategy, "shard", "none"),
+                                     session.num_replicas)
+    sharding.unsplit(model)
     summary = {**_summary(run, session, recorder, history, start.epoch, fit_started, fit_ended,
                           output.save_model(model)),
                "world_size_history": sizes,
                "early_stopping": early_stopping,
                "peak_memory_mib": _peak_memory_by_rank(session),
-               "bytes_per_device": sharding.bytes_per_device(
-                   model, getattr(run.strategy, "shard", "none"), session.num_replicas),
+               "bytes_per_device": held,
                **_audit_report(audit, output)}
     output.write_summary(summary)
     if session.is_chief:

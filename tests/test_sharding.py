@@ -15,13 +15,15 @@ ADAM = {"optimizer": {"name": "adam", "learning_rate": 0.01}, "shuffle": True}
 """Adam holds two values per parameter: the state sharding splits."""
 
 
-def sharded_run(tmp_path, name: str, *overrides: str, **strategy) -> dict:
-    """The digits MLP (every kernel large enough to split) on JAX with Adam; its summary."""
-    out = tmp_path / name
+def sharded_run(tmp_path, folder: str, *overrides: str, **strategy) -> dict:
+    """The digits MLP (every kernel large enough to split) on JAX with Adam, under
+    ``strategy`` (mirrored on one device, unless it names another); its summary."""
+    out = tmp_path / folder
     config = base_config(out, backend="jax", train=ADAM,
-                         model={"fn": base_config(out)["model"]["fn"], "kwargs": {"hidden": 128}},
-                         strategy={"name": "mirrored", "devices": 1, **strategy})
-    result = run_cli("run", write_config(tmp_path / f"{name}.yaml", config), "-q", *overrides)
+                         model={"fn": base_config(out)["model"]["fn"], "kwargs": {"hidden": 128}})
+    config["strategy"] = {"name": "mirrored", **({} if "name" in strategy else {"devices": 1}),
+                          **strategy}
+    result = run_cli("run", write_config(tmp_path / f"{folder}.yaml", config), "-q", *overrides)
     assert result.returncode == 0, result.stdout + result.stderr
     return json.loads((out / "summary.json").read_text())
 
@@ -36,14 +38,16 @@ def one_device(tmp_path_factory):
     ("optimizer", {"devices": 2}, ["optimizer_state"]),
     ("gradients", {"devices": 4}, ["optimizer_state", "gradients"]),
     ("parameters", {"devices": 4}, ["optimizer_state", "gradients", "parameters"]),
-], ids=["optimizer-2", "gradients-4", "parameters-4"])
+    ("parameters", {"name": "multiworker", "workers": 2},
+     ["optimizer_state", "gradients", "parameters"]),
+], ids=["optimizer-2", "gradients-4", "parameters-4", "parameters-2-processes"])
 def test_a_sharded_run_ends_with_one_devices_weights_and_holds_less(tmp_path, one_device, mode,
                                                                    strategy, split):
     reference, whole = one_device
     summary = sharded_run(tmp_path, "out", shard=mode, **strategy)
-    assert summary["num_replicas"] == strategy["devices"]
+    devices = strategy.get("devices") or strategy["workers"]
+    assert summary["num_replicas"] == devices
     held = summary["bytes_per_device"]
-    devices = strategy["devices"]
     for kind in ("parameters", "optimizer_state", "gradients"):
         if kind in split:  # the kernels split, the biases stay whole
             assert held[kind] < whole[kind] / devices * 1.2, (kind, held, whole)
