@@ -39,6 +39,12 @@ tasks; each elastic group then grows back.
     python scripts/bench.py --elastic configs/synthetic.yaml --set train.global_batch_size=48 \
         --set data.kwargs.samples=480 --set train.epochs=5
 
+--sharding N: each strategy.shard mode (none, optimizer, gradients, parameters) on N JAX
+devices: bytes per device of parameters, optimizer state and gradients, peak resident memory
+and samples/s, as ratios to the unsharded run.
+
+    python scripts/bench.py --sharding 4 configs/quickstart.yaml --set model.kwargs.hidden=2048
+
 --streaming: on synthetic Parquet and TFRecord files (written once, to a temporary folder),
 ktrain's streaming input (data.files) next to a hand-written tf.data pipeline over the same
 files with model.fit, both in one process; and ktrain on 2 workers. samples/s and peak
@@ -427,6 +433,36 @@ def bench_workers(config: str, overrides: list[str], spark_masters: list[str]) -
         print(f"| {label} | {speed:.1f} | {speed / rows[0][1]:.2f} | {first:.1f} |")
 
 
+SHARD_MODES = ("none", "optimizer", "gradients", "parameters")
+
+
+def bench_sharding(config: str, overrides: list[str], devices: int, repeats: int) -> None:
+    """Each ``strategy.shard`` mode on ``devices`` JAX devices (mirrored): bytes per device of
+    parameters, optimizer state and gradients, peak resident memory and samples/s, each as a
+    ratio to the unsharded run (best of ``repeats`` rounds, modes alternating)."""
+    runs: dict[str, list[dict]] = {mode: [] for mode in SHARD_MODES}
+    with tempfile.TemporaryDirectory() as tmp:
+        for round_ in range(repeats):
+            for mode in SHARD_MODES:
+                runs[mode].append(_ktrain(config, [
+                    *overrides, "backend=jax",
+                    f"strategy={{name: mirrored, devices: {devices}, shard: {mode}}}"],
+                    os.path.join(tmp, f"{mode}-{round_}")))
+    base = runs["none"][0]["bytes_per_device"]
+    speed = {mode: max(r["samples_per_second"] for r in rows) for mode, rows in runs.items()}
+    memory = {mode: min(max(r["peak_memory_mib"]) for r in rows) for mode, rows in runs.items()}
+    print(f"| shard ({devices} devices) | parameters / device | optimizer state / device | "
+          f"gradients / device | peak RSS (MiB) | samples/s |")
+    print("|---|---|---|---|---|---|")
+    for mode in SHARD_MODES:
+        held = runs[mode][0]["bytes_per_device"]
+        cells = [f"{held[k] / 2**20:.2f} MiB ({held[k] / base[k]:.2f})"
+                 for k in ("parameters", "optimizer_state", "gradients")]
+        print(f"| {mode} | {' | '.join(cells)} | {memory[mode]:.0f} "
+              f"({memory[mode] / memory['none']:.2f}) | {speed[mode]:.0f} "
+              f"({speed[mode] / speed['none']:.2f}) |")
+
+
 def ray_train_tensorflow(config_path: str, overrides: list[str]) -> dict:
     """Ray Train's own TensorflowTrainer with one worker on the config's model and data
     (its multi-worker path fails on Keras 3, ray-project/ray#47464)."""
@@ -722,6 +758,8 @@ def main() -> None:
                         help="cost of checkpoints every STEPS steps, stop flags and watchdog")
     parser.add_argument("--elastic", action="store_true",
                         help="a worker of 3 lost: elastic, restarted, restarted under MPI")
+    parser.add_argument("--sharding", type=int, metavar="DEVICES",
+                        help="each strategy.shard mode on DEVICES JAX devices")
     parser.add_argument("--streaming", action="store_true",
                         help="data.files next to a hand-written tf.data pipeline")
     parser.add_argument("--rows", type=int, default=200_000, help="with --streaming")
@@ -745,13 +783,16 @@ def main() -> None:
     if args.preemption:
         for config in args.configs:
             bench_preemption(os.path.abspath(config), args.set, args.preemption, args.repeats)
+    if args.sharding:
+        for config in args.configs:
+            bench_sharding(os.path.abspath(config), args.set, args.sharding, args.repeats)
     if args.streaming:
         bench_streaming(args.rows, args.width, args.repeats)
     if args.elastic:
         for config in args.configs:
             bench_elastic(os.path.abspath(config), args.set)
     if (args.allreduce or args.workers or args.scaling or args.ray_train or args.preemption
-            or args.streaming or args.elastic or not args.configs):
+            or args.streaming or args.elastic or args.sharding or not args.configs):
         return
     rows = [compare(os.path.abspath(c), args.set, args.repeats) for c in args.configs]
     if args.json:
