@@ -213,6 +213,10 @@ def _validate(args) -> int:
     problems += file_problems(config.data)
     problems += train_option_problems(config.train)
     problems += after_training_problems(config)
+    try:
+        sharding.check(config)
+    except UserError as err:
+        problems.append(err)
     if problems:
         raise all_of(problems)
     print(config.dump_yaml(), end="")

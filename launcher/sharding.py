@@ -45,6 +45,12 @@ def check(run) -> None:
                         f"sharding, on the JAX backend only; this run uses "
                         f"{backends.current()}", where=where,
                         hint="set backend: jax, or remove strategy.shard")
+    if run.strategy.name != "mirrored" and run.checkpoint.every_minutes:
+        raise UserError(f"shard: {mode} across processes and checkpoint.every_minutes: every "
+                        f"process gathers the split state for a checkpoint, so they must take "
+                        f"it at the same step, and their clocks differ",
+                        where="checkpoint.every_minutes",
+                        hint="use checkpoint.every_steps (or every_epochs) instead")
     if getattr(run.strategy, "elastic", False):
         raise UserError(f"shard: {mode} and an elastic group (strategy.workers is a range): a "
                         f"lost worker takes its part of the state with it", where=where,

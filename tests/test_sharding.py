@@ -78,4 +78,9 @@ def test_sharding_where_it_cannot_be_done_says_what_to_do(tmp_path):
     result = run_cli("run", write_config(tmp_path / "el.yaml", elastic))
     assert result.returncode == 2, result.stdout + result.stderr
     assert "an elastic group" in result.stderr and "Traceback" not in result.stderr
+    timed = {**elastic, "strategy": {"name": "multiworker", "shard": "optimizer"},
+             "checkpoint": {"every_minutes": 5}}
+    result = run_cli("run", write_config(tmp_path / "timed.yaml", timed))
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "checkpoint.every_minutes: shard: optimizer across processes" in result.stderr
     assert not (tmp_path / "tf").exists() and not (tmp_path / "el").exists()
