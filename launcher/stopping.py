@@ -138,8 +138,10 @@ REQUEUE_SIGNAL = signal.SIGUSR1
 """The stop that means "preempted, come back" (``sbatch --signal=USR1@90``), not "cancel"."""
 
 
-def requeue_slurm_job() -> str:
-    """Put this SLURM job back in the queue (``scontrol requeue``); what happened, in words."""
+def requeue_slurm_job(announce) -> str | None:
+    """Put this SLURM job back in the queue (``scontrol requeue``). SLURM ends the job as it
+    requeues it, so what is about to happen goes to ``announce`` first; returns what went
+    wrong, in words, or None."""
     import os
     import subprocess
 
@@ -147,6 +149,7 @@ def requeue_slurm_job() -> str:
     job = f"{array}_{os.environ['SLURM_ARRAY_TASK_ID']}" if array else os.environ.get("SLURM_JOB_ID")
     if not job:
         return "not requeued: this is not a SLURM job"
+    announce(f"SLURM job {job} is being requeued and resumes from it when it runs again")
     try:
         done = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True,
                               timeout=60)
@@ -154,4 +157,4 @@ def requeue_slurm_job() -> str:
         return f"could not requeue SLURM job {job} ({err})"
     if done.returncode:
         return f"could not requeue SLURM job {job}: {done.stderr.strip()}"
-    return f"SLURM job {job} is requeued and resumes from it when it runs again"
+    return None

@@ -242,10 +242,17 @@ def _stopped(run: RunConfig, session: Session, store: CheckpointStore, stop: Sto
     store.wait()
     if session.communicator is not None:
         session.communicator.barrier()  # no rank exits before the chief committed
-    requeued = None
+    requeued, said = None, False
     if run.checkpoint.requeue and stop.received == REQUEUE_SIGNAL and session.is_chief:
-        requeued = requeue_slurm_job()
+        def announce(requeueing: str) -> None:  # SLURM ends the job as it requeues it
+            nonlocal said
+            console.info(stop.stopped(str(position), requeueing).render())
+            said = True
+
+        failed = requeue_slurm_job(announce)
+        requeued, said = failed or "SLURM requeued the job", said and failed is None
     error = stop.stopped(str(position), requeued)
+    error.shown = said
     if not session.is_chief:  # rank 0 tells the user; the others say it in their logs
         console.info(error.render())
         error.shown = True

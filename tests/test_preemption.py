@@ -334,6 +334,6 @@ def test_a_preempted_sbatch_job_requeues_itself_and_completes(tmp_path, slurm, u
             job.wait()
         run_command(slurm.command("scancel", f"--name={name}"), env=slurm.env)
     said = (tmp_path / "job.out").read_text()
-    assert "stopped by SIGUSR1" in said and "is requeued" in said, said
+    assert "stopped by SIGUSR1" in said and "is being requeued" in said, said
     assert json.loads((out / "summary.json").read_text())["epochs_completed"] == 6, said
     assert_same_weights(unbroken(), out, atol=1e-6)
