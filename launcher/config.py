@@ -212,6 +212,29 @@ class MlflowSpec(Section):
 # STRATEGY_OPTIONS, its module, a line in ktrain.strategies.REGISTRY.
 
 
+class MeshSpec(Section):
+    """``strategy.model_parallel.mesh``: devices along each axis (data x model = all of them)."""
+
+    data: PositiveInt = 1
+    """Groups the global batch is split over."""
+    model: PositiveInt
+    """Devices each split variable is cut over."""
+
+
+class ModelParallelSpec(Section):
+    """``strategy.model_parallel`` (JAX): variables cut over a model axis of the device mesh
+    (docs/sharding.md)."""
+
+    mesh: MeshSpec
+    min_size: PositiveInt = 1024
+    """Every variable of at least this many values is cut along its largest axis that
+    mesh.model divides; smaller ones stay whole."""
+    layout_fn: str | None = None
+    """``file.py:function`` taking the ``keras.distribution.DeviceMesh`` (axes "batch" and
+    "model") and returning a ``keras.distribution.LayoutMap``: its entries come first, the
+    min_size rule lays out the rest."""
+
+
 class StrategyConfig(Section):
     """The ``strategy:`` section; each strategy subclasses it with ``name: Literal[...]``."""
 
@@ -220,6 +243,9 @@ class StrategyConfig(Section):
     """On JAX, split training state over the data-parallel devices instead of a copy on each:
     the optimizers' state; also the gradients; also the parameters (ZeRO's stages 1-3;
     docs/sharding.md)."""
+    model_parallel: ModelParallelSpec | None = None
+    """On JAX, under mirrored: a device mesh {data: D, model: M} whose model axis large
+    variables are cut over (docs/sharding.md)."""
 
 
 class MirroredConfig(StrategyConfig):

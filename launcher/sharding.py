@@ -27,7 +27,9 @@ import dataclasses
 import numpy as np
 
 from ktrain import backends
+from ktrain.environment import visible_gpus
 from ktrain.errors import UserError
+from ktrain.userfn import call_user, load_function
 
 MODES = ("none", "optimizer", "gradients", "parameters")
 MIN_ELEMENTS = 1024
@@ -35,7 +37,11 @@ MIN_ELEMENTS = 1024
 
 
 def check(run) -> None:
-    """Refuse ``strategy.shard`` where ktrain cannot split the state: before anything starts."""
+    """Refuse ``strategy.shard`` or ``model_parallel`` where ktrain cannot split the state:
+    before anything starts."""
+    if run.strategy.model_parallel is not None:
+        _check_model_parallel(run)
+        return
     mode = run.strategy.shard
     if mode == "none":
         return
@@ -57,13 +63,39 @@ def check(run) -> None:
                         hint="use a fixed number of workers, or remove strategy.shard")
 
 
-def split_layout(shape, mesh, axis: str):
-    """The layout that cuts the largest axis of ``shape`` the mesh's size divides over
-    ``axis``; None to keep it whole (too small, or no axis divides)."""
+def _check_model_parallel(run) -> None:
+    strategy, where = run.strategy, "strategy.model_parallel"
+    mesh = strategy.model_parallel.mesh
+    if backends.current() != "jax":
+        raise UserError(f"model_parallel cuts variables over a device mesh with XLA's "
+                        f"sharding, on the JAX backend only; this run uses "
+                        f"{backends.current()}", where=where,
+                        hint="set backend: jax, or remove strategy.model_parallel")
+    if strategy.shard != "none":
+        raise UserError(f"strategy.shard: {strategy.shard} and model_parallel together: ktrain "
+                        f"cuts variables over one mesh axis at a time", where=where,
+                        hint="choose one of them")
+    if strategy.name != "mirrored":
+        raise UserError(f"model_parallel runs under mirrored (one process over its devices), "
+                        f"not {strategy.name}", where=where,
+                        hint=f"use strategy.name: mirrored with devices: "
+                             f"{mesh.data * mesh.model}")
+    devices = (visible_gpus() or 1) if strategy.devices == "auto" else strategy.devices
+    if devices != mesh.data * mesh.model:
+        raise UserError(f"model_parallel.mesh is {mesh.data} x {mesh.model} = "
+                        f"{mesh.data * mesh.model} devices, and the run has {devices}",
+                        where=f"{where}.mesh",
+                        hint=f"set strategy.devices: {mesh.data * mesh.model}, or a mesh whose "
+                             f"data x model is {devices}")
+
+
+def split_layout(shape, mesh, axis: str, min_size: int = MIN_ELEMENTS):
+    """The layout that cuts the largest axis of ``shape`` that the mesh's ``axis`` divides over
+    it; None to keep it whole (fewer than ``min_size`` values, or no axis divides)."""
     from keras.distribution import TensorLayout
 
-    devices = int(np.prod(mesh.shape))
-    if devices < 2 or int(np.prod(shape)) < MIN_ELEMENTS:
+    devices = mesh.shape[list(mesh.axis_names).index(axis)]
+    if devices < 2 or int(np.prod(shape)) < min_size:
         return None
     fits = [i for i, size in enumerate(shape) if size % devices == 0 and size >= devices]
     if not fits:
@@ -72,11 +104,15 @@ def split_layout(shape, mesh, axis: str):
     return TensorLayout([axis if i == cut else None for i in range(len(shape))], mesh)
 
 
-def sharded(session, mode: str):
-    """``session``, whose distribution, with ``parameters``, creates every large variable split
-    (``split_layout``), and so the optimizers' variables with them (Keras gives those their
-    model variable's layout)."""
-    if mode != "parameters" or session.distribution is None:
+def sharded(session, strategy, base_dir: str):
+    """``session``, whose distribution creates every large variable split: over the data
+    axis with ``shard: parameters``, over the model axis with ``model_parallel``; so the
+    optimizers' variables too (Keras gives those their model variable's layout)."""
+    if session.distribution is None:
+        return session
+    if getattr(strategy, "model_parallel", None) is not None:
+        return _model_parallel(session, strategy.model_parallel, base_dir)
+    if strategy.shard != "parameters":
         return session
     import keras
 
@@ -91,6 +127,38 @@ def sharded(session, mode: str):
     plain = session.distribution
     return dataclasses.replace(session, distribution=ShardedParameters(
         device_mesh=plain.device_mesh, auto_shard_dataset=plain.auto_shard_dataset))
+
+
+def _model_parallel(session, parallel, base_dir: str):
+    """A ``ModelParallel`` over a (data, model) mesh of the session's devices: the user's
+    layout map first (``layout_fn``), then the min_size rule over the model axis; each data
+    group takes its part of the global batch."""
+    from keras.distribution import DeviceMesh, LayoutMap, ModelParallel
+
+    devices = list(np.asarray(session.distribution.device_mesh.devices).flatten())
+    mesh = DeviceMesh((parallel.mesh.data, parallel.mesh.model), ("batch", "model"), devices)
+    layouts = LayoutMap(mesh)
+    if parallel.layout_fn:
+        key = "strategy.model_parallel.layout_fn"
+        layouts = call_user(load_function(parallel.layout_fn, key, base_dir), {"mesh": mesh}, key)
+        if not isinstance(layouts, LayoutMap):
+            raise UserError(f"layout_fn returned a {type(layouts).__name__}", where=key,
+                            hint="return a keras.distribution.LayoutMap(mesh) whose keys are "
+                                 "variable paths (regular expressions)")
+
+    class RuleModelParallel(ModelParallel):
+        def get_variable_layout(self, variable):
+            if getattr(variable, "_layout", None) is None and \
+                    self._layout_map[variable.path] is None:
+                layout = split_layout(variable.shape, self.device_mesh, "model",
+                                      parallel.min_size)
+                if layout is not None:
+                    return layout
+            return super().get_variable_layout(variable)
+
+    return dataclasses.replace(session, num_replicas=parallel.mesh.data,
+                               distribution=RuleModelParallel(layout_map=layouts,
+                                                              batch_dim_name="batch"))
 
 
 def split_state(model, distribution, mode: str) -> None:
@@ -126,6 +194,8 @@ def bytes_per_device(model, mode: str, devices: int) -> dict[str, int]:
 
     def gradient(v) -> int:
         whole = int(np.prod(v.shape)) * np.dtype(v.dtype).itemsize
+        if _on_one_device(v) < whole:  # a split variable's gradient is laid out as it is
+            return _on_one_device(v)
         split = mode in ("gradients", "parameters") and devices > 1 and \
             int(np.prod(v.shape)) >= MIN_ELEMENTS and any(
                 s % devices == 0 and s >= devices for s in v.shape)

@@ -61,7 +61,7 @@ def run_worker(run: RunConfig, session: Session) -> RunResult:
         console.share_terminal(session.rank, every_rank=getattr(
             run.strategy, "console_ranks", "chief") == "all")
     shard = getattr(run.strategy, "shard", "none")
-    session = sharding.sharded(session, shard)
+    session = sharding.sharded(session, run.strategy, run.base_dir)
     model, splits = model_and_data(run, session)
     sharding.split_state(model, session.distribution, shard)
     output = RunOutput(run.output_dir, is_chief=session.is_chief, rank=session.rank,

@@ -66,6 +66,29 @@ def test_a_sharded_checkpoint_resumes_unsharded_on_one_device_and_on_four(tmp_pa
     assert_same_weights(reference, tmp_path / "four")
 
 
+def test_a_model_parallel_transformer_block_ends_with_one_devices_weights(tmp_path):
+    """Its kernels cut over the model axis of a 2 x 2 mesh by the min_size rule; each half of
+    the global batch goes to one data group."""
+    fixtures = base_config(tmp_path)["model"]["fn"].rsplit(":", 1)[0]
+    summaries = {}
+    for name, strategy in (("one", {"name": "mirrored", "devices": 1}),
+                           ("mesh", {"name": "mirrored", "devices": 4, "model_parallel": {
+                               "mesh": {"data": 2, "model": 2}, "min_size": 256}})):
+        config = base_config(tmp_path / name, backend="jax", strategy=strategy,
+                             model={"fn": f"{fixtures}:transformer_block", "kwargs": {}},
+                             data={"fn": f"{fixtures}:digit_rows"},
+                             train={"optimizer": {"name": "sgd", "learning_rate": 0.05},
+                                    "shuffle": True})
+        config["strategy"] = strategy
+        result = run_cli("run", write_config(tmp_path / f"{name}.yaml", config), "-q")
+        assert result.returncode == 0, result.stdout + result.stderr
+        summaries[name] = json.loads((tmp_path / name / "summary.json").read_text())
+    assert summaries["mesh"]["num_replicas"] == 2  # data groups
+    held, whole = (summaries[n]["bytes_per_device"]["parameters"] for n in ("mesh", "one"))
+    assert held < 0.6 * whole, (held, whole)
+    assert_same_weights(tmp_path / "one", tmp_path / "mesh")
+
+
 @pytest.mark.fast
 def test_sharding_where_it_cannot_be_done_says_what_to_do(tmp_path):
     tensorflow = base_config(tmp_path / "tf", strategy={"name": "mirrored", "shard": "optimizer"})
@@ -83,4 +106,10 @@ def test_sharding_where_it_cannot_be_done_says_what_to_do(tmp_path):
     result = run_cli("run", write_config(tmp_path / "timed.yaml", timed))
     assert result.returncode == 2, result.stdout + result.stderr
     assert "checkpoint.every_minutes: shard: optimizer across processes" in result.stderr
+    mesh = {**elastic, "strategy": {"name": "mirrored", "devices": 2, "model_parallel": {
+        "mesh": {"data": 2, "model": 2}}}}
+    result = run_cli("run", write_config(tmp_path / "mesh.yaml", mesh))
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "model_parallel.mesh is 2 x 2 = 4 devices, and the run has 2" in result.stderr
+    assert "HINT: set strategy.devices: 4" in result.stderr
     assert not (tmp_path / "tf").exists() and not (tmp_path / "el").exists()
