@@ -31,7 +31,6 @@ from ktrain.environment import visible_gpus
 from ktrain.errors import UserError
 from ktrain.userfn import call_user, load_function
 
-MODES = ("none", "optimizer", "gradients", "parameters")
 MIN_ELEMENTS = 1024
 """Variables smaller than this stay whole on every device."""
 
